@@ -1,0 +1,189 @@
+"""Command line: parse, call the Python API, print. Known input errors → one line and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hvae_ray.errors import HvaeError
+
+
+def _overrides(pairs: list[str] | None) -> dict:
+    from hvae_ray.config import parse_override
+
+    return dict(parse_override(p) for p in pairs or [])
+
+
+def cmd_generate(a: argparse.Namespace) -> int:
+    from hvae_ray.data.generate import generate_jets
+    from hvae_ray.data.io import save_parquet
+    from hvae_ray.errors import DataError
+
+    out = Path(a.out)
+    if out.exists() and not a.force:  # check before spending minutes generating
+        raise DataError(f"{out}: already exists; not overwriting it (use --force)")
+    sample = generate_jets(a.flavor, a.n_jets, a.seed, workers=a.workers, progress=not a.quiet)
+    save_parquet(sample, out, metadata={"flavor": a.flavor, "seed": str(a.seed)}, overwrite=a.force)
+    print(f"wrote {len(sample)} {a.flavor} jets to {out}")
+    return 0
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from hvae_ray.api import train
+
+    result = train(a.config, a.data_path, save_dir=a.save_dir, log_dir=a.log_dir, resume=a.resume,
+                   save_test_indices=a.save_test_indices, overrides=_overrides(a.set), progress=not a.quiet)
+    keys = ("epochs_run", "train_total", "val_total", "val_kl", "val_objective", "val_w1m", "best_epoch")
+    print(" ".join(f"{k}={result[k]:.5g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
+                   for k in keys))
+    print(f"checkpoints: {result['save_dir']}/{{last,best}}  tensorboard: {result['log_dir']}")
+    return 0
+
+
+def cmd_sample(a: argparse.Namespace) -> int:
+    from hvae_ray.api import sample
+
+    out = sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device)
+    print(f"wrote {a.n_jets} jets to {out}")
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from hvae_ray.api import evaluate
+
+    result = evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir)
+    if a.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'metric':<14}{'generated':>22}{'real-vs-real floor':>24}")
+    for key in [k for k in result if f"{k}_floor" in result]:
+        val, err = result[key], result.get(f"{key}_err", float("nan"))
+        fl, fl_err = result[f"{key}_floor"], result.get(f"{key}_floor_err", float("nan"))
+        print(f"{key:<14}{val:>13.4g} ± {err:<7.2g}{fl:>15.4g} ± {fl_err:<7.2g}")
+    print(f"n_real={result.get('n_real')} n_gen={result.get('n_gen')}")
+    return 0
+
+
+def cmd_sweep_run(a: argparse.Namespace) -> int:
+    from hvae_ray.sweep.tune import run_sweep
+
+    res = run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address)
+    print(f"experiment: {res.experiment_dir}")
+    print(f"trials: {res.summary()}")
+    print(f"inspect: hvae-ray trials {res.experiment_dir}")
+    return 0
+
+
+def cmd_sweep_resume(a: argparse.Namespace) -> int:
+    from hvae_ray.sweep.tune import resume_sweep
+
+    res = resume_sweep(a.experiment_dir, address=a.address)
+    print(f"experiment: {res.experiment_dir}")
+    print(f"trials: {res.summary()}")
+    return 0
+
+
+def cmd_trials(a: argparse.Namespace) -> int:
+    from hvae_ray import trials
+
+    table = trials.load_trials(a.experiment_dir)
+    if a.best:
+        print(trials.best_config_yaml(table, a.experiment_dir, metric=a.sort), end="")
+        return 0
+    table = trials.sort_trials(table, a.experiment_dir, metric=a.sort)
+    if a.top:
+        table = table.slice(0, a.top)
+    if a.export:
+        path = trials.export(table, a.export)
+        print(f"wrote {table.num_rows} trials to {path}")
+    print(trials.format_table(table))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hvae-ray", description=__doc__.splitlines()[0])
+    from hvae_ray import __version__
+
+    p.add_argument("--version", action="version", version=f"hvae-ray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="make jet datasets").add_subparsers(dest="data_command", required=True)
+    g = data.add_parser("generate", help="generate jets with Pythia 8 + FastJet (JetNet recipe) into Parquet")
+    g.add_argument("--flavor", required=True, choices=["q", "g", "t", "w", "z"])
+    g.add_argument("--n-jets", type=int, required=True)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="output .parquet file")
+    g.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    g.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    g.add_argument("--quiet", action="store_true")
+    g.set_defaults(func=cmd_generate)
+
+    t = sub.add_parser("train", help="train a HyperVAE")
+    t.add_argument("--config", default=None, help="config YAML (default: the built-in defaults)")
+    t.add_argument("--data-path", default=None,
+                   help=".parquet / .npz / .h5 / PyG .pt (default: a generated sample of 1000 q jets, cached)")
+    t.add_argument("--save-dir", default="runs/train")
+    t.add_argument("--log-dir", default=None, help="TensorBoard directory (default: SAVE_DIR/tb)")
+    t.add_argument("--save-test-indices", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="generate jets from a trained model")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--n-jets", type=int, required=True)
+    s.add_argument("--out", required=True, help="output .npz (particle_features [N, 30, 4])")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="generation metrics of generated vs real jets")
+    e.add_argument("--real", required=True)
+    e.add_argument("--generated", required=True)
+    e.add_argument("--json", action="store_true")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--plots", default=None, metavar="DIR", help="write real-vs-generated PNGs here")
+    e.add_argument("--log-dir", default=None, help="also write the plots to TensorBoard here")
+    e.set_defaults(func=cmd_evaluate)
+
+    sw = sub.add_parser("sweep", help="hyperparameter sweeps on Ray").add_subparsers(dest="sweep_command",
+                                                                                     required=True)
+    r = sw.add_parser("run", help="run a sweep file")
+    r.add_argument("sweep")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key (dotted)")
+    r.add_argument("--name", default=None)
+    r.add_argument("--storage", default=None)
+    r.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    r.set_defaults(func=cmd_sweep_run)
+    rs = sw.add_parser("resume", help="resume an interrupted sweep")
+    rs.add_argument("experiment_dir")
+    rs.add_argument("--address", default=None)
+    rs.set_defaults(func=cmd_sweep_resume)
+
+    tr = sub.add_parser("trials", help="the trial table of a sweep")
+    tr.add_argument("experiment_dir")
+    tr.add_argument("--sort", default=None, help="metric to sort by (default: the sweep's metric)")
+    tr.add_argument("--top", type=int, default=None)
+    tr.add_argument("--export", default=None, metavar="FILE", help=".parquet or .csv")
+    tr.add_argument("--best", action="store_true", help="print the best trial's config as YAML")
+    tr.set_defaults(func=cmd_trials)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HvaeError as e:
+        print(f"hvae-ray: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hvae-ray: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The one typed training configuration: defaults, YAML loading, dotted overrides, validation.
+
+Every knob lives in :class:`Config` (nested dataclasses for data, model and loss weights; the training
+knobs flat, as in the original configuration file). ``hvae_ray/config.yaml`` lists the defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hvae_ray.errors import ConfigError
+
+COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topology")
+KL_SCHEDULES = ("linear", "cyclical")
+
+
+@dataclass
+class DataConfig:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    knn: int = 3
+    max_jets: int = 0
+
+
+@dataclass
+class ModelConfig:
+    hidden_dim: int = 64
+    latent_dim: int = 16
+    num_layers: int = 2
+    decoder_layers: int = 1
+    dropout: float = 0.1
+
+
+@dataclass
+class LossWeights:
+    particle_features: float = 1.0
+    edge_features: float = 0.5
+    hyperedge_features: float = 0.3
+    topology: float = 0.1
+
+
+@dataclass
+class Config:
+    seed: int = 42
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss_weights: LossWeights = field(default_factory=LossWeights)
+    kl_divergence: float = 1.0e-5
+    kl_warmup_epochs: int = 100
+    kl_max_weight: float = 1.0e-4
+    kl_schedule: str = "linear"
+    kl_cycles: int = 4
+    kl_cycle_ramp: float = 0.5
+    free_bits: float = 0.0
+    objective_kl_weight: float = 1.0e-4
+    max_kl: float = 1000.0
+    epochs: int = 300
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    grad_clip: float = 1.0
+    mixed_precision: bool = True
+    device: str = "auto"
+    num_workers: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key → value, e.g. {'loss_weights.topology': 0.1, ...}."""
+        return flatten(self.to_dict())
+
+    def with_overrides(self, overrides: dict[str, Any], where: str = "override") -> Config:
+        """A new validated Config with dotted-key overrides applied."""
+        return from_dict(apply_overrides(self.to_dict(), overrides, where), where)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(d: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Copy of nested dict ``d`` with each dotted key of ``overrides`` set; unknown keys are errors."""
+    out = _deepcopy(d)
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{where}: unknown key '{dotted}'")
+            node = node[p]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"{where}: unknown key '{dotted}'")
+        node[parts[-1]] = value
+    return out
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
+    """Check one leaf value against its declared type; ints are accepted for floats."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in fields:
+            raise ConfigError(f"{where}: unknown key '{prefix}{k}'")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        typ = f.type if isinstance(f.type, type) else eval(f.type, globals())  # noqa: S307 (own annotations)
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = _build(typ, raw[name], f"{prefix}{name}.", where)
+        else:
+            kwargs[name] = _coerce(raw[name], typ, prefix + name, where)
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any] | None, where: str = "config") -> Config:
+    """Validated Config from a (possibly partial) nested dict; missing keys keep their defaults."""
+    cfg = _build(Config, raw or {}, "", where)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    """Raise ConfigError naming the first impossible value."""
+
+    def bad(key: str, why: str) -> ConfigError:
+        return ConfigError(f"{where}: '{key}' {why}, got {cfg.flat()[key]!r}")
+
+    for key, value in cfg.flat().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise bad(key, "must be finite")
+    for c in COMPONENTS:
+        if getattr(cfg.loss_weights, c) < 0:
+            raise bad(f"loss_weights.{c}", "must be >= 0")
+    if sum(getattr(cfg.loss_weights, c) for c in COMPONENTS) <= 0:
+        raise bad("loss_weights.particle_features", "and the other loss weights must not all be 0")
+    positive = ["kl_max_weight", "epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                "model.hidden_dim", "model.latent_dim", "model.num_layers", "data.knn", "max_kl", "kl_cycles"]
+    for key in positive:
+        if cfg.flat()[key] <= 0:
+            raise bad(key, "must be > 0")
+    non_negative = ["kl_divergence", "kl_warmup_epochs", "free_bits", "objective_kl_weight", "weight_decay",
+                    "grad_clip", "data.max_jets", "model.decoder_layers", "num_workers", "seed"]
+    for key in non_negative:
+        if cfg.flat()[key] < 0:
+            raise bad(key, "must be >= 0")
+    if cfg.kl_max_weight < cfg.kl_divergence:
+        raise ConfigError(f"{where}: 'kl_max_weight' ({cfg.kl_max_weight:g}) must be >= "
+                          f"'kl_divergence' ({cfg.kl_divergence:g})")
+    for key in ("data.val_fraction", "data.test_fraction", "model.dropout"):
+        if not 0 <= cfg.flat()[key] < 1:
+            raise bad(key, "must be in [0, 1)")
+    if not 0 < cfg.kl_cycle_ramp <= 1:
+        raise bad("kl_cycle_ramp", "must be in (0, 1]")
+    if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
+        raise bad("data.val_fraction", "plus data.test_fraction must leave at least 10% for training")
+    if cfg.kl_schedule not in KL_SCHEDULES:
+        raise bad("kl_schedule", f"must be one of {', '.join(KL_SCHEDULES)}")
+    if cfg.model.hidden_dim % 4:
+        raise bad("model.hidden_dim", "must be a multiple of 4 (attention heads)")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise bad("device", "must be auto, cpu, cuda or cuda:N")
+
+
+def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
+    """Parse a YAML mapping; missing, unreadable or non-mapping files are one-line ConfigErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: {what} file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read {what} file ({e.__class__.__name__})") from e
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML{line}") from e
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: {what} must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """The Config in ``path`` (defaults when None), with dotted ``overrides`` applied."""
+    raw = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "config"
+    cfg = from_dict(raw, where)
+    return cfg.with_overrides(overrides, "override") if overrides else cfg
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'model.latent_dim=32' → ('model.latent_dim', 32); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML") from e

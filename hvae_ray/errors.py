@@ -1,0 +1,17 @@
+"""Errors a user can cause. The CLI turns each into one line and exit code 2."""
+
+
+class HvaeError(Exception):
+    """Base class: a problem with the user's input (file, config, sweep), stated in one line."""
+
+
+class ConfigError(HvaeError):
+    """A config or sweep file with an unknown key, a wrong type or an impossible value."""
+
+
+class DataError(HvaeError):
+    """A data file that is missing, unreadable, foreign, empty or holds non-finite values."""
+
+
+class TrainingDiverged(HvaeError):
+    """The loss turned NaN/inf or the KL ran away; the last good checkpoint is kept."""

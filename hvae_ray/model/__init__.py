@@ -1,0 +1,1 @@
+"""HyperVAE: message-passing encoder over edges and hyperedges, slot decoder, losses and KL schedules."""
