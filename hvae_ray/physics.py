@@ -209,7 +209,8 @@ def _components(graph: Graph) -> list[Graph]:
     for edges in groups.values():
         verts = sorted({v for e in edges for v in e})
         relabel = {v: i for i, v in enumerate(verts)}
-        out.append(tuple(sorted((min(relabel[a], relabel[b]), max(relabel[a], relabel[b])) for a, b in edges)))
+        pairs = ((relabel[a], relabel[b]) for a, b in edges)
+        out.append(tuple(sorted((min(p), max(p)) for p in pairs)))
     return out
 
 
@@ -235,9 +236,7 @@ def _connected_efp(graph: Graph, z: np.ndarray, theta_pow: dict[int, np.ndarray]
     letters = "bcdefghijklmnopqrstuvwxyz"
     if n > len(letters):
         raise ValueError(f"EFP graph with {n} vertices is too large")
-    mult: dict[Edge, int] = {}
-    for e in graph:
-        mult[e] = mult.get(e, 0) + 1
+    mult = _multiplicities(graph)
     operands, subs = [], []
     for v in range(n):
         operands.append(z)

@@ -25,6 +25,9 @@ for _c in COMPONENTS:
     TAGS[f"train_{_c}"] = f"Loss/train_{_c}"
     TAGS[f"val_{_c}"] = f"Loss/val_{_c}"
 
+# Metric columns of TensorBoard's HParams tab (values read from these scalar tags of each run).
+HPARAM_METRICS = ("Loss/val_objective", "Loss/val_recon", "Loss/val_kl", "Metrics/val_w1m")
+
 REQUIRED_TAGS = ("Loss/train_total", "Loss/train_kl", "KL/weight", "Loss/val_total", "Loss/val_kl",
                  *(f"Loss/{s}_{c}" for s in ("train", "val") for c in COMPONENTS))
 
@@ -51,12 +54,12 @@ class TensorBoardLogger:
         self.writer.flush()
 
     def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """HParams summary in this run's own event file (so `tensorboard --logdir EXPERIMENT` lists runs)."""
+        """HParams summary in this run's own directory, so `tensorboard --logdir EXPERIMENT` lists every
+        run in the HParams tab. ``metrics`` names the scalar tags shown as metric columns."""
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        finite = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)}
-        exp, ssi, sei = hparams_summary(clean, finite)
+        exp, ssi, sei = hparams_summary(clean, dict(metrics))
         fw = self.writer._get_file_writer()
         for s in (exp, ssi, sei):
             fw.add_summary(s)

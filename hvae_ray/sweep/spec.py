@@ -1,0 +1,334 @@
+"""Sweep files: YAML → validated :class:`SweepSpec` → Ray Tune search space.
+
+A sweep file holds the base training config (a config file and/or inline dotted overrides), the search
+space over any config key (dotted), the ASHA scheduler, trial counts, resources, data and storage.
+Everything is checked before Ray starts, so a typo costs one line, not a cluster.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hvae_ray.config import Config, apply_overrides, flatten, from_dict, read_yaml
+from hvae_ray.errors import ConfigError
+
+DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
+RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total")
+TOP_KEYS = {"name", "description", "base_config", "config", "search_space", "scheduler", "num_samples",
+            "max_concurrent_trials", "resources", "data", "storage", "seed", "max_failures"}
+
+
+@dataclass
+class SchedulerSpec:
+    """ASHA (Li et al., "A System for Massively Parallel Hyperparameter Tuning", arXiv:1810.05934).
+
+    ``metric`` is what trials are ranked on. The default ``val_objective`` (unweighted reconstruction
+    terms + KL at a fixed reference weight) does not depend on a trial's own loss weights or KL
+    schedule, so trials that differ in those are compared fairly; ``val_total`` does not have that
+    property and is accepted only for sweeps that keep all weights fixed.
+    """
+
+    type: str = "asha"
+    metric: str = "val_objective"
+    mode: str = "min"
+    max_t: int = 10
+    grace_period: int = 2
+    reduction_factor: float = 2.0
+
+
+@dataclass
+class ResourceSpec:
+    """Per-trial resources.
+
+    num_workers:     Ray Train workers per trial (>1 trains data-parallel).
+    cpus_per_worker: CPUs reserved per worker.
+    gpu_fraction:    GPU share per worker (0 = CPU only), or
+    gpu_memory_gb:   the card's memory; each worker then gets the largest 1/k share that still holds
+                     the trial's peak memory × headroom (see :mod:`hvae_ray.sweep.resources`).
+    trial_memory_mb: whole-process GPU memory of one trial (CUDA context included); "auto" measures it
+                     on a local GPU before the sweep, or falls back to a conservative estimate.
+    backend:         torch.distributed backend: auto (nccl for multi-GPU-worker trials where CUDA
+                     exists, gloo otherwise), gloo or nccl.
+    """
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpu_fraction: float | None = None
+    gpu_memory_gb: float | None = None
+    trial_memory_mb: float | str = "auto"
+    headroom: float = 1.25
+    backend: str = "auto"
+
+
+@dataclass
+class DataSpec:
+    """``path`` to a data file, or a generated sample (made once, cached on each node)."""
+
+    path: str | None = None
+    flavor: str = "q"
+    n_jets: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class SweepSpec:
+    name: str
+    source: str
+    base: Config
+    search_space: dict[str, dict[str, Any]]
+    scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
+    num_samples: int = 1
+    max_concurrent_trials: int = 0
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    data: DataSpec = field(default_factory=DataSpec)
+    storage: str = "runs/sweeps"
+    seed: int = 0
+    max_failures: int = 1
+    description: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (stored in the experiment directory and passed to trials)."""
+        import dataclasses
+
+        return {
+            "name": self.name, "source": self.source, "description": self.description,
+            "config": self.base.to_dict(), "search_space": self.search_space,
+            "scheduler": dataclasses.asdict(self.scheduler), "num_samples": self.num_samples,
+            "max_concurrent_trials": self.max_concurrent_trials,
+            "resources": dataclasses.asdict(self.resources), "data": dataclasses.asdict(self.data),
+            "storage": self.storage, "seed": self.seed, "max_failures": self.max_failures,
+        }
+
+    def tune_search_space(self) -> dict[str, Any]:
+        """{dotted key: ray.tune domain}."""
+        from ray import tune
+
+        space = {}
+        for key, dist in self.search_space.items():
+            (kind, arg), = dist.items()
+            if kind == "loguniform":
+                space[key] = tune.loguniform(float(arg[0]), float(arg[1]))
+            elif kind == "uniform":
+                space[key] = tune.uniform(float(arg[0]), float(arg[1]))
+            elif kind == "randint":
+                space[key] = tune.randint(int(arg[0]), int(arg[1]))
+            elif kind == "choice":
+                space[key] = tune.choice(list(arg))
+            else:
+                space[key] = tune.grid_search(list(arg))
+        return space
+
+    def trial_config(self, sampled: dict[str, Any]) -> Config:
+        """The base config with a trial's sampled dotted values applied (validated)."""
+        return self.base.with_overrides(sampled, f"{self.source}: search_space")
+
+
+def _take(cls, raw: Any, section: str, where: str):
+    import dataclasses
+
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: '{section}' must be a mapping")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    for k in raw:
+        if k not in names:
+            raise ConfigError(f"{where}: unknown key '{section}.{k}'")
+    out = cls()
+    for k, v in raw.items():
+        default = getattr(out, k)
+        want = type(default) if default is not None else None
+        if k in ("gpu_fraction", "gpu_memory_gb"):
+            want = float
+        if k == "trial_memory_mb" and v == "auto":
+            want = str
+        elif k == "trial_memory_mb":
+            want = float
+        if k == "path":
+            want = str
+        if v is None and k in ("gpu_fraction", "gpu_memory_gb", "path"):
+            continue
+        if want is float and isinstance(v, (int, float)) and not isinstance(v, bool):
+            v = float(v)
+        elif want is float and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                pass
+        if want is int and isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if want is not None and not (isinstance(v, want) and not (want is not bool and isinstance(v, bool))):
+            raise ConfigError(f"{where}: '{section}.{k}' must be {want.__name__}, got {v!r}")
+        setattr(out, k, v)
+    return out
+
+
+def _check_distribution(key: str, dist: Any, where: str) -> None:
+    if not isinstance(dist, dict) or len(dist) != 1:
+        raise ConfigError(f"{where}: search_space '{key}' must be one of "
+                          f"{{{', '.join(DISTRIBUTIONS)}}}: ARGS")
+    (kind, arg), = dist.items()
+    if kind not in DISTRIBUTIONS:
+        raise ConfigError(f"{where}: search_space '{key}': unknown distribution '{kind}' "
+                          f"(use {', '.join(DISTRIBUTIONS)})")
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            raise ConfigError(f"{where}: search_space '{key}': {kind} needs a non-empty list")
+        return
+    if not (isinstance(arg, list) and len(arg) == 2):
+        raise ConfigError(f"{where}: search_space '{key}': {kind} needs [low, high]")
+    try:
+        low, high = float(arg[0]), float(arg[1])
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: search_space '{key}': bounds must be numbers, got {arg!r}") from e
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ConfigError(f"{where}: search_space '{key}': need low < high, got {arg!r}")
+    if kind == "loguniform" and low <= 0:
+        raise ConfigError(f"{where}: search_space '{key}': loguniform needs low > 0, got {low:g}")
+
+
+def _corners(dist: dict[str, Any]) -> list[Any]:
+    (kind, arg), = dist.items()
+    if kind in ("choice", "grid"):
+        return list(arg)
+    if kind == "randint":
+        return [int(arg[0]), int(arg[1]) - 1]
+    return [float(arg[0]), float(arg[1])]
+
+
+def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> SweepSpec:
+    for k in raw:
+        if k not in TOP_KEYS:
+            raise ConfigError(f"{where}: unknown key '{k}'")
+    base_raw: dict[str, Any] = {}
+    if raw.get("base_config"):
+        path = Path(raw["base_config"])
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        base_raw = read_yaml(path)
+    base = from_dict(base_raw, str(raw.get("base_config") or where))
+    inline = raw.get("config") or {}
+    if not isinstance(inline, dict):
+        raise ConfigError(f"{where}: 'config' must be a mapping of config keys")
+    base = from_dict(apply_overrides(base.to_dict(), flatten(inline), f"{where}: config"), f"{where}: config")
+
+    space = raw.get("search_space") or {}
+    if not isinstance(space, dict):
+        raise ConfigError(f"{where}: 'search_space' must be a mapping of dotted config keys")
+    known = base.flat()
+    for key, dist in space.items():
+        if key not in known:
+            raise ConfigError(f"{where}: search_space: unknown config key '{key}'")
+        _check_distribution(key, dist, where)
+        for value in _corners(dist):
+            base.with_overrides({key: value}, f"{where}: search_space '{key}'={value!r}")
+    # Every combination of range ends must make a valid config (e.g. kl_max_weight >= kl_divergence),
+    # so no trial fails on a value the sweep file allowed.
+    keys = list(space)
+    for combo in itertools.islice(itertools.product(*(_corners(space[k]) for k in keys)), 4096):
+        base.with_overrides(dict(zip(keys, combo)),
+                            f"{where}: search_space " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo)))
+
+    sched = _take(SchedulerSpec, raw.get("scheduler"), "scheduler", where)
+    if sched.type != "asha":
+        raise ConfigError(f"{where}: 'scheduler.type' must be asha, got {sched.type!r}")
+    if sched.metric not in RANKABLE_METRICS:
+        raise ConfigError(f"{where}: 'scheduler.metric' must be one of {', '.join(RANKABLE_METRICS)}, "
+                          f"got {sched.metric!r}")
+    if sched.mode not in ("min", "max"):
+        raise ConfigError(f"{where}: 'scheduler.mode' must be min or max, got {sched.mode!r}")
+    if sched.metric == "val_total" and any(k.startswith("loss_weights.") or k.startswith("kl_")
+                                           for k in space):
+        raise ConfigError(f"{where}: 'scheduler.metric' val_total is not comparable across trials whose "
+                          "loss weights or KL settings differ; use val_objective")
+    if sched.max_t < 1 or sched.grace_period < 1 or sched.grace_period > sched.max_t:
+        raise ConfigError(f"{where}: 'scheduler' needs 1 <= grace_period <= max_t, got "
+                          f"grace_period={sched.grace_period}, max_t={sched.max_t}")
+    if sched.reduction_factor <= 1:
+        raise ConfigError(f"{where}: 'scheduler.reduction_factor' must be > 1, got {sched.reduction_factor}")
+    if sched.max_t > base.epochs:
+        base = base.with_overrides({"epochs": sched.max_t})
+
+    res = _take(ResourceSpec, raw.get("resources"), "resources", where)
+    if res.num_workers < 1:
+        raise ConfigError(f"{where}: 'resources.num_workers' must be >= 1, got {res.num_workers}")
+    if res.cpus_per_worker < 0:
+        raise ConfigError(f"{where}: 'resources.cpus_per_worker' must be >= 0")
+    if res.gpu_fraction is not None and res.gpu_memory_gb is not None:
+        raise ConfigError(f"{where}: 'resources' takes gpu_fraction or gpu_memory_gb, not both")
+    if res.gpu_fraction is not None and not 0 <= res.gpu_fraction <= 1:
+        raise ConfigError(f"{where}: 'resources.gpu_fraction' must be in [0, 1], got {res.gpu_fraction}")
+    if res.gpu_memory_gb is not None and res.gpu_memory_gb <= 0:
+        raise ConfigError(f"{where}: 'resources.gpu_memory_gb' must be > 0, got {res.gpu_memory_gb}")
+    if isinstance(res.trial_memory_mb, str) and res.trial_memory_mb != "auto":
+        raise ConfigError(f"{where}: 'resources.trial_memory_mb' must be a number or auto")
+    if isinstance(res.trial_memory_mb, float) and res.trial_memory_mb <= 0:
+        raise ConfigError(f"{where}: 'resources.trial_memory_mb' must be > 0")
+    if res.headroom < 1:
+        raise ConfigError(f"{where}: 'resources.headroom' must be >= 1, got {res.headroom}")
+    if res.backend not in ("auto", "gloo", "nccl"):
+        raise ConfigError(f"{where}: 'resources.backend' must be auto, gloo or nccl, got {res.backend!r}")
+
+    data = _take(DataSpec, raw.get("data"), "data", where)
+    if data.path is None:
+        from hvae_ray.data.generate import FLAVORS
+
+        if data.flavor not in FLAVORS:
+            raise ConfigError(f"{where}: 'data.flavor' must be one of {', '.join(FLAVORS)}")
+        if data.n_jets < 10:
+            raise ConfigError(f"{where}: 'data.n_jets' must be >= 10, got {data.n_jets}")
+    elif base_dir is not None and not Path(data.path).is_absolute() and not Path(data.path).exists():
+        candidate = base_dir / data.path
+        if candidate.exists():
+            data.path = str(candidate.resolve())
+
+    spec = SweepSpec(name=str(raw.get("name") or (Path(where).stem if where else "sweep")), source=where,
+                     base=base, search_space=space, scheduler=sched, resources=res, data=data,
+                     description=str(raw.get("description") or ""))
+    for key, typ, low in (("num_samples", int, 1), ("max_concurrent_trials", int, 0), ("seed", int, 0),
+                          ("max_failures", int, 0)):
+        if key in raw:
+            v = raw[key]
+            if not isinstance(v, typ) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"{where}: '{key}' must be an integer >= {low}, got {v!r}")
+            setattr(spec, key, v)
+    if "storage" in raw:
+        if not isinstance(raw["storage"], str) or not raw["storage"]:
+            raise ConfigError(f"{where}: 'storage' must be a directory path or URI")
+        spec.storage = raw["storage"]
+    if "name" in raw and (not isinstance(raw["name"], str) or not raw["name"].replace("-", "").replace(
+            "_", "").isalnum()):
+        raise ConfigError(f"{where}: 'name' must use letters, digits, '-' and '_' only, got {raw['name']!r}")
+    return spec
+
+
+def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
+    """Read and validate a sweep file; ``overrides`` are dotted keys of the sweep file itself
+    (e.g. ``{"num_samples": 4, "config.epochs": 3, "scheduler.max_t": 3}``)."""
+    path = Path(path)
+    raw = read_yaml(path, "sweep")
+    if overrides:
+        raw = _apply_sweep_overrides(raw, overrides, str(path))
+    return from_raw(raw, str(path), path.parent)
+
+
+def _apply_sweep_overrides(raw: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    for dotted, value in overrides.items():
+        head, _, rest = dotted.partition(".")
+        if head not in TOP_KEYS:
+            raise ConfigError(f"{where}: override: unknown key '{dotted}'")
+        if not rest:
+            out[head] = value
+            continue
+        section = out.setdefault(head, {})
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}: override '{dotted}': '{head}' is not a mapping")
+        section = dict(section)
+        section[rest] = value  # config.* keep dotted keys; flatten() in from_raw resolves them
+        out[head] = section
+    return out

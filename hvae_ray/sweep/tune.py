@@ -1,0 +1,200 @@
+"""Ray Tune around the trainer: ASHA over the sweep's search space, fractional GPUs, resume.
+
+Layout of an experiment directory (``<storage>/<name>``):
+  hvae_sweep.json          the validated sweep (resolved data file, GPU share) — read by resume/trials
+  <trial>/                 Ray Tune's trial directory (params.json, result.json, progress.csv)
+  <trial>/tensorboard/     that trial's TensorBoard events (+ HParams summary)
+  _train/<trial_id>/       the trial's Ray Train run: its reported checkpoints
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hvae_ray.errors import ConfigError, HvaeError
+from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
+
+SWEEP_FILE = "hvae_sweep.json"
+
+
+@dataclass
+class SweepResult:
+    experiment_dir: Path
+    results: Any  # ray.tune.ResultGrid
+
+    def summary(self) -> str:
+        from hvae_ray.trials import load_trials
+
+        table = load_trials(self.experiment_dir)
+        counts: dict[str, int] = {}
+        for s in table.column("status").to_pylist():
+            counts[s] = counts.get(s, 0) + 1
+        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+
+
+def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """One Tune trial: build its config, then run a TorchTrainer (kept light: no torch_geometric here)."""
+    import ray.tune
+
+    from hvae_ray.sweep.trainer import make_trainer
+
+    ctx = ray.tune.get_context()
+    spec = from_raw({k: v for k, v in sweep["raw"].items()}, sweep["source"])
+    cfg = spec.trial_config(sampled)
+    trial_dir = Path(sweep["experiment_dir"]) / Path(ctx.get_trial_dir()).name
+    tb_dir = trial_dir / "tensorboard" if sweep["local_storage"] else None
+    loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"],
+            "tb_dir": str(tb_dir) if tb_dir else None, "memory_fraction": sweep["memory_fraction"]}
+    if tb_dir is not None:
+        _write_hparams(tb_dir, sampled)
+    make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id()).fit()
+
+
+def _write_hparams(tb_dir: Path, sampled: dict[str, Any]) -> None:
+    """HParams summary with the trial's searched values, written when the trial starts: TensorBoard's
+    HParams tab reads the metric columns from the trial's own scalars, so it stays current while the
+    trial trains and is there for trials that ASHA stops."""
+    from hvae_ray.tracking import HPARAM_METRICS, TensorBoardLogger
+
+    tb = TensorBoardLogger(tb_dir)
+    tb.log_hparams(sampled, {tag: 0.0 for tag in HPARAM_METRICS})
+    tb.close()
+
+
+def _is_local(storage: str) -> bool:
+    return "://" not in storage or storage.startswith("file://")
+
+
+def _ray_init(address: str | None) -> None:
+    import ray
+
+    from hvae_ray.sweep.trainer import env_vars
+
+    for k, v in env_vars().items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars()}, "include_dashboard": True,
+                              "dashboard_host": "127.0.0.1", "log_to_driver": False}
+    if address:
+        ray.init(address=address, runtime_env=kwargs["runtime_env"], log_to_driver=False)
+    else:
+        ray.init(**kwargs)
+
+
+def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> dict[str, Any]:
+    """Resolve data and the GPU share once, on the driver, before any trial starts."""
+    from hvae_ray.data.io import load_jets
+    from hvae_ray.sweep.resources import allocator_fraction, trial_share
+
+    res = spec.resources
+    if spec.data.path is not None:
+        data_path = Path(spec.data.path).resolve()
+        load_jets(data_path).validate()  # a bad data file fails here, not in every trial
+    else:
+        from hvae_ray.data.generate import default_sample
+
+        data_path = default_sample(spec.data.flavor, spec.data.n_jets, spec.data.seed)
+    gpu_share, memory_fraction, trial_bytes = 0.0, None, None
+    if res.gpu_memory_gb is not None:
+        gpu_share, trial_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom)
+        memory_fraction = allocator_fraction(gpu_share, res.gpu_memory_gb * 1024**3)
+    elif res.gpu_fraction:
+        gpu_share = res.gpu_fraction
+        memory_fraction = gpu_share
+    local = _is_local(storage)
+    root = Path(storage.removeprefix("file://")).resolve() if local else None
+    experiment_dir = str(root / name) if root else f"{storage.rstrip('/')}/{name}"
+    return {"raw": raw, "source": spec.source, "name": name, "storage": str(root) if root else storage,
+            "experiment_dir": experiment_dir, "local_storage": local, "data_path": str(data_path),
+            "gpu_share": gpu_share, "memory_fraction": memory_fraction, "trial_bytes": trial_bytes,
+            "train_storage": f"{experiment_dir}/_train", "spec": spec.to_dict()}
+
+
+def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    sched = spec.scheduler
+    asha = ASHAScheduler(time_attr="epochs_done", max_t=sched.max_t, grace_period=sched.grace_period,
+                         reduction_factor=sched.reduction_factor)
+    return ray.tune.Tuner(
+        _trainable(sweep),
+        param_space=spec.tune_search_space(),
+        tune_config=ray.tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=asha,
+                                        num_samples=spec.num_samples,
+                                        max_concurrent_trials=spec.max_concurrent_trials or None,
+                                        trial_dirname_creator=_trial_dirname),
+        run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
+                                      failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
+                                      stop={"diverged": 1.0}, verbose=1),
+    )
+
+
+def _trainable(sweep: dict[str, Any]):
+    """The trial driver with the sweep state bound; it holds no resources itself (the TorchTrainer's
+    workers hold the CPUs/GPUs), so concurrency is set by the workers' resources and
+    ``max_concurrent_trials``."""
+    import ray.tune
+
+    return ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, sweep=sweep), {"CPU": 0.01})
+
+
+def _trial_dirname(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, name: str | None = None,
+              storage: str | None = None, address: str | None = None) -> SweepResult:
+    """Run a sweep file. ``overrides`` are dotted keys of the sweep file (``config.epochs``,
+    ``num_samples``, ``scheduler.max_t``, ...). Returns the experiment directory and Tune's results."""
+    from hvae_ray.config import read_yaml
+    from hvae_ray.sweep.spec import _apply_sweep_overrides
+
+    path = Path(sweep)
+    raw = read_yaml(path, "sweep")
+    if overrides:
+        raw = _apply_sweep_overrides(raw, overrides, str(path))
+    spec = from_raw(raw, str(path), path.parent)
+    if spec.data.path is not None:  # trials read the resolved absolute path
+        raw = {**raw, "data": {**(raw.get("data") or {}), "path": spec.data.path}}
+    raw.pop("base_config", None)
+    raw["config"] = spec.base.to_dict()  # the base config inlined: trials need no file of the user's
+    storage = storage or spec.storage
+    name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    sweep_state = _prepare(spec, raw, name, storage)
+    if sweep_state["local_storage"]:
+        exp = Path(sweep_state["experiment_dir"])
+        if (exp / SWEEP_FILE).exists():
+            raise ConfigError(f"{exp}: an experiment of this name exists; use 'hvae-ray sweep resume {exp}' "
+                              "or another --name")
+        exp.mkdir(parents=True, exist_ok=True)
+        (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
+    _ray_init(address)
+    results = _tuner(spec, sweep_state).fit()
+    return SweepResult(Path(sweep_state["experiment_dir"]), results)
+
+
+def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> SweepResult:
+    """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from their
+    last checkpoint (their Ray Train runs restore from ``_train/<trial_id>``), errored ones retry."""
+    import ray.tune
+
+    exp = Path(experiment_dir).resolve()
+    state_file = exp / SWEEP_FILE
+    if not state_file.is_file():
+        raise ConfigError(f"{exp}: not an hvae-ray experiment directory (no {SWEEP_FILE})")
+    sweep_state = json.loads(state_file.read_text())
+    spec = from_raw(sweep_state["raw"], sweep_state["source"])
+    if not ray.tune.Tuner.can_restore(str(exp)):
+        raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
+    _ray_init(address)
+    tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(sweep_state), resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False,
+                                   param_space=spec.tune_search_space())
+    return SweepResult(exp, tuner.fit())

@@ -1,0 +1,229 @@
+"""Trial tables: an experiment directory → one ``pyarrow.Table`` row per trial; sort, export, best config.
+
+Columns: trial_id, status, one ``param.<key>`` column per searched config key, ``last_<m>`` and
+``best_<m>`` for the tracked metrics, epochs, wall_time_s, best_checkpoint, error, trial_dir.
+status is one of: completed (ran to max_t), early_stopped (stopped by ASHA), diverged (NaN loss or KL
+runaway), error, running, pending.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from hvae_ray.errors import ConfigError, DataError
+
+METRICS = ("val_objective", "val_recon", "val_kl", "val_w1m", "val_total", "train_total", "train_kl")
+SWEEP_FILE = "hvae_sweep.json"
+
+
+def _sweep_state(exp: Path) -> dict[str, Any]:
+    f = exp / SWEEP_FILE
+    if not f.is_file():
+        raise DataError(f"{exp}: not an hvae-ray experiment directory (no {SWEEP_FILE})")
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{f}: unreadable sweep state ({e.__class__.__name__})") from e
+
+
+def _results(trial_dir: Path) -> list[dict[str, Any]]:
+    f = trial_dir / "result.json"
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed driver
+    return rows
+
+
+def _tune_statuses(exp: Path) -> dict[str, str]:
+    """trial_id → Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) from the experiment state."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        analysis = ExperimentAnalysis(str(exp))
+        return {t.trial_id: t.status for t in analysis.trials}
+    except Exception:  # noqa: BLE001 - no/unreadable Tune state: statuses come from the results alone
+        return {}
+
+
+def _finite(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+def load_trials(experiment_dir: str | Path) -> pa.Table:
+    """The trial table of an experiment directory (see the module docstring for the columns)."""
+    exp = Path(experiment_dir).resolve()
+    state = _sweep_state(exp)
+    spec = state["spec"]
+    keys = list(spec["search_space"])
+    metric, mode = spec["scheduler"]["metric"], spec["scheduler"]["mode"]
+    max_t = spec["scheduler"]["max_t"]
+    statuses = _tune_statuses(exp)
+    rows = []
+    for trial_dir in sorted(p for p in exp.iterdir() if p.is_dir() and p.name.startswith("trial_")):
+        params = {}
+        if (trial_dir / "params.json").is_file():
+            params = json.loads((trial_dir / "params.json").read_text())
+        results = _results(trial_dir)
+        trial_id = trial_dir.name.removeprefix("trial_")
+        row: dict[str, Any] = {"trial_id": trial_id}
+        for k in keys:
+            row[f"param.{k}"] = params.get(k)
+        last = results[-1] if results else {}
+        for m in METRICS:
+            row[f"last_{m}"] = _finite(last.get(m))
+            vals = [v for r in results if (v := _finite(r.get(m))) is not None]
+            row[f"best_{m}"] = (min(vals) if mode == "min" or m != metric else max(vals)) if vals else None
+        scored = [r for r in results if _finite(r.get(metric)) is not None]
+        best_row = (min if mode == "min" else max)(scored, key=lambda r: r[metric]) if scored else {}
+        row["best_epoch"] = int(best_row["epoch"]) if "epoch" in best_row else None
+        row["epochs"] = int(max((r.get("epochs_done", 0) for r in results), default=0))
+        row["wall_time_s"] = _finite(last.get("time_total_s"))
+        row["best_checkpoint"] = best_row.get("checkpoint_path")
+        error = None
+        err_file = trial_dir / "error.txt"
+        if err_file.is_file():
+            text = [ln for ln in err_file.read_text().splitlines() if ln.strip()]
+            error = text[-1][:300] if text else "error"
+        diverged = any(r.get("diverged") == 1.0 for r in results)
+        if diverged:
+            error = next((r.get("error") for r in results if r.get("error")), "diverged")
+        tune_status = statuses.get(trial_id, "")
+        if diverged:
+            status = "diverged"
+        elif tune_status == "ERROR" or (error and tune_status != "TERMINATED"):
+            status = "error"
+        elif tune_status in ("RUNNING", "PAUSED") or (not tune_status and results and row["epochs"] < max_t):
+            status = "running" if tune_status == "RUNNING" else "unfinished"
+        elif tune_status == "PENDING" or not results:
+            status = "pending"
+        elif row["epochs"] >= max_t:
+            status = "completed"
+        else:
+            status = "early_stopped"
+        row["status"] = status
+        row["error"] = error
+        row["trial_dir"] = str(trial_dir)
+        rows.append(row)
+    schema = _schema(keys, rows)
+    return pa.Table.from_pylist(rows, schema=schema).select(_column_order(keys))
+
+
+def _column_order(keys: list[str]) -> list[str]:
+    cols = ["trial_id", "status", *(f"param.{k}" for k in keys)]
+    for m in METRICS:
+        cols += [f"best_{m}", f"last_{m}"]
+    return cols + ["best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "trial_dir"]
+
+
+def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
+    fields = [pa.field("trial_id", pa.string()), pa.field("status", pa.string())]
+    for k in keys:
+        values = [r[f"param.{k}"] for r in rows if r.get(f"param.{k}") is not None]
+        if values and all(isinstance(v, bool) for v in values):
+            typ = pa.bool_()
+        elif values and all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            typ = pa.int64()
+        elif values and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            typ = pa.float64()
+        else:
+            typ = pa.string()
+            for r in rows:
+                if r.get(f"param.{k}") is not None:
+                    r[f"param.{k}"] = str(r[f"param.{k}"])
+        fields.append(pa.field(f"param.{k}", typ))
+    for m in METRICS:
+        fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"last_{m}", pa.float64())]
+    fields += [pa.field("best_epoch", pa.int64()), pa.field("epochs", pa.int64()),
+               pa.field("wall_time_s", pa.float64()), pa.field("best_checkpoint", pa.string()),
+               pa.field("error", pa.string()), pa.field("trial_dir", pa.string())]
+    return pa.schema(fields, metadata={"format": "hvae-ray trials v1"})
+
+
+def _metric_and_mode(experiment_dir: str | Path, metric: str | None) -> tuple[str, str]:
+    spec = _sweep_state(Path(experiment_dir).resolve())["spec"]
+    chosen = metric or spec["scheduler"]["metric"]
+    if chosen not in METRICS:
+        raise ConfigError(f"--sort: unknown metric '{chosen}' (one of {', '.join(METRICS)})")
+    mode = spec["scheduler"]["mode"] if chosen == spec["scheduler"]["metric"] else "min"
+    return chosen, mode
+
+
+def sort_trials(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> pa.Table:
+    """Rows ordered by the best value of ``metric`` (default: the sweep's metric); trials without it last."""
+    chosen, mode = _metric_and_mode(experiment_dir, metric)
+    order = "ascending" if mode == "min" else "descending"
+    return table.sort_by([(f"best_{chosen}", order)])
+
+
+def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> str:
+    """The best trial's full training config as YAML, ready for ``hvae-ray train --config``."""
+    import yaml
+
+    from hvae_ray.sweep.spec import from_raw
+
+    ranked = sort_trials(table, experiment_dir, metric)
+    chosen, _ = _metric_and_mode(experiment_dir, metric)
+    if ranked.num_rows == 0 or ranked.column(f"best_{chosen}")[0].as_py() is None:
+        raise DataError(f"{experiment_dir}: no trial has reported {chosen} yet")
+    best = ranked.slice(0, 1).to_pylist()[0]
+    state = _sweep_state(Path(experiment_dir).resolve())
+    spec = from_raw(state["raw"], state["source"])
+    params = json.loads((Path(best["trial_dir"]) / "params.json").read_text())
+    cfg = spec.trial_config(params)
+    header = (f"# best trial {best['trial_id']} of {Path(experiment_dir).name}: "
+              f"best {chosen} = {best[f'best_{chosen}']:.6g} after {best['epochs']} epochs\n")
+    return header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def export(table: pa.Table, path: str | Path, overwrite: bool = False) -> Path:
+    """Write the table to .parquet or .csv (never over an existing file unless ``overwrite``)."""
+    path = Path(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise ConfigError(f"{path}: export must end in .parquet or .csv")
+    if path.exists() and not overwrite:
+        raise DataError(f"{path}: already exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, tmp)
+    else:
+        import pyarrow.csv as pacsv
+
+        pacsv.write_csv(table, tmp)
+    tmp.replace(path)
+    return path
+
+
+def format_table(table: pa.Table, max_width: int = 14) -> str:
+    """A plain-text table for the terminal: id, status, parameters, key metrics, epochs, time, error."""
+    params = [c for c in table.column_names if c.startswith("param.")]
+    cols = ["trial_id", "status", *params, "best_val_objective", "best_val_w1m", "last_val_kl", "epochs",
+            "wall_time_s", "error"]
+    heads = [c.removeprefix("param.").split(".")[-1] if c.startswith("param.") else c for c in cols]
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+
+    rows = [[fmt(r[c]) for c in cols] for r in table.to_pylist()]
+    widths = [min(max([len(h)] + [len(r[i]) for r in rows]), max_width if c != "error" else 60)
+              for i, (h, c) in enumerate(zip(heads, cols))]
+    line = lambda vals: "  ".join(v[:w].ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(r) for r in rows)])

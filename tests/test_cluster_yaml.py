@@ -1,0 +1,168 @@
+"""Checks of the AWS cluster launcher config at the repository root (cluster.yaml).
+
+Runs Ray's own config preparation and schema validation, the steps `ray up` takes before it talks to
+AWS, so these tests need neither cloud credentials nor network access (they fail if anything tries).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import socket
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
+
+# EC2 families whose instances carry NVIDIA GPUs.
+GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en")
+SHARED_STORAGE_SCHEMES = ("s3://", "gs://", "abfs://", "abfss://")
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"cluster.yaml checks must stay offline, got a connection to {args!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def raw_config() -> dict:
+    with CLUSTER_YAML.open() as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture
+def config(raw_config) -> dict:
+    return copy.deepcopy(raw_config)
+
+
+@pytest.fixture
+def prepared(config) -> dict:
+    """The config as `ray up` sees it: defaults filled in, setup commands merged per node kind."""
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    return prepared
+
+
+def _instance_family(instance_type: str) -> str:
+    return instance_type.split(".", 1)[0]
+
+
+def _worker_types(prepared: dict) -> dict:
+    head = prepared["head_node_type"]
+    return {name: t for name, t in prepared["available_node_types"].items() if name != head}
+
+
+def _storage_uri(commands: list[str]) -> str:
+    found = [m for cmd in commands for m in re.findall(r"export HVAE_RAY_STORAGE=(\S+?)'?(?:\s|$)", cmd)]
+    assert len(found) == 1, f"expected exactly one HVAE_RAY_STORAGE export, found {found}"
+    return found[0]
+
+
+def test_ray_validator_accepts_cluster_yaml(prepared):
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["provider"]["region"] == "us-west-2"
+
+
+def test_head_is_cpu_only_and_runs_the_dashboard(prepared):
+    head = prepared["available_node_types"][prepared["head_node_type"]]
+    assert _instance_family(head["node_config"]["InstanceType"]) not in GPU_FAMILIES
+    assert head["resources"].get("GPU", 0) == 0
+    assert head["max_workers"] == 0
+    start = " ".join(prepared["head_start_ray_commands"])
+    assert "ray start --head" in start
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in start
+    # Ray Train V2 needs the dashboard.
+    assert "--include-dashboard=false" not in start
+    assert "--include-dashboard=true" in start
+
+
+def test_gpu_workers_autoscale_from_zero(prepared):
+    workers = _worker_types(prepared)
+    assert workers, "no worker node type"
+    gpu_workers = {
+        name: t
+        for name, t in workers.items()
+        if t["resources"].get("GPU", 0) >= 1
+        or (not t["resources"] and _instance_family(t["node_config"]["InstanceType"]) in GPU_FAMILIES)
+    }
+    assert gpu_workers, f"no worker type declares or auto-detects GPUs: {workers}"
+    for t in gpu_workers.values():
+        assert t["min_workers"] == 0
+        assert 1 <= t["max_workers"] <= prepared["max_workers"]
+
+
+def test_setup_installs_torch_then_this_project_on_every_node(prepared):
+    for kind in ("head_setup_commands", "worker_setup_commands"):
+        cmds = prepared[kind]
+        project = [i for i, c in enumerate(cmds) if re.search(r"pip install (-e )?~/hvae-ray\b", c)]
+        torch = [i for i, c in enumerate(cmds) if "pip install" in c and "torch==" in c]
+        assert project, f"{kind} never installs the project"
+        assert torch, f"{kind} never installs torch"
+        # torch first, so installing the project does not pull a different torch build.
+        assert max(torch) < min(project), kind
+
+
+def test_file_mounts_carry_sources_and_sweeps(prepared):
+    mounts = {remote.rstrip("/"): local for remote, local in prepared["file_mounts"].items()}
+    # `ray up` runs from the repository root and stops on a mount whose source is missing.
+    for local in mounts.values():
+        assert (REPO_ROOT / local).exists(), f"file_mounts source {local} does not exist"
+    # The project source, for `pip install -e ~/hvae-ray`.
+    assert (REPO_ROOT / mounts["~/hvae-ray"]).resolve() == REPO_ROOT
+    # The sweep files, where `hvae-ray sweep run sweeps/<name>.yaml` looks from ~/hvae-ray.
+    assert "~/hvae-ray/sweeps" in mounts, "sweeps/ is not mounted to ~/hvae-ray/sweeps"
+    assert (REPO_ROOT / mounts["~/hvae-ray/sweeps"]).resolve() == REPO_ROOT / "sweeps"
+    # Local results and data stay on the local machine.
+    assert ".gitignore" in prepared["rsync_filter"]
+
+
+def test_storage_is_shared_and_exported_on_all_nodes(prepared):
+    # The export lives in the common setup commands, so both head and workers get it.
+    uri = _storage_uri(prepared["setup_commands"])
+    assert uri.startswith(SHARED_STORAGE_SCHEMES), uri
+    assert _storage_uri(prepared["head_setup_commands"]) == uri
+    assert _storage_uri(prepared["worker_setup_commands"]) == uri
+
+
+def test_ray_processes_get_the_cluster_environment(prepared):
+    setup = " ".join(prepared["setup_commands"])
+    env_file = "~/.hvae-ray.env"
+    assert "export RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=0.05" in setup
+    assert f"> {env_file}" in setup
+    for kind in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in prepared[kind] if "ray start" in c)
+        assert start.index(f"source {env_file}") < start.index("ray start"), kind
+
+
+@pytest.mark.parametrize(
+    ("path", "value"),
+    [
+        (("max_worker",), 4),  # misspelt top-level key
+        (("idle_timeout_minute",), 10),  # misspelt top-level key
+        (("max_workers",), "4"),  # wrong type
+        (("available_node_types", "worker.gpu", "min_worker"), 0),  # misspelt node type key
+        (("available_node_types", "worker.gpu", "resources"), {"GPU": "1"}),  # wrong type
+    ],
+)
+def test_validator_rejects_broken_copies(config, path, value):
+    target = config
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(prepare_config(config))
+
+
+def test_validator_rejects_unknown_head_node_type(config):
+    config["head_node_type"] = "head.missing"
+    with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(config))
