@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -140,15 +141,14 @@ def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
 def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: '{prefix.rstrip('.') or 'config'}' must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     for k in raw:
-        if k not in fields:
+        if k not in hints:
             raise ConfigError(f"{where}: unknown key '{prefix}{k}'")
     kwargs = {}
-    for name, f in fields.items():
+    for name, typ in hints.items():
         if name not in raw:
             continue
-        typ = f.type if isinstance(f.type, type) else eval(f.type, globals())  # noqa: S307 (own annotations)
         if dataclasses.is_dataclass(typ):
             kwargs[name] = _build(typ, raw[name], f"{prefix}{name}.", where)
         else:

@@ -30,6 +30,7 @@ from hvae_ray.model.hypervae import HyperVAE, dense_targets
 from hvae_ray.model.losses import kl_divergence, kl_weight, objective, reconstruction_terms, total_loss
 
 CHECKPOINT_FILE = "checkpoint.pt"
+POSTFIX_EVERY = 20  # progress-bar refresh (one host sync) every this many steps
 
 
 @dataclass
@@ -368,10 +369,14 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
 
 
 def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progress: bool) -> dict[str, float]:
+    """One pass over the training split. Running sums stay on the device (no host sync per step: small
+    batches on a GPU are launch-bound); the host reads them every ``POSTFIX_EVERY`` steps for the
+    progress bar and once at the end, where a non-finite loss raises :class:`TrainingDiverged`."""
     cfg = run.cfg
     accum = cfg.gradient_accumulation_steps
-    sums = {c: 0.0 for c in COMPONENTS} | {"kl": 0.0, "total": 0.0}
-    steps = 0
+    keys = (*COMPONENTS, "kl", "total")
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=run.device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -379,6 +384,7 @@ def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progres
         bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
     run.opt.zero_grad(set_to_none=True)
     n_batches = len(loader)
+    steps = 0
     for i, batch in enumerate(loader):
         batch = batch.to(run.device, non_blocking=True)
         with run.autocast():
@@ -386,9 +392,6 @@ def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progres
             terms = reconstruction_terms(out.decoded, dense_targets(batch, run.model.num_slots))
             kl = kl_divergence(out.mu, out.logvar, cfg.free_bits)
             loss = total_loss(terms, kl, beta, cfg)
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(f"epoch {epoch}, batch {i}: loss is {loss.item()} "
-                                   f"(kl={kl.item():.4g}); last good checkpoint kept")
         run.scaler.scale(loss / accum).backward()
         if (i + 1) % accum == 0 or i + 1 == n_batches:
             if cfg.grad_clip > 0:
@@ -397,18 +400,24 @@ def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progres
             run.scaler.step(run.opt)
             run.scaler.update()
             run.opt.zero_grad(set_to_none=True)
-        for c in COMPONENTS:
-            sums[c] += terms[c].item()
-        sums["kl"] += kl.item()
-        sums["total"] += loss.item()
+        step_values = torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double()
+        sums += step_values
+        bad = ~torch.isfinite(loss.detach())
+        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
         steps += 1
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['total'] / steps:.4g}", kl=f"{sums['kl'] / steps:.4g}",
-                            kl_w=f"{beta:.2e}")
+            if steps % POSTFIX_EVERY == 0 or steps == n_batches:
+                mean = (sums / steps).tolist()
+                bar.set_postfix(loss=f"{mean[-1]:.4g}", kl=f"{mean[-2]:.4g}", kl_w=f"{beta:.2e}")
     if bar is not None:
         bar.close()
-    mean = _all_mean(sums, steps, run.device) if run.world > 1 else {k: v / max(steps, 1) for k, v in sums.items()}
+    bad_step = int(first_bad.item())
+    if bad_step >= 0:
+        raise TrainingDiverged(f"epoch {epoch}, batch {bad_step}: loss is not finite; stopped, the last good "
+                               "checkpoint is kept")
+    totals = dict(zip(keys, sums.tolist()))
+    mean = _all_mean(totals, steps, run.device) if run.world > 1 else {k: v / max(steps, 1) for k, v in totals.items()}
     return {f"train_{c}": mean[c] for c in COMPONENTS} | {"train_kl": mean["kl"], "train_total": mean["total"]}
 
 

@@ -1,7 +1,7 @@
 """Trial tables: an experiment directory → one ``pyarrow.Table`` row per trial; sort, export, best config.
 
 Columns: trial_id, status, one ``param.<key>`` column per searched config key, ``last_<m>`` and
-``best_<m>`` for the tracked metrics, epochs, wall_time_s, best_checkpoint, error, trial_dir.
+``best_<m>`` for the tracked metrics, epochs, wall_time_s, best_checkpoint, error, node_id, trial_dir.
 status is one of: completed (ran to max_t), early_stopped (stopped by ASHA), diverged (NaN loss or KL
 runaway), error, running, pending.
 """
@@ -91,6 +91,7 @@ def load_trials(experiment_dir: str | Path) -> pa.Table:
         row["epochs"] = int(max((r.get("epochs_done", 0) for r in results), default=0))
         row["wall_time_s"] = _finite(last.get("time_total_s"))
         row["best_checkpoint"] = best_row.get("checkpoint_path")
+        row["node_id"] = last.get("node_id")
         error = None
         err_file = trial_dir / "error.txt"
         if err_file.is_file():
@@ -124,7 +125,7 @@ def _column_order(keys: list[str]) -> list[str]:
     cols = ["trial_id", "status", *(f"param.{k}" for k in keys)]
     for m in METRICS:
         cols += [f"best_{m}", f"last_{m}"]
-    return cols + ["best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "trial_dir"]
+    return cols + ["best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "node_id", "trial_dir"]
 
 
 def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
@@ -147,7 +148,8 @@ def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
         fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"last_{m}", pa.float64())]
     fields += [pa.field("best_epoch", pa.int64()), pa.field("epochs", pa.int64()),
                pa.field("wall_time_s", pa.float64()), pa.field("best_checkpoint", pa.string()),
-               pa.field("error", pa.string()), pa.field("trial_dir", pa.string())]
+               pa.field("error", pa.string()), pa.field("node_id", pa.string()),
+               pa.field("trial_dir", pa.string())]
     return pa.schema(fields, metadata={"format": "hvae-ray trials v1"})
 
 

@@ -21,7 +21,8 @@ CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
 
 # EC2 families whose instances carry NVIDIA GPUs.
 GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en")
-SHARED_STORAGE_SCHEMES = ("s3://", "gs://", "abfs://", "abfss://")
+# The shared filesystem (EFS over NFS) that every node mounts at the same path.
+SHARED_MOUNT = "/mnt/hvae-shared"
 
 
 @pytest.fixture(autouse=True)
@@ -61,10 +62,38 @@ def _worker_types(prepared: dict) -> dict:
     return {name: t for name, t in prepared["available_node_types"].items() if name != head}
 
 
-def _storage_uri(commands: list[str]) -> str:
-    found = [m for cmd in commands for m in re.findall(r"export HVAE_RAY_STORAGE=(\S+?)'?(?:\s|$)", cmd)]
-    assert len(found) == 1, f"expected exactly one HVAE_RAY_STORAGE export, found {found}"
+def _exported(commands: list[str], var: str) -> str:
+    found = [m for cmd in commands for m in re.findall(rf"export {var}=(\S+?)'?(?:\s|$)", cmd)]
+    assert len(found) == 1, f"expected exactly one {var} export, found {found}"
     return found[0]
+
+
+def _storage_uri(commands: list[str]) -> str:
+    return _exported(commands, "HVAE_RAY_STORAGE")
+
+
+def _node_commands(prepared: dict) -> dict[str, list[str]]:
+    """Per node type, the commands `ray up` (head) or the autoscaler (workers) runs before Ray starts:
+    initialization_commands (a node type's own list replaces the global one), then setup commands."""
+    head = prepared["head_node_type"]
+    out = {head: [*prepared["initialization_commands"], *prepared["head_setup_commands"]]}
+    for name, t in _worker_types(prepared).items():
+        init = t.get("initialization_commands", prepared["initialization_commands"])
+        setup = t.get("worker_setup_commands", prepared["worker_setup_commands"])
+        out[name] = [*init, *setup]
+    return out
+
+
+def _mount_index(commands: list[str]) -> int:
+    """Index of the command that mounts the shared filesystem (NFS v4.1) at SHARED_MOUNT."""
+    pattern = re.compile(r"sudo mount -t nfs4 -o (\S+)\s+\S+:/\s+" + re.escape(SHARED_MOUNT) + r"(?:\s|$)")
+    hits = [(i, m) for i, c in enumerate(commands) for m in [pattern.search(c)] if m]
+    assert len(hits) == 1, f"expected one NFS mount of {SHARED_MOUNT}, found {len(hits)}"
+    i, m = hits[0]
+    assert "nfsvers=4.1" in m.group(1).split(","), m.group(1)
+    # Idempotent: a second `ray up` skips the mount when it is already there.
+    assert re.search(rf"mountpoint -q {re.escape(SHARED_MOUNT)}\s*\|\|", commands[i]), commands[i]
+    return i
 
 
 def test_ray_validator_accepts_cluster_yaml(prepared):
@@ -126,11 +155,45 @@ def test_file_mounts_carry_sources_and_sweeps(prepared):
 
 
 def test_storage_is_shared_and_exported_on_all_nodes(prepared):
-    # The export lives in the common setup commands, so both head and workers get it.
+    # hvae-ray writes hvae_sweep.json and the trials' TensorBoard events with plain file writes, and
+    # `trials`/`sweep resume`/TensorBoard read a filesystem path: storage is a path on a filesystem
+    # that every node mounts at the same place, not a URI.
     uri = _storage_uri(prepared["setup_commands"])
-    assert uri.startswith(SHARED_STORAGE_SCHEMES), uri
+    assert "://" not in uri, uri
+    assert Path(uri).is_absolute() and Path(uri).is_relative_to(SHARED_MOUNT) and uri != SHARED_MOUNT, uri
+    # The export lives in the common setup commands, so both head and workers get it.
     assert _storage_uri(prepared["head_setup_commands"]) == uri
     assert _storage_uri(prepared["worker_setup_commands"]) == uri
+
+
+def test_every_node_mounts_the_shared_filesystem_before_using_it(prepared):
+    for name, cmds in _node_commands(prepared).items():
+        mount = _mount_index(cmds)
+        # Mounted before anything writes the environment that points into it.
+        export = next(i for i, c in enumerate(cmds) if "export HVAE_RAY_STORAGE=" in c)
+        assert mount < export, name
+        # The login user (who runs Ray) owns the mount point.
+        chown = re.compile(rf"sudo chown .+ {re.escape(SHARED_MOUNT)}\s*$")
+        assert any(chown.search(c) for c in cmds[mount + 1:]), name
+
+
+@pytest.mark.parametrize("where", ["global", "worker_override"])
+def test_mount_check_catches_a_node_without_the_mount(config, where):
+    if where == "global":
+        init = config["initialization_commands"]
+        config["initialization_commands"] = [c for c in init if "mount -t" not in c]
+    else:  # a worker type's own initialization_commands replace the global ones
+        config["available_node_types"]["worker.gpu"]["initialization_commands"] = ["true"]
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    with pytest.raises(AssertionError, match="NFS mount"):
+        test_every_node_mounts_the_shared_filesystem_before_using_it(prepared)
+
+
+def test_generated_data_cache_is_on_the_shared_filesystem(prepared):
+    # The head generates the default jet sample and trials on the workers read that same path.
+    cache = _exported(prepared["setup_commands"], "HVAE_RAY_CACHE")
+    assert Path(cache).is_relative_to(SHARED_MOUNT), cache
 
 
 def test_ray_processes_get_the_cluster_environment(prepared):

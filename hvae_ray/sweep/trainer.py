@@ -21,6 +21,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     loop: {'config': Config dict, 'data_path': str, 'tb_dir': str | None, 'memory_fraction': float | None}
     """
+    import ray
     import ray.train
     import torch
 
@@ -30,6 +31,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hvae_ray.errors import TrainingDiverged
 
     cfg = from_dict(loop["config"], "trial config")
+    node_id = ray.get_runtime_context().get_node_id()
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     if torch.cuda.is_available():
@@ -56,6 +58,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics = {k: float(v) for k, v in rep.metrics.items() if isinstance(v, (int, float))}
         metrics["epochs_done"] = rep.epoch + 1  # ASHA's time attribute
         metrics["diverged"] = 0.0
+        metrics["node_id"] = node_id  # which Ray node trained it (trial tables, multi-node checks)
         checkpoint = None
         if rank == 0 and rep.checkpoint_dir is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(rep.checkpoint_dir))

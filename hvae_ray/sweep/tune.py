@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hvae_ray.errors import ConfigError, HvaeError
-from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
+from hvae_ray.sweep.spec import SweepSpec, from_raw
 
 SWEEP_FILE = "hvae_sweep.json"
 
@@ -47,11 +47,10 @@ def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
     spec = from_raw({k: v for k, v in sweep["raw"].items()}, sweep["source"])
     cfg = spec.trial_config(sampled)
     trial_dir = Path(sweep["experiment_dir"]) / Path(ctx.get_trial_dir()).name
-    tb_dir = trial_dir / "tensorboard" if sweep["local_storage"] else None
-    loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"],
-            "tb_dir": str(tb_dir) if tb_dir else None, "memory_fraction": sweep["memory_fraction"]}
-    if tb_dir is not None:
-        _write_hparams(tb_dir, sampled)
+    tb_dir = trial_dir / "tensorboard"
+    loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"], "tb_dir": str(tb_dir),
+            "memory_fraction": sweep["memory_fraction"]}
+    _write_hparams(tb_dir, sampled)
     make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id()).fit()
 
 
@@ -66,8 +65,14 @@ def _write_hparams(tb_dir: Path, sampled: dict[str, Any]) -> None:
     tb.close()
 
 
-def _is_local(storage: str) -> bool:
-    return "://" not in storage or storage.startswith("file://")
+def storage_root(storage: str) -> Path:
+    """The experiment root as a filesystem path. Trials write TensorBoard files and the trial table is
+    read with ordinary file access, so storage must be a local disk or a shared mount (NFS/EFS) that
+    every node sees at the same path; object-store URIs are refused."""
+    if "://" in storage and not storage.startswith("file://"):
+        raise ConfigError(f"storage '{storage}': must be a filesystem path (local disk or a shared mount "
+                          "such as NFS/EFS on every node), not an object-store URI")
+    return Path(storage.removeprefix("file://")).expanduser().resolve()
 
 
 def _ray_init(address: str | None) -> None:
@@ -107,11 +112,10 @@ def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> d
     elif res.gpu_fraction:
         gpu_share = res.gpu_fraction
         memory_fraction = gpu_share
-    local = _is_local(storage)
-    root = Path(storage.removeprefix("file://")).resolve() if local else None
-    experiment_dir = str(root / name) if root else f"{storage.rstrip('/')}/{name}"
-    return {"raw": raw, "source": spec.source, "name": name, "storage": str(root) if root else storage,
-            "experiment_dir": experiment_dir, "local_storage": local, "data_path": str(data_path),
+    root = storage_root(storage)
+    experiment_dir = str(root / name)
+    return {"raw": raw, "source": spec.source, "name": name, "storage": str(root),
+            "experiment_dir": experiment_dir, "data_path": str(data_path),
             "gpu_share": gpu_share, "memory_fraction": memory_fraction, "trial_bytes": trial_bytes,
             "train_storage": f"{experiment_dir}/_train", "spec": spec.to_dict()}
 
@@ -167,14 +171,13 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
     raw["config"] = spec.base.to_dict()  # the base config inlined: trials need no file of the user's
     storage = storage or spec.storage
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    exp = storage_root(storage) / name
+    if (exp / SWEEP_FILE).exists():  # checked before any data is generated or measured
+        raise ConfigError(f"{exp}: an experiment of this name exists; use 'hvae-ray sweep resume {exp}' "
+                          "or another --name")
     sweep_state = _prepare(spec, raw, name, storage)
-    if sweep_state["local_storage"]:
-        exp = Path(sweep_state["experiment_dir"])
-        if (exp / SWEEP_FILE).exists():
-            raise ConfigError(f"{exp}: an experiment of this name exists; use 'hvae-ray sweep resume {exp}' "
-                              "or another --name")
-        exp.mkdir(parents=True, exist_ok=True)
-        (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     _ray_init(address)
     results = _tuner(spec, sweep_state).fit()
     return SweepResult(Path(sweep_state["experiment_dir"]), results)
