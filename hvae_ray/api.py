@@ -61,7 +61,7 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
         raise ConfigError(f"{out}: output must be a .npz file")
     if out.exists() and not overwrite:
         raise DataError(f"{out}: already exists; not overwriting it")
-    model, normaliser, _ = model_from_checkpoint(load_checkpoint(checkpoint))
+    model, normaliser, _ = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
     dev = resolve_device(device)
     particles, mask = generate(model.to(dev), normaliser, n_jets, seed=seed, device=dev)
     feats = np.concatenate([particles, mask[..., None].astype(np.float32)], axis=-1)

@@ -62,7 +62,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         val, err = result[key], result.get(f"{key}_err", float("nan"))
         fl, fl_err = result[f"{key}_floor"], result.get(f"{key}_floor_err", float("nan"))
         print(f"{key:<14}{val:>13.4g} ± {err:<7.2g}{fl:>15.4g} ± {fl_err:<7.2g}")
-    print(f"n_real={result.get('n_real')} n_gen={result.get('n_gen')}")
+    print(f"n_real={int(result['n_real'])} n_gen={int(result['n_gen'])}")
     return 0
 
 

@@ -25,7 +25,7 @@ from torch_geometric.loader import DataLoader
 from hvae_ray.config import COMPONENTS, Config, from_dict
 from hvae_ray.data.graphs import FeatureNormaliser, JetHypergraph, build_graphs, raw_features
 from hvae_ray.data.jets import JetSample
-from hvae_ray.errors import DataError, HvaeError, TrainingDiverged
+from hvae_ray.errors import ConfigError, DataError, HvaeError, TrainingDiverged
 from hvae_ray.model.hypervae import HyperVAE, dense_targets
 from hvae_ray.model.losses import kl_divergence, kl_weight, objective, reconstruction_terms, total_loss
 
@@ -141,11 +141,24 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def model_from_checkpoint(state: dict[str, Any]) -> tuple[HyperVAE, FeatureNormaliser, Config]:
-    cfg = from_dict(state["config"], "checkpoint config")
+def model_from_checkpoint(state: dict[str, Any], where: str = "checkpoint"
+                          ) -> tuple[HyperVAE, FeatureNormaliser, Config]:
+    cfg = from_dict(state["config"], f"{where} config")
     model = HyperVAE(cfg.model)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, TypeError) as e:
+        raise DataError(f"{where}: the model weights do not match the checkpoint's config") from e
     return model.eval(), FeatureNormaliser.from_state_dict(state["normaliser"]), cfg
+
+
+def _check_resumable(cfg: Config, state: dict[str, Any], where: Path) -> None:
+    """The model shape of ``cfg`` must be the checkpoint's; a one-line error names the first difference."""
+    saved = state["config"].get("model", {}) if isinstance(state["config"], dict) else {}
+    for key, value in cfg.to_dict()["model"].items():
+        if key != "dropout" and key in saved and saved[key] != value:
+            raise ConfigError(f"{where}: cannot resume: 'model.{key}' is {value!r} here but {saved[key]!r} "
+                              "in the checkpoint")
 
 
 @torch.no_grad()
@@ -293,11 +306,15 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         if src is None:
             raise HvaeError("resume=True needs a save_dir holding last/checkpoint.pt")
         resume_state = load_checkpoint(src)
+        _check_resumable(cfg, resume_state, src)
     normaliser = (FeatureNormaliser.from_state_dict(resume_state["normaliser"]) if resume_state else None)
     splits = prepare(cfg, sample, normaliser)
     normaliser = splits.normaliser
     if resume_state:
-        run.restore(resume_state)
+        try:
+            run.restore(resume_state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{src}: cannot resume from this checkpoint ({e.__class__.__name__})") from e
     is_main = run.rank == 0
     if is_main and save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
@@ -412,6 +429,8 @@ def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progres
                 bar.set_postfix(loss=f"{mean[-1]:.4g}", kl=f"{mean[-2]:.4g}", kl_w=f"{beta:.2e}")
     if bar is not None:
         bar.close()
+    if run.world > 1:  # every rank must stop together, or the others wait in the next collective
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
     bad_step = int(first_bad.item())
     if bad_step >= 0:
         raise TrainingDiverged(f"epoch {epoch}, batch {bad_step}: loss is not finite; stopped, the last good "

@@ -178,8 +178,10 @@ class FeatureNormaliser:
         stats = {}
         for k, x in real.items():
             x = x.double()
+            # A split without any pair (only one-particle jets) leaves identity statistics, not NaN.
+            mean = x.mean(dim=0) if len(x) else torch.zeros(x.shape[1], dtype=x.dtype)
             std = x.std(dim=0, unbiased=False) if len(x) > 1 else torch.ones(x.shape[1], dtype=x.dtype)
-            stats[k] = {"mean": x.mean(dim=0).tolist(), "std": std.clamp(min=1e-6).tolist()}
+            stats[k] = {"mean": mean.tolist(), "std": std.clamp(min=1e-6).tolist()}
         return cls(stats)
 
     def transform(self, kind: str, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,325 @@
+"""The command line: train → sample → evaluate round trip, and one-line errors (exit code 2) for bad inputs
+that never overwrite existing outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hvae_ray.cli import main
+from hvae_ray.data.io import save_parquet
+from hvae_ray.data.jets import MAX_PARTICLES, from_padded
+from hvae_ray.engine import CHECKPOINT_FILE, load_checkpoint
+
+# A model that trains for two epochs in about a second on one CPU core.
+TINY = ["epochs=2", "batch_size=16", "gradient_accumulation_steps=1", "model.hidden_dim=8",
+        "model.latent_dim=4", "model.num_layers=1", "device=cpu"]
+
+
+def sets(*pairs: str) -> list[str]:
+    return [arg for p in pairs for arg in ("--set", p)]
+
+
+def random_particles(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    particles = np.zeros((n, MAX_PARTICLES, 3), dtype=np.float32)
+    mask = np.zeros((n, MAX_PARTICLES), dtype=bool)
+    for i in range(n):
+        k = int(rng.integers(5, MAX_PARTICLES + 1))
+        particles[i, :k, 0] = rng.normal(0, 0.1, k)
+        particles[i, :k, 1] = rng.normal(0, 0.1, k)
+        particles[i, :k, 2] = np.sort(rng.dirichlet(np.ones(k)))[::-1]
+        mask[i, :k] = True
+    return particles, mask
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "jets.parquet"
+    particles, mask = random_particles(40)
+    save_parquet(from_padded(particles, mask, source="<test>"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(data_file, tmp_path_factory):
+    """A run trained through the CLI (shared by the round-trip tests)."""
+    save_dir = tmp_path_factory.mktemp("runs") / "run"
+    rc = main(["train", "--data-path", str(data_file), "--save-dir", str(save_dir), "--quiet",
+               "--save-test-indices", *sets(*TINY)])
+    assert rc == 0
+    return save_dir
+
+
+def one_line_error(capsys, rc: int) -> str:
+    """Assert a clean user error: exit code 2 and exactly one stderr line; return that line."""
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("hvae-ray: error: ")
+    assert "Traceback" not in err
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# train → sample → evaluate
+
+
+def test_train_writes_checkpoints_and_reports(trained, data_file):
+    for sub in ("last", "best"):
+        state = load_checkpoint(trained / sub)
+        assert state["config"]["epochs"] == 2 and state["config"]["model"]["hidden_dim"] == 8
+    assert load_checkpoint(trained / "last")["epoch"] == 1
+    assert (trained / "config.yaml").is_file()
+    assert len(np.load(trained / "test_indices.npy")) == 6            # 15 % of 40 jets
+    assert list((trained / "tb").glob("events.out.tfevents.*"))        # TensorBoard next to the run
+
+
+def test_train_prints_a_summary(data_file, tmp_path, capsys):
+    rc = main(["train", "--data-path", str(data_file), "--save-dir", str(tmp_path / "r"), "--quiet",
+               "--log-dir", str(tmp_path / "tb"), *sets(*TINY, "epochs=1")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "epochs_run=1" in out and "val_objective=" in out
+    assert str(tmp_path / "tb") in out
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_sample_then_evaluate(trained, data_file, tmp_path, capsys):
+    gen = tmp_path / "gen.npz"
+    rc = main(["sample", "--checkpoint", str(trained / "best"), "--n-jets", "50", "--out", str(gen),
+               "--device", "cpu"])
+    assert rc == 0, capsys.readouterr().err
+    with np.load(gen) as npz:
+        feats = npz["particle_features"]
+    assert feats.shape == (50, 30, 4) and feats.dtype == np.float32
+    mask = feats[..., 3]
+    assert set(np.unique(mask)) <= {0.0, 1.0}
+    assert (mask.sum(axis=1) >= 1).all()                    # every jet has a particle
+    assert (feats[mask == 0][:, :3] == 0).all()               # zeros where masked
+    real = feats[mask == 1]
+    assert np.isfinite(real).all() and (real[:, 2] > 0).all()
+    assert (np.abs(real[:, 1]) <= math.pi).all()              # φ_rel wrapped
+    capsys.readouterr()
+
+    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen), "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads(out)
+    for key in ("w1m", "w1m_floor", "w1p_mean", "fpd", "kpd"):
+        assert key in result
+        assert math.isfinite(result[key]), key
+    assert result["w1m"] >= 0 and result["w1m_floor"] >= 0
+    assert result["n_gen"] == 50 and result["n_real"] == 40
+
+
+def test_sample_is_seeded(trained, tmp_path):
+    args = ["sample", "--checkpoint", str(trained / "last"), "--n-jets", "10", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "a.npz"), "--seed", "5"]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.npz"), "--seed", "5"]) == 0
+    assert main([*args, "--out", str(tmp_path / "c.npz"), "--seed", "6"]) == 0
+    a, b, c = (np.load(tmp_path / f"{x}.npz")["particle_features"] for x in "abc")
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_evaluate_table_output(data_file, tmp_path, capsys):
+    particles, mask = random_particles(30, seed=9)
+    gen = tmp_path / "gen.npz"
+    np.savez(gen, particle_features=np.concatenate([particles, mask[..., None]], axis=-1))
+    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = out.splitlines()
+    assert "real-vs-real floor" in lines[0]
+    rows = {line.split()[0] for line in lines[1:-1]}
+    assert {"w1m", "w1p_mean", "fpd", "kpd"} <= rows
+    counts = dict(item.split("=") for item in lines[-1].split())
+    assert float(counts["n_real"]) == 40 and float(counts["n_gen"]) == 30
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Existing outputs are never overwritten
+
+
+def test_sample_refuses_to_overwrite(trained, tmp_path, capsys):
+    gen = tmp_path / "gen.npz"
+    gen.write_bytes(b"previous result")
+    rc = main(["sample", "--checkpoint", str(trained / "best"), "--n-jets", "5", "--out", str(gen)])
+    line = one_line_error(capsys, rc)
+    assert str(gen) in line and "already exists" in line
+    assert gen.read_bytes() == b"previous result"
+
+
+def test_train_refuses_to_start_over_a_previous_run(trained, data_file, capsys):
+    ckpt = trained / "last" / CHECKPOINT_FILE
+    before = ckpt.read_bytes()
+    rc = main(["train", "--data-path", str(data_file), "--save-dir", str(trained), "--quiet", *sets(*TINY)])
+    line = one_line_error(capsys, rc)
+    assert str(trained) in line and "--resume" in line
+    assert ckpt.read_bytes() == before
+
+
+def test_train_resume_continues_a_previous_run(data_file, tmp_path, capsys):
+    save_dir = tmp_path / "run"
+    base = ["train", "--data-path", str(data_file), "--save-dir", str(save_dir), "--quiet"]
+    assert main([*base, *sets(*TINY)]) == 0
+    assert main([*base, "--resume", *sets(*TINY, "epochs=3")]) == 0
+    assert "epochs_run=1" in capsys.readouterr().out.splitlines()[-2]
+    assert load_checkpoint(save_dir / "last")["epoch"] == 2
+
+
+def test_train_resume_with_a_different_model_is_refused(trained, data_file, capsys):
+    ckpt = trained / "last" / CHECKPOINT_FILE
+    before = ckpt.read_bytes()
+    rc = main(["train", "--data-path", str(data_file), "--save-dir", str(trained), "--quiet", "--resume",
+               *sets(*TINY, "model.hidden_dim=16", "epochs=3")])
+    line = one_line_error(capsys, rc)
+    assert str(trained / "last") in line and "'model.hidden_dim'" in line
+    assert ckpt.read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad inputs: exit code 2, one line naming the file or key
+
+
+def _write_npz(path, particles, mask):
+    np.savez(path, particle_features=np.concatenate([particles, mask[..., None].astype(np.float32)], axis=-1))
+
+
+def bad_data(kind: str, tmp_path):
+    """A bad data file of the given kind and the text its error line must contain."""
+    particles, mask = random_particles(6, seed=2)
+    if kind == "missing":
+        return tmp_path / "missing.parquet", "no such file"
+    if kind == "foreign":
+        path = tmp_path / "notes.parquet"
+        path.write_text("eta,phi,pt\n0.1,0.2,0.3\n")
+        return path, "not a Parquet file"
+    if kind == "pt_without_graphs":
+        path = tmp_path / "tensors.pt"
+        torch.save({"weights": torch.zeros(3)}, path)
+        return path, "expected a list of torch_geometric Data"
+    if kind == "empty":
+        path = tmp_path / "empty.npz"
+        np.savez(path, particle_features=np.zeros((0, 30, 4), dtype=np.float32))
+        return path, "empty"
+    if kind == "nan":
+        particles[3, 1, 0] = np.nan
+        path = tmp_path / "nan.npz"
+        _write_npz(path, particles, mask)
+        return path, "jet 3 has NaN"
+    if kind == "no_particles":
+        mask[4] = False
+        particles[4] = 0
+        path = tmp_path / "hollow.npz"
+        _write_npz(path, particles, mask)
+        return path, "jet 4 has no particles"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "foreign", "pt_without_graphs", "empty", "nan", "no_particles"])
+def test_train_on_bad_data(kind, tmp_path, capsys):
+    path, expected = bad_data(kind, tmp_path)
+    save_dir = tmp_path / "run"
+    rc = main(["train", "--data-path", str(path), "--save-dir", str(save_dir), "--quiet", *sets(*TINY)])
+    line = one_line_error(capsys, rc)
+    assert str(path) in line and expected in line
+    assert not (save_dir / "last").exists()
+
+
+@pytest.mark.parametrize("kind", ["foreign", "nan", "no_particles"])
+def test_evaluate_bad_generated_file(kind, data_file, tmp_path, capsys):
+    path, expected = bad_data(kind, tmp_path)
+    rc = main(["evaluate", "--real", str(data_file), "--generated", str(path), "--json"])
+    line = one_line_error(capsys, rc)
+    assert str(path) in line and expected in line
+    assert capsys.readouterr().out == ""
+
+
+def test_sample_from_a_pt_that_is_not_a_checkpoint(tmp_path, capsys):
+    path = tmp_path / "model.pt"
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, path)
+    rc = main(["sample", "--checkpoint", str(path), "--n-jets", "5", "--out", str(tmp_path / "gen.npz")])
+    line = one_line_error(capsys, rc)
+    assert str(path) in line and "not an hvae-ray checkpoint" in line
+    assert not (tmp_path / "gen.npz").exists()
+
+
+def test_sample_from_a_checkpoint_whose_weights_do_not_match_its_config(trained, tmp_path, capsys):
+    state = load_checkpoint(trained / "best")
+    state["config"]["model"]["hidden_dim"] = 12
+    path = tmp_path / "edited.pt"
+    torch.save(state, path)
+    rc = main(["sample", "--checkpoint", str(path), "--n-jets", "5", "--out", str(tmp_path / "gen.npz")])
+    line = one_line_error(capsys, rc)
+    assert str(path) in line and "do not match" in line
+    assert not (tmp_path / "gen.npz").exists()
+
+
+def test_sample_from_a_missing_checkpoint(tmp_path, capsys):
+    rc = main(["sample", "--checkpoint", str(tmp_path / "nope"), "--n-jets", "5",
+               "--out", str(tmp_path / "gen.npz")])
+    assert "checkpoint not found" in one_line_error(capsys, rc)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--n-jets", "0", "--out", "gen.npz"], "--n-jets"),
+    (["--n-jets", "5", "--out", "gen.csv"], "gen.csv"),
+])
+def test_sample_bad_arguments(trained, tmp_path, capsys, args, expected):
+    args = [a if not a.startswith("gen.") else str(tmp_path / a) for a in args]
+    rc = main(["sample", "--checkpoint", str(trained / "best"), *args])
+    assert expected in one_line_error(capsys, rc)
+
+
+@pytest.mark.parametrize("yaml_text, key", [
+    ("model:\n  hiden_dim: 32\n", "model.hiden_dim"),
+    ("loss_weights:\n  topology: -0.1\n", "loss_weights.topology"),
+    ("epochs: ten\n", "epochs"),
+    ("kl_max_weight: 1.0e-6\n", "kl_max_weight"),
+])
+def test_train_with_a_bad_config_file(yaml_text, key, data_file, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    rc = main(["train", "--config", str(config), "--data-path", str(data_file),
+               "--save-dir", str(tmp_path / "run"), "--quiet"])
+    line = one_line_error(capsys, rc)
+    assert str(config) in line and f"'{key}'" in line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.hiden_dim=32", "model.hiden_dim"),
+    ("loss_weights.edge_features=-1", "loss_weights.edge_features"),
+    ("kl_schedule=cosine", "kl_schedule"),
+])
+def test_train_with_a_bad_override(override, key, data_file, tmp_path, capsys):
+    rc = main(["train", "--data-path", str(data_file), "--save-dir", str(tmp_path / "run"), "--quiet",
+               "--set", override])
+    assert f"'{key}'" in one_line_error(capsys, rc)
+
+
+def test_train_with_a_missing_config_file(data_file, tmp_path, capsys):
+    config = tmp_path / "nope.yaml"
+    rc = main(["train", "--config", str(config), "--data-path", str(data_file), "--quiet"])
+    line = one_line_error(capsys, rc)
+    assert str(config) in line and "not found" in line
+
+
+def test_errors_through_the_real_entry_point(tmp_path):
+    """The installed command: exit status 2, one stderr line, no traceback."""
+    missing = tmp_path / "missing.parquet"
+    proc = subprocess.run([sys.executable, "-m", "hvae_ray.cli", "train", "--data-path", str(missing),
+                           "--save-dir", str(tmp_path / "run"), "--quiet"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"hvae-ray: error: {missing}: no such file"]
+    assert proc.stdout == ""

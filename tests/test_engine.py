@@ -1,0 +1,338 @@
+"""The training engine end to end on CPU: learning, TensorBoard tags, exact resume, divergence guards,
+callbacks, test-split indices and safe checkpoint loading."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hvae_ray import engine
+from hvae_ray.config import Config, load_config
+from hvae_ray.data.generate import generate_jets
+from hvae_ray.errors import ConfigError, DataError, HvaeError, TrainingDiverged
+from hvae_ray.model.hypervae import HyperVAE
+from hvae_ray.model.losses import kl_weight
+from hvae_ray.tracking import REQUIRED_TAGS
+
+MAIN_EPOCHS = 6
+
+
+def small_config(**overrides) -> Config:
+    """A model small enough to train for a few epochs in seconds on one CPU core."""
+    base = {"epochs": 4, "batch_size": 16, "gradient_accumulation_steps": 2, "learning_rate": 3e-3,
+            "model.hidden_dim": 8, "model.latent_dim": 4, "model.num_layers": 1, "model.decoder_layers": 1,
+            "kl_warmup_epochs": 2, "device": "cpu"}
+    return Config().with_overrides(base | overrides)
+
+
+@pytest.fixture(scope="module")
+def jets():
+    """120 Pythia q jets (about 1-2 s)."""
+    return generate_jets("q", 120, seed=1, workers=1, progress=False)
+
+
+@pytest.fixture(scope="module")
+def few_jets(jets):
+    return jets.subset(np.arange(40))
+
+
+@dataclass
+class MainRun:
+    cfg: Config
+    result: dict
+    reports: list
+    save_dir: Path
+    log_dir: Path
+
+
+@pytest.fixture(scope="module")
+def main_run(jets, tmp_path_factory):
+    """One end-to-end CPU run on all 120 jets, shared by the tests that inspect its outputs."""
+    root = tmp_path_factory.mktemp("main_run")
+    cfg = small_config(**{"epochs": MAIN_EPOCHS, "model.hidden_dim": 32, "kl_warmup_epochs": 3,
+                          "gradient_accumulation_steps": 1})
+    reports: list[engine.EpochReport] = []
+    result = engine.fit(cfg, jets, save_dir=root / "run", log_dir=root / "tb", save_test_indices=True,
+                        callbacks=[reports.append], progress=False)
+    return MainRun(cfg, result, reports, root / "run", root / "tb")
+
+
+def model_state(path) -> dict[str, torch.Tensor]:
+    return engine.load_checkpoint(path)["model"]
+
+
+def assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (a) End to end
+
+
+def test_training_reduces_the_loss_and_keeps_kl_finite(main_run):
+    train = [r.metrics["train_total"] for r in main_run.reports]
+    assert len(train) == MAIN_EPOCHS
+    assert train[-1] < train[0]
+    for r in main_run.reports:
+        for key in ("train_kl", "val_kl", "val_total", "val_objective", "val_w1m"):
+            assert math.isfinite(r.metrics[key]), (r.epoch, key)
+        assert r.metrics["val_kl"] >= 0
+    res = main_run.result
+    assert res["epochs_run"] == MAIN_EPOCHS and res["epoch"] == MAIN_EPOCHS - 1
+    assert res["save_dir"] == str(main_run.save_dir) and res["log_dir"] == str(main_run.log_dir)
+
+
+def test_best_checkpoint_is_the_lowest_validation_objective(main_run):
+    objectives = [r.metrics["val_objective"] for r in main_run.reports]
+    best_epoch = int(np.argmin(objectives))
+    assert main_run.result["best_epoch"] == best_epoch
+    assert main_run.result["best_val_objective"] == pytest.approx(min(objectives))
+    assert engine.load_checkpoint(main_run.save_dir / "best")["epoch"] == best_epoch
+    assert engine.load_checkpoint(main_run.save_dir / "last")["epoch"] == MAIN_EPOCHS - 1
+    # is_best marks each new minimum.
+    running = math.inf
+    for r in main_run.reports:
+        assert r.is_best == (r.metrics["val_objective"] < running)
+        running = min(running, r.metrics["val_objective"])
+
+
+def test_run_directory_holds_the_config(main_run):
+    assert load_config(main_run.save_dir / "config.yaml") == main_run.cfg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (b) TensorBoard
+
+
+def test_tensorboard_has_every_required_tag_once_per_epoch(main_run):
+    acc = EventAccumulator(str(main_run.log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert set(REQUIRED_TAGS) <= scalars
+    for tag in REQUIRED_TAGS:
+        assert [e.step for e in acc.Scalars(tag)] == list(range(MAIN_EPOCHS)), tag
+    weights = [e.value for e in acc.Scalars("KL/weight")]
+    assert weights == pytest.approx([kl_weight(e, main_run.cfg) for e in range(MAIN_EPOCHS)], rel=1e-6)
+    # The warm-up is visible: floor first, cap from kl_warmup_epochs on.
+    assert weights[0] == pytest.approx(main_run.cfg.kl_divergence, rel=1e-6)
+    assert weights[-1] == pytest.approx(main_run.cfg.kl_max_weight, rel=1e-6)
+    train_total = [e.value for e in acc.Scalars("Loss/train_total")]
+    assert train_total == pytest.approx([r.metrics["train_total"] for r in main_run.reports], rel=1e-6)
+    # Real-vs-generated distributions at the end of training.
+    assert any(t.startswith("Distributions/") for t in acc.Tags()["images"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (f) Callbacks
+
+
+def test_callbacks_get_one_report_per_epoch(main_run):
+    assert [r.epoch for r in main_run.reports] == list(range(MAIN_EPOCHS))
+    for r in main_run.reports:
+        assert isinstance(r, engine.EpochReport)
+        assert r.checkpoint_dir == main_run.save_dir / "last"
+        assert r.metrics["epoch"] == r.epoch
+        assert r.metrics["kl_weight"] == kl_weight(r.epoch, main_run.cfg)
+        assert {"train_total", "val_total", "val_kl", "val_objective", "lr", "epoch_time_s"} <= set(r.metrics)
+
+
+def test_callback_returning_true_stops_after_that_epoch(few_jets, tmp_path):
+    seen: list[int] = []
+    result = engine.fit(small_config(epochs=5), few_jets, save_dir=tmp_path,
+                        callbacks=[lambda r: r.epoch == 1, lambda r: seen.append(r.epoch)], progress=False)
+    assert result["epochs_run"] == 2 and result["epoch"] == 1
+    assert seen == [0, 1]        # every callback still sees the stopping epoch
+    assert engine.load_checkpoint(tmp_path / "last")["epoch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (c) Exact resume
+
+
+def test_resume_continues_exactly(few_jets, tmp_path):
+    cfg = small_config(epochs=4)  # dropout on, gradient accumulation on: RNG and optimiser state matter
+    straight = engine.fit(cfg, few_jets, save_dir=tmp_path / "straight", progress=False)
+
+    interrupted = engine.fit(cfg, few_jets, save_dir=tmp_path / "resumed", progress=False,
+                             callbacks=[lambda r: r.epoch == 1])
+    assert interrupted["epochs_run"] == 2
+    resumed = engine.fit(cfg, few_jets, save_dir=tmp_path / "resumed", resume=True, progress=False)
+    assert resumed["epochs_run"] == 2 and resumed["epoch"] == 3
+
+    assert_same_state(model_state(tmp_path / "straight" / "last"), model_state(tmp_path / "resumed" / "last"))
+    for key in ("train_total", "train_kl", "val_total", "val_kl", "val_objective", "best_val_objective"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6, abs=1e-9), key
+    assert resumed["best_epoch"] == straight["best_epoch"]
+    a = engine.load_checkpoint(tmp_path / "straight" / "last")
+    b = engine.load_checkpoint(tmp_path / "resumed" / "last")
+    assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
+    assert torch.equal(a["optimizer"]["state"][0]["exp_avg"], b["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_resume_from_an_explicit_checkpoint_path(few_jets, tmp_path):
+    cfg = small_config(epochs=2)
+    engine.fit(cfg, few_jets, save_dir=tmp_path / "a", progress=False, callbacks=[lambda r: True])
+    res = engine.fit(cfg, few_jets, save_dir=tmp_path / "b", resume=tmp_path / "a" / "last", progress=False)
+    assert res["epochs_run"] == 1 and res["epoch"] == 1
+    assert engine.load_checkpoint(tmp_path / "b" / "last")["epoch"] == 1
+
+
+def test_resume_without_a_checkpoint(few_jets, tmp_path):
+    with pytest.raises(DataError, match="checkpoint not found"):
+        engine.fit(small_config(), few_jets, save_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(HvaeError, match="save_dir"):
+        engine.fit(small_config(), few_jets, resume=True, progress=False)
+
+
+def test_resume_with_a_different_model_shape_is_a_config_error(main_run, jets):
+    before = (main_run.save_dir / "last" / engine.CHECKPOINT_FILE).read_bytes()
+    cfg = main_run.cfg.with_overrides({"model.latent_dim": 8, "epochs": MAIN_EPOCHS + 1})
+    with pytest.raises(ConfigError, match="'model.latent_dim' is 8 here but 4"):
+        engine.fit(cfg, jets, save_dir=main_run.save_dir, resume=True, progress=False)
+    assert (main_run.save_dir / "last" / engine.CHECKPOINT_FILE).read_bytes() == before
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (d), (e) Divergence
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(few_jets, tmp_path, monkeypatch):
+    real_total_loss = engine.total_loss
+    poisoned = {"on": False}
+    good: dict = {}
+
+    def total_loss(terms, kl, beta, cfg):
+        loss = real_total_loss(terms, kl, beta, cfg)
+        return loss * float("nan") if poisoned["on"] else loss
+
+    def after_epoch(report):
+        if report.epoch == 1:  # epochs 0 and 1 train normally, the 3rd epoch turns NaN
+            good["state"] = model_state(report.checkpoint_dir)
+            poisoned["on"] = True
+
+    monkeypatch.setattr(engine, "total_loss", total_loss)
+    with pytest.raises(TrainingDiverged) as excinfo:
+        engine.fit(small_config(epochs=5), few_jets, save_dir=tmp_path, callbacks=[after_epoch], progress=False)
+    msg = str(excinfo.value)
+    assert msg.startswith("epoch 2") and "not finite" in msg and "last good checkpoint" in msg
+    assert "\n" not in msg
+    assert isinstance(excinfo.value, HvaeError)  # the CLI reports it in one line
+
+    state = engine.load_checkpoint(tmp_path / "last")
+    assert state["epoch"] == 1
+    assert_same_state(state["model"], good["state"])
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    model, normaliser, cfg = engine.model_from_checkpoint(state)
+    assert isinstance(model, HyperVAE) and cfg.epochs == 5
+
+
+def test_kl_runaway_stops_the_run(few_jets, tmp_path):
+    with pytest.raises(TrainingDiverged, match="max_kl") as excinfo:
+        engine.fit(small_config(max_kl=1e-9), few_jets, save_dir=tmp_path, progress=False)
+    assert "epoch 0" in str(excinfo.value)
+    assert not (tmp_path / "last" / engine.CHECKPOINT_FILE).exists()  # no checkpoint of a runaway epoch
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (g) Test indices and splits
+
+
+def test_save_test_indices(main_run, jets):
+    test = np.load(main_run.save_dir / "test_indices.npy")
+    train, val, test_expected = engine.split_indices(len(jets), main_run.cfg)
+    np.testing.assert_array_equal(test, test_expected)
+    assert len(test) == round(main_run.cfg.data.test_fraction * len(jets))
+    assert not set(test) & set(train) and not set(test) & set(val) and not set(train) & set(val)
+    assert sorted(set(test) | set(train) | set(val)) == list(range(len(jets)))
+    ckpt = engine.load_checkpoint(main_run.save_dir / "last")
+    np.testing.assert_array_equal(ckpt["test_indices"].numpy(), test)
+
+
+def test_splits_are_seeded():
+    cfg = Config()
+    a, b = engine.split_indices(200, cfg), engine.split_indices(200, cfg)
+    c = engine.split_indices(200, cfg.with_overrides({"seed": 7}))
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[2], c[2])
+    assert [len(x) for x in a] == [140, 30, 30]
+
+
+def test_max_jets_limits_the_sample(jets):
+    splits = engine.prepare(Config().with_overrides({"data.max_jets": 50}), jets)
+    idx = np.concatenate([splits.train, splits.val, splits.test])
+    assert len(idx) == 50 and idx.max() < 50
+    assert len(splits.train_graphs) == len(splits.train) and len(splits.val_graphs) == len(splits.val)
+
+
+def test_too_few_jets_for_a_split(few_jets):
+    with pytest.raises(DataError, match="none for training"):
+        engine.split_indices(1, Config().with_overrides({"data.test_fraction": 0.6, "data.val_fraction": 0.2}))
+    with pytest.raises(DataError):
+        engine.prepare(Config(), few_jets.subset(np.array([], dtype=np.int64)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# (h) Checkpoints
+
+
+def test_checkpoints_load_weights_only_and_rebuild_the_model(main_run):
+    path = main_run.save_dir / "best" / engine.CHECKPOINT_FILE
+    raw = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors and containers only
+    assert {"model", "optimizer", "config", "normaliser", "epoch", "test_indices"} <= set(raw)
+    state = engine.load_checkpoint(main_run.save_dir / "best")  # a directory works as well
+    model, normaliser, cfg = engine.model_from_checkpoint(state)
+    assert cfg == main_run.cfg and not model.training
+    particles, mask = engine.generate(model, normaliser, 20, seed=3)
+    assert particles.shape == (20, 30, 3) and mask.shape == (20, 30)
+    assert mask.any(axis=1).all()                            # no empty jet
+    assert (particles[~mask] == 0).all() and np.isfinite(particles).all()
+    again, _ = engine.generate(model, normaliser, 20, seed=3)
+    np.testing.assert_array_equal(particles, again)          # seeded
+
+
+class _RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_not_a_checkpoint_is_a_data_error(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(DataError, match="not a readable hvae-ray checkpoint") as excinfo:
+        engine.load_checkpoint(text)
+    assert str(text) in str(excinfo.value) and "\n" not in str(excinfo.value)
+
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {"w": torch.zeros(2)}}, partial)
+    with pytest.raises(DataError, match="missing model/config/normaliser"):
+        engine.load_checkpoint(partial)
+
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(DataError, match="not an hvae-ray checkpoint"):
+        engine.load_checkpoint(tensor)
+
+    with pytest.raises(DataError, match="not found"):
+        engine.load_checkpoint(tmp_path / "missing")
+    with pytest.raises(DataError, match="not found"):
+        engine.load_checkpoint(tmp_path)  # a directory without checkpoint.pt
+
+
+def test_checkpoint_loading_never_runs_code(tmp_path):
+    marker = tmp_path / "was_executed"
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "normaliser": _RunsCodeWhenUnpickled(marker)}, evil)
+    with pytest.raises(DataError, match="not a readable hvae-ray checkpoint"):
+        engine.load_checkpoint(evil)
+    assert not marker.exists()

@@ -1,0 +1,113 @@
+"""TensorBoard logging: scalar tags per epoch, skipped non-finite values, the HParams summary, figures."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+
+from hvae_ray.config import COMPONENTS  # noqa: E402
+from hvae_ray.tracking import HPARAM_METRICS, REQUIRED_TAGS, TAGS, TensorBoardLogger  # noqa: E402
+
+
+def read(log_dir) -> EventAccumulator:
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_required_tags_are_all_written_by_the_engine_metrics():
+    assert set(REQUIRED_TAGS) <= set(TAGS.values())
+    assert len(set(TAGS.values())) == len(TAGS)          # one tag per metric key
+    for c in COMPONENTS:
+        assert TAGS[f"train_{c}"] == f"Loss/train_{c}" and TAGS[f"val_{c}"] == f"Loss/val_{c}"
+    assert set(HPARAM_METRICS) <= set(TAGS.values())
+
+
+def test_log_epoch_writes_each_metric_under_its_tag(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    for epoch in range(3):
+        logger.log_epoch(epoch, {key: float(epoch + i) for i, key in enumerate(TAGS)} | {"epoch": epoch,
+                                                                                         "unrelated": 1.0})
+    logger.close()
+    acc = read(tmp_path)
+    assert set(acc.Tags()["scalars"]) == set(TAGS.values())
+    for i, tag in enumerate(TAGS.values()):
+        events = acc.Scalars(tag)
+        assert [e.step for e in events] == [0, 1, 2]
+        assert [e.value for e in events] == pytest.approx([0.0 + i, 1.0 + i, 2.0 + i])
+
+
+def test_non_finite_and_non_numeric_values_are_skipped(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_epoch(0, {"train_total": math.nan, "val_total": math.inf, "val_kl": -math.inf,
+                         "train_kl": 2.5, "lr": "0.001", "val_w1m": None, "kl_weight": 1e-5})
+    logger.log_epoch(1, {"train_total": 1.5, "train_kl": math.nan})
+    logger.close()
+    acc = read(tmp_path)
+    assert set(acc.Tags()["scalars"]) == {"Loss/train_kl", "KL/weight", "Loss/train_total"}
+    assert [(e.step, e.value) for e in acc.Scalars("Loss/train_kl")] == [(0, 2.5)]
+    assert [(e.step, e.value) for e in acc.Scalars("Loss/train_total")] == [(1, 1.5)]
+    assert acc.Scalars("KL/weight")[0].value == pytest.approx(1e-5)
+
+
+def test_int_metric_values_are_logged(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_epoch(4, {"epoch_time_s": 3})
+    logger.close()
+    assert [(e.step, e.value) for e in read(tmp_path).Scalars("Train/epoch_time_s")] == [(4, 3.0)]
+
+
+def test_log_hparams_writes_a_readable_hparams_summary(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    hparams = {"learning_rate": 1e-3, "model.hidden_dim": 32, "kl_schedule": "cyclical",
+               "loss_weights": {"topology": 0.1}}
+    logger.log_hparams(hparams, dict.fromkeys(HPARAM_METRICS, 0.0))
+    logger.close()
+    # One event file, in the run's own directory (TensorBoard lists runs by directory).
+    assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
+
+    content = read(tmp_path).PluginTagToContent("hparams")
+    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(content)
+
+    exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    assert {h.name for h in exp.hparam_infos} == set(hparams)
+    assert [m.name.tag for m in exp.metric_infos] == list(HPARAM_METRICS)
+
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    values = start.session_start_info.hparams
+    assert values["learning_rate"].number_value == pytest.approx(1e-3)
+    assert values["model.hidden_dim"].number_value == 32
+    assert values["kl_schedule"].string_value == "cyclical"
+    # Values TensorBoard cannot show (dicts, lists) are written as their text.
+    assert values["loss_weights"].string_value == str({"topology": 0.1})
+
+
+def test_hparams_and_scalars_share_the_run(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_epoch(0, {"val_objective": 3.0})
+    logger.log_hparams({"seed": 1}, {"Loss/val_objective": 0.0})
+    logger.close()
+    acc = read(tmp_path)
+    assert acc.Scalars("Loss/val_objective")[0].value == 3.0
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+
+
+def test_log_figures_writes_images_under_the_prefix(tmp_path):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_figures({"mass": fig}, step=7, prefix="Evaluate")
+    logger.close()
+    plt.close(fig)
+    acc = read(tmp_path)
+    assert acc.Tags()["images"] == ["Evaluate/mass"]
+    img = acc.Images("Evaluate/mass")[0]
+    assert img.step == 7 and img.encoded_image_string.startswith(b"\x89PNG")
