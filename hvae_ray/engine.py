@@ -163,7 +163,7 @@ def _check_resumable(cfg: Config, state: dict[str, Any], where: Path) -> None:
 
 @torch.no_grad()
 def generate(model: HyperVAE, normaliser: FeatureNormaliser, n_jets: int, seed: int = 0,
-             device: torch.device | str = "cpu", batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+             device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
     """Sample jets from the prior. Returns particles (N, P, 3) physical (η_rel, φ_rel, pT_rel) and
     mask (N, P): a slot exists where its existence probability exceeds 1/2 (the most likely slot at
     least, so no jet is empty); padded slots are zero."""
@@ -175,7 +175,7 @@ def generate(model: HyperVAE, normaliser: FeatureNormaliser, n_jets: int, seed: 
     for s in range(0, n_jets, batch_size):
         b = min(batch_size, n_jets - s)
         z = torch.randn(b, model.cfg.latent_dim, generator=gen).to(device)
-        dec = model.decode(z)
+        dec = model.decode(z, with_edges=False)
         logits = dec.exist_logits.float()
         mask = logits > 0
         mask[torch.arange(b), logits.argmax(dim=1)] = True

@@ -34,12 +34,13 @@ from hvae_ray.model.layers import EncoderBlock, mlp
 class Decoded:
     """Decoder output for B jets (normalised feature units).
 
-    particles: (B, P, 3); exist_logits: (B, P); edges: (B, P, P, 4); hyperedges: (B, P, 3).
+    particles: (B, P, 3); exist_logits: (B, P); edges: (B, P, P, 4) or None when decoded without
+    edges (sampling); hyperedges: (B, P, 3).
     """
 
     particles: torch.Tensor
     exist_logits: torch.Tensor
-    edges: torch.Tensor
+    edges: torch.Tensor | None
     hyperedges: torch.Tensor
 
 
@@ -86,14 +87,16 @@ class Decoder(nn.Module):
         self.hyper_out = mlp([h, h, len(HYPEREDGE_FEATURES)])
         self.edge_out = mlp([2 * h, h, len(EDGE_FEATURES)])
 
-    def forward(self, z: torch.Tensor) -> Decoded:
+    def forward(self, z: torch.Tensor, with_edges: bool = True) -> Decoded:
         s = self.z_in(z)[:, None, :] + self.slots[None]  # (B, P, H)
         s = self.mixer(s)
         p = self.particle_out(s)  # (B, P, 4)
-        # Symmetric pair representation: edge features of (i, j) and (j, i) are equal.
-        pair = torch.cat([s[:, :, None] + s[:, None, :], s[:, :, None] * s[:, None, :]], dim=-1)
-        return Decoded(particles=p[..., :3], exist_logits=p[..., 3], edges=self.edge_out(pair),
-                       hyperedges=self.hyper_out(s))
+        edges = None
+        if with_edges:  # (B, P, P, 2H) is the largest activation; sampling jets does not need it
+            # Symmetric pair representation: edge features of (i, j) and (j, i) are equal.
+            pair = torch.cat([s[:, :, None] + s[:, None, :], s[:, :, None] * s[:, None, :]], dim=-1)
+            edges = self.edge_out(pair)  # (B, P, P, 4)
+        return Decoded(particles=p[..., :3], exist_logits=p[..., 3], edges=edges, hyperedges=self.hyper_out(s))
 
 
 class HyperVAE(nn.Module):
@@ -109,8 +112,8 @@ class HyperVAE(nn.Module):
     def encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(batch)
 
-    def decode(self, z: torch.Tensor) -> Decoded:
-        return self.decoder(z)
+    def decode(self, z: torch.Tensor, with_edges: bool = True) -> Decoded:
+        return self.decoder(z, with_edges)
 
     def forward(self, batch) -> VAEOutput:
         mu, logvar = self.encode(batch)

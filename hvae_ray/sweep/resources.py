@@ -19,10 +19,12 @@ DEFAULT_TRIAL_MEMORY = 900 * MiB
 CUDA_CONTEXT = 500 * MiB
 
 
-def gpu_fraction(card_bytes: float, trial_bytes: float, headroom: float = 1.25) -> float:
+def gpu_fraction(card_bytes: float, trial_bytes: float, headroom: float = 1.15) -> float:
     """The GPU share per trial: 1/k for the largest k with k · trial_bytes · headroom ≤ card_bytes.
 
-    >>> gpu_fraction(4 * GiB, 900 * MiB)   # four 0.9 GiB trials (×1.25) fit a 4 GiB card... 3 do
+    >>> gpu_fraction(4 * GiB, 870 * MiB)   # default-config trial as measured on an H100: 4 fit
+    0.25
+    >>> gpu_fraction(4 * GiB, 900 * MiB, headroom=1.25)
     0.3333333333333333
     """
     if card_bytes <= 0 or trial_bytes <= 0:

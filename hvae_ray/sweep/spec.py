@@ -60,7 +60,7 @@ class ResourceSpec:
     gpu_fraction: float | None = None
     gpu_memory_gb: float | None = None
     trial_memory_mb: float | str = "auto"
-    headroom: float = 1.25
+    headroom: float = 1.15
     backend: str = "auto"
 
 

@@ -90,8 +90,13 @@ def backend_for(resources, cuda_here: bool) -> str:
     return "nccl" if uses_gpu and resources.num_workers > 1 and cuda_here else "gloo"
 
 
-def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str, name: str):
-    """A TorchTrainer for one trial whose reports flow to Tune (TuneReportCallback)."""
+def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str, name: str,
+                 score: tuple[str, str] | None = None):
+    """A TorchTrainer for one trial whose reports flow to Tune (TuneReportCallback).
+
+    score: (metric, mode) the sweep ranks on; the 2 best checkpoints by it are kept besides the latest
+    (which Ray Train always keeps, for resume), so the trial table's best_checkpoint stays on disk.
+    """
     import ray.train
     import torch
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -106,7 +111,9 @@ def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str
     run = ray.train.RunConfig(
         name=name, storage_path=storage, callbacks=[TuneReportCallback()],
         failure_config=ray.train.FailureConfig(max_failures=1),
-        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=score[0] if score else None,
+            checkpoint_score_order=score[1] if score else "max"),
     )
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, run_config=run,
                         torch_config=TorchConfig(backend=backend_for(resources, torch.cuda.is_available())))

@@ -51,7 +51,8 @@ def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
     loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"], "tb_dir": str(tb_dir),
             "memory_fraction": sweep["memory_fraction"]}
     _write_hparams(tb_dir, sampled)
-    make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id()).fit()
+    make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id(),
+                 score=(spec.scheduler.metric, spec.scheduler.mode)).fit()
 
 
 def _write_hparams(tb_dir: Path, sampled: dict[str, Any]) -> None:
