@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
-from pathlib import Path
 from typing import Any
+
+from hvae_ray.sweep.resources import allocator_fraction
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),
 # which delays every report by up to that long: with epochs of a few seconds that is the largest
@@ -19,40 +18,37 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_V2_ENABLED"
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the engine with Ray reporting as its callback.
 
-    loop: {'config': Config dict, 'data_path': str, 'tb_dir': str | None, 'memory_fraction': float | None}
+    loop: {'config': Config dict, 'data_path': str, 'tb_dir': str, 'work_dir': str (the engine's
+    save_dir: last/ and best/ checkpoints, inside the trial's directory), 'gpu_share': float,
+    'card_bytes': float | None (the card size the share refers to; None = this device's)}.
     """
+    import contextlib
+
     import ray
     import ray.train
     import torch
 
     from hvae_ray.config import from_dict
     from hvae_ray.data.io import load_jets
-    from hvae_ray.engine import CHECKPOINT_FILE, fit
+    from hvae_ray.engine import fit
     from hvae_ray.errors import TrainingDiverged
 
     cfg = from_dict(loop["config"], "trial config")
     node_id = ray.get_runtime_context().get_node_id()
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    rank = ray.train.get_context().get_world_rank()
+    cap_fraction = None
     if torch.cuda.is_available():
         import ray.train.torch
 
         device = ray.train.torch.get_device()
         torch.cuda.set_device(device)
-        if loop.get("memory_fraction"):
+        if loop.get("gpu_share"):
             # Cap this process's allocator to its share so a neighbour's trial cannot be starved.
-            torch.cuda.set_per_process_memory_fraction(float(loop["memory_fraction"]), device)
+            total = torch.cuda.get_device_properties(device).total_memory
+            cap_fraction = allocator_fraction(loop["gpu_share"], loop.get("card_bytes") or total, total)
+            torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
     else:
         device = torch.device("cpu")
-
-    work = Path(tempfile.mkdtemp(prefix="hvae-trial-"))
-    resume = False
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            (work / "last").mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(d) / CHECKPOINT_FILE, work / "last" / CHECKPOINT_FILE)
-        resume = True
 
     def report(rep) -> None:
         metrics = {k: float(v) for k, v in rep.metrics.items() if isinstance(v, (int, float))}
@@ -65,21 +61,19 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
     sample = load_jets(loop["data_path"])
+    ckpt = ray.train.get_checkpoint()  # set when a worker restarts or a sweep resumes
     try:
-        fit(cfg, sample, save_dir=work, log_dir=loop.get("tb_dir") if rank == 0 else None, resume=resume,
-            callbacks=[report], progress=False, device=device)
+        with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as resume_dir:
+            fit(cfg, sample, save_dir=loop["work_dir"], log_dir=loop["tb_dir"] if rank == 0 else None,
+                resume=resume_dir or False, callbacks=[report], progress=False, device=device)
     except TrainingDiverged as e:
         # A diverged trial ends normally with a terminal report: the sweep carries on and the
         # trial table shows it as diverged, with the reason.
         ray.train.report({"diverged": 1.0, "val_objective": math.inf, "val_w1m": math.inf,
                           "val_recon": math.inf, "val_total": math.inf, "error": str(e)})
     except torch.cuda.OutOfMemoryError as e:
-        share = loop.get("memory_fraction")
-        raise RuntimeError(f"trial ran out of GPU memory within its share "
-                           f"(allocator cap {share}); raise resources.trial_memory_mb or "
-                           f"lower batch_size/hidden_dim") from e
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        raise RuntimeError(f"trial ran out of GPU memory within its share (allocator cap {cap_fraction:.3f} "
+                           "of the card); raise resources.trial_memory_mb or lower batch_size/hidden_dim") from e
 
 
 def backend_for(resources, cuda_here: bool) -> str:

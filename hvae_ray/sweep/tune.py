@@ -49,7 +49,8 @@ def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
     trial_dir = Path(sweep["experiment_dir"]) / Path(ctx.get_trial_dir()).name
     tb_dir = trial_dir / "tensorboard"
     loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"], "tb_dir": str(tb_dir),
-            "memory_fraction": sweep["memory_fraction"]}
+            "work_dir": str(trial_dir / "engine"), "gpu_share": sweep["gpu_share"],
+            "card_bytes": sweep["card_bytes"]}
     _write_hparams(tb_dir, sampled)
     make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id(),
                  score=(spec.scheduler.metric, spec.scheduler.mode)).fit()
@@ -96,7 +97,7 @@ def _ray_init(address: str | None) -> None:
 def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> dict[str, Any]:
     """Resolve data and the GPU share once, on the driver, before any trial starts."""
     from hvae_ray.data.io import load_jets
-    from hvae_ray.sweep.resources import allocator_fraction, trial_share
+    from hvae_ray.sweep.resources import GiB, trial_share
 
     res = spec.resources
     if spec.data.path is not None:
@@ -106,18 +107,17 @@ def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> d
         from hvae_ray.data.generate import default_sample
 
         data_path = default_sample(spec.data.flavor, spec.data.n_jets, spec.data.seed)
-    gpu_share, memory_fraction, trial_bytes = 0.0, None, None
+    gpu_share, card_bytes, trial_bytes = 0.0, None, None
     if res.gpu_memory_gb is not None:
         gpu_share, trial_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom)
-        memory_fraction = allocator_fraction(gpu_share, res.gpu_memory_gb * 1024**3)
+        card_bytes = res.gpu_memory_gb * GiB
     elif res.gpu_fraction:
         gpu_share = res.gpu_fraction
-        memory_fraction = gpu_share
     root = storage_root(storage)
     experiment_dir = str(root / name)
     return {"raw": raw, "source": spec.source, "name": name, "storage": str(root),
             "experiment_dir": experiment_dir, "data_path": str(data_path),
-            "gpu_share": gpu_share, "memory_fraction": memory_fraction, "trial_bytes": trial_bytes,
+            "gpu_share": gpu_share, "card_bytes": card_bytes, "trial_bytes": trial_bytes,
             "train_storage": f"{experiment_dir}/_train", "spec": spec.to_dict()}
 
 
