@@ -86,12 +86,25 @@ def _ray_init(address: str | None) -> None:
         os.environ.setdefault(k, v)
     if ray.is_initialized():
         return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env_vars()}, "include_dashboard": True,
-                              "dashboard_host": "127.0.0.1", "log_to_driver": False}
     if address:
-        ray.init(address=address, runtime_env=kwargs["runtime_env"], log_to_driver=False)
+        ray.init(address=address, runtime_env={"env_vars": env_vars()}, log_to_driver=False)
     else:
-        ray.init(**kwargs)
+        # Ray Train's placement-group cleaner, which frees a trial's resources when Tune stops the
+        # trial (ASHA), finds its cluster through the State API by auto-detection unless told where:
+        # with any other Ray instance on this host that fails, stopped trials keep their CPU/GPU
+        # share for good and the sweep stalls. So the workers are told this instance's API server.
+        port = _free_port()
+        env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> dict[str, Any]:

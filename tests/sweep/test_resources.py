@@ -1,0 +1,154 @@
+"""GPU shares per trial, the allocator cap inside a share, and the distributed backend choice."""
+
+from __future__ import annotations
+
+import doctest
+import math
+
+import pytest
+
+from hvae_ray.sweep import resources
+from hvae_ray.sweep.resources import (
+    CUDA_CONTEXT,
+    DEFAULT_TRIAL_MEMORY,
+    GiB,
+    MiB,
+    allocator_fraction,
+    gpu_fraction,
+    trial_share,
+)
+from hvae_ray.sweep.spec import ResourceSpec
+from hvae_ray.sweep.trainer import backend_for
+
+
+def test_four_trials_fit_a_4gib_card_without_headroom():
+    assert gpu_fraction(4 * GiB, 900 * MiB, 1.0) == 0.25
+
+
+def test_headroom_leaves_room_for_three():
+    assert gpu_fraction(4 * GiB, 900 * MiB, 1.25) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(("card", "trial", "headroom", "share"), [
+    (4 * GiB, 4 * GiB, 1.0, 1.0),      # exactly one
+    (80 * GiB, 900 * MiB, 1.25, 1 / 72),
+    (16 * GiB, 1 * GiB, 1.0, 1 / 16),
+])
+def test_share_is_one_over_the_largest_k_that_fits(card, trial, headroom, share):
+    got = gpu_fraction(card, trial, headroom)
+    assert got == pytest.approx(share)
+    k = round(1 / got)
+    assert k * trial * headroom <= card < (k + 1) * trial * headroom
+
+
+def test_a_trial_bigger_than_the_card_is_refused():
+    with pytest.raises(ValueError, match="one trial needs .* GiB with headroom; the card has 4.00 GiB"):
+        gpu_fraction(4 * GiB, 3.5 * GiB, 1.25)
+    for card, trial in ((0, 1), (1, 0), (-1, 1)):
+        with pytest.raises(ValueError, match="must be positive"):
+            gpu_fraction(card, trial)
+
+
+def test_docstring_example_holds():
+    assert doctest.testmod(resources).failed == 0
+
+
+@pytest.mark.parametrize("share", [0.25, 1 / 3, 0.5, 1.0])
+@pytest.mark.parametrize("card_gb", [16, 24, 80])
+def test_allocator_cap_keeps_the_whole_process_inside_its_share(share, card_gb):
+    card = card_gb * GiB
+    fraction = allocator_fraction(share, card)
+    # tensors + cache (capped by the allocator) + the CUDA context (outside the cap) = the share
+    assert fraction * card + CUDA_CONTEXT == pytest.approx(share * card)
+    assert 0 < fraction < share
+
+
+@pytest.mark.parametrize("share", [0.25, 1 / 3, 1.0])
+def test_allocator_cap_of_a_smaller_card_budget_on_a_bigger_device(share):
+    """Shares sized for a 4 GiB card, run on an 80 GiB device: the cap is a fraction of the real device
+    that still keeps the process inside its 4 GiB-card budget."""
+    card, device = 4 * GiB, 80 * GiB
+    fraction = allocator_fraction(share, card, device)
+    assert fraction * device + CUDA_CONTEXT == pytest.approx(share * card)
+    assert allocator_fraction(share, card, card) == allocator_fraction(share, card)
+
+
+def test_allocator_cap_never_goes_to_zero_or_above_one():
+    small = 0.05 * 4 * GiB  # a 205 MiB share: smaller than the CUDA context itself
+    assert small < CUDA_CONTEXT
+    assert allocator_fraction(0.05, 4 * GiB) == pytest.approx(0.05 * 0.05)
+    assert allocator_fraction(1.0, 1 * GiB, context_bytes=0) == 1.0
+    assert allocator_fraction(1.0, 1 * GiB, context_bytes=-GiB) == 1.0
+
+
+def test_trial_share_with_a_given_trial_size():
+    share, trial = trial_share(4, 800, 1.1)
+    assert share == 0.25
+    assert trial == 800 * MiB
+
+
+def test_trial_share_auto_without_cuda_uses_the_default_estimate(monkeypatch):
+    monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20: None)
+    share, trial = trial_share(4, "auto", 1.25)
+    assert trial == DEFAULT_TRIAL_MEMORY
+    assert share == gpu_fraction(4 * GiB, DEFAULT_TRIAL_MEMORY, 1.25)
+
+
+def test_trial_share_auto_uses_the_measured_process_memory(monkeypatch):
+    measured = {"allocated_peak": 100 * MiB, "reserved_peak": 200 * MiB, "process": 700 * MiB}
+    monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20: measured)
+    assert trial_share(8, "auto", 1.0) == (1 / 11, 700 * MiB)
+    # without a whole-process figure (no NVML): the allocator's peak plus a CUDA context
+    measured["process"] = math.nan
+    share, trial = trial_share(8, "auto", 1.0)
+    assert trial == 200 * MiB + CUDA_CONTEXT
+    assert share == gpu_fraction(8 * GiB, trial, 1.0)
+
+
+def test_measure_trial_memory_without_cuda_is_none():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    assert resources.measure_trial_memory() is None
+
+
+@pytest.mark.parametrize(("res", "cuda_here", "backend"), [
+    # several GPU workers per trial: NCCL only where CUDA exists; a logical GPU on a CPU host is gloo
+    (ResourceSpec(num_workers=2, gpu_fraction=0.5), False, "gloo"),
+    (ResourceSpec(num_workers=2, gpu_fraction=0.5), True, "nccl"),
+    (ResourceSpec(num_workers=4, gpu_memory_gb=16), False, "gloo"),
+    (ResourceSpec(num_workers=4, gpu_memory_gb=16), True, "nccl"),
+    # one worker, or CPU workers: gloo
+    (ResourceSpec(num_workers=1, gpu_fraction=0.25), True, "gloo"),
+    (ResourceSpec(num_workers=2, gpu_fraction=0.0), True, "gloo"),
+    (ResourceSpec(num_workers=2), True, "gloo"),
+    # explicit choices are kept
+    (ResourceSpec(num_workers=2, backend="gloo", gpu_fraction=0.5), True, "gloo"),
+    (ResourceSpec(num_workers=1, backend="nccl", gpu_fraction=0.5), False, "nccl"),
+])
+def test_backend_for(res, cuda_here, backend):
+    assert backend_for(res, cuda_here) == backend
+
+
+def test_trainer_keeps_the_best_checkpoints_by_the_sweep_metric(monkeypatch, tmp_path):
+    """Ray Train keeps the latest checkpoint (for resume) plus the best 2 by the sweep's metric, so the
+    trial table's best_checkpoint is never a deleted directory."""
+    import ray.tune.integration.ray_train as tune_integration
+    from ray.train.v2.api.callback import UserCallback
+
+    from hvae_ray.sweep.trainer import make_trainer
+
+    class Callback(UserCallback):  # the real one needs a running Tune trial
+        pass
+
+    monkeypatch.setattr(tune_integration, "TuneReportCallback", Callback)
+    loop = {"config": {}, "data_path": "x", "tb_dir": None, "memory_fraction": None}
+    res = ResourceSpec(num_workers=1, cpus_per_worker=0.5, gpu_fraction=0.25)
+    trainer = make_trainer(loop, res, 0.25, str(tmp_path), "t0", score=("val_w1m", "min"))
+    ckpt = trainer.run_config.checkpoint_config
+    assert (ckpt.num_to_keep, ckpt.checkpoint_score_attribute, ckpt.checkpoint_score_order) == \
+        (2, "val_w1m", "min")
+    scaling = trainer.scaling_config
+    assert scaling.use_gpu and scaling.num_workers == 1
+    assert scaling.resources_per_worker == {"CPU": 0.5, "GPU": 0.25}

@@ -1,0 +1,199 @@
+"""Sweep files: the shipped ones validate and build their search spaces; bad ones fail in one line
+before anything starts (no Ray, no data, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hvae_ray.errors import ConfigError
+from hvae_ray.sweep.spec import DISTRIBUTIONS, load_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+SWEEPS = sorted((REPO / "sweeps").glob("*.yaml"))
+
+
+def test_the_repository_ships_sweep_files():
+    assert {p.name for p in SWEEPS} >= {"quickstart.yaml", "kl_caps.yaml", "loss_weights.yaml",
+                                        "seed_250_jets.yaml"}
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweep_validates_and_builds_its_search_space(path):
+    from ray.tune.search.sample import Domain
+
+    spec = load_sweep(path)
+    raw = yaml.safe_load(path.read_text())
+    assert spec.name == raw["name"]
+    assert spec.search_space, "a sweep without a search space"
+    space = spec.tune_search_space()
+    assert set(space) == set(raw["search_space"])
+    for key, dist in raw["search_space"].items():
+        (kind, _), = dist.items()
+        assert kind in DISTRIBUTIONS
+        if kind == "grid":
+            assert set(space[key]) == {"grid_search"}
+        else:
+            assert isinstance(space[key], Domain)
+    # trials train at least max_t epochs, and the plain-data form is JSON (stored with the experiment)
+    assert spec.base.epochs >= spec.scheduler.max_t
+    assert json.loads(json.dumps(spec.to_dict()))["search_space"] == raw["search_space"]
+    # a trial config from sampled values validates
+    sample = {k: (v.sample() if isinstance(v, Domain) else v["grid_search"][0]) for k, v in space.items()}
+    sample = {k: (v.item() if hasattr(v, "item") else v) for k, v in sample.items()}
+    cfg = spec.trial_config(sample)
+    for key, value in sample.items():
+        assert cfg.flat()[key] == pytest.approx(value)
+
+
+def test_sweep_overrides_apply_to_the_sweep_file():
+    spec = load_sweep(REPO / "sweeps" / "quickstart.yaml",
+                      {"num_samples": 2, "scheduler.max_t": 3, "config.model.hidden_dim": 16,
+                       "resources.gpu_fraction": 0.5})
+    assert spec.num_samples == 2 and spec.scheduler.max_t == 3
+    assert spec.base.model.hidden_dim == 16 and spec.resources.gpu_fraction == 0.5
+    with pytest.raises(ConfigError, match="override: unknown key 'num_sample'"):
+        load_sweep(REPO / "sweeps" / "quickstart.yaml", {"num_sample": 2})
+
+
+GOOD = {
+    "name": "bad",
+    "config": {"epochs": 3, "model.hidden_dim": 16},
+    "search_space": {"kl_max_weight": {"loguniform": [1.0e-5, 1.0e-2]}},
+    "scheduler": {"metric": "val_objective", "mode": "min", "max_t": 3, "grace_period": 1},
+    "resources": {"cpus_per_worker": 0.5, "gpu_fraction": 0},
+}
+
+
+def _with(**changes):
+    raw = json.loads(json.dumps(GOOD))
+    for dotted, value in changes.items():
+        node = raw
+        *parents, last = dotted.split("__")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+BAD = {
+    "unknown top-level key": (
+        _with(searchspace={}), "unknown key 'searchspace'"),
+    "unknown config key in search_space": (
+        _with(search_space={"model.hiden_dim": {"choice": [16, 32]}}),
+        "search_space: unknown config key 'model.hiden_dim'"),
+    "unknown distribution": (
+        _with(search_space={"kl_max_weight": {"lognormal": [1.0e-5, 1.0e-2]}}),
+        "unknown distribution 'lognormal'"),
+    "loguniform with low <= 0": (
+        _with(search_space={"learning_rate": {"loguniform": [0, 1.0e-2]}}),
+        "loguniform needs low > 0"),
+    "low >= high": (
+        _with(search_space={"learning_rate": {"uniform": [1.0e-2, 1.0e-3]}}),
+        "need low < high"),
+    "bad scheduler metric": (
+        _with(scheduler__metric="val_totl"), "'scheduler.metric' must be one of"),
+    "val_total while searching loss weights": (
+        _with(scheduler__metric="val_total",
+              search_space={"loss_weights.topology": {"uniform": [0.05, 1.0]}}),
+        "val_total is not comparable"),
+    "grace_period > max_t": (
+        _with(scheduler__grace_period=5), "grace_period <= max_t"),
+    "gpu_fraction and gpu_memory_gb": (
+        _with(resources__gpu_fraction=0.25, resources__gpu_memory_gb=16),
+        "gpu_fraction or gpu_memory_gb, not both"),
+    "gpu_fraction > 1": (
+        _with(resources__gpu_fraction=1.5), "'resources.gpu_fraction' must be in [0, 1]"),
+    # each range alone fits the base config (kl_divergence 1e-5, kl_max_weight 1e-4), but the low end
+    # of kl_max_weight with the high end of kl_divergence does not
+    "search-space combination making an invalid config": (
+        _with(search_space={"kl_max_weight": {"loguniform": [5.0e-5, 1.0e-3]},
+                            "kl_divergence": {"loguniform": [1.0e-6, 8.0e-5]}}),
+        "'kl_max_weight' (5e-05) must be >= 'kl_divergence' (8e-05)"),
+    "bad YAML": (
+        "name: bad\nsearch_space: {kl_max_weight: {loguniform: [1.0e-5, 1.0e-2]\n", "not valid YAML"),
+    "unknown distribution argument shape": (
+        _with(search_space={"learning_rate": {"uniform": [1.0e-3]}}), "uniform needs [low, high]"),
+    "empty choice": (
+        _with(search_space={"batch_size": {"choice": []}}), "choice needs a non-empty list"),
+    "search value invalid for the config": (
+        _with(search_space={"model.hidden_dim": {"choice": [16, 18]}}), "must be a multiple of 4"),
+    "unknown scheduler key": (
+        _with(scheduler__grace=1), "unknown key 'scheduler.grace'"),
+    "num_samples not a positive integer": (
+        _with(num_samples=0), "'num_samples' must be an integer >= 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_sweep_file_is_one_line_config_error(tmp_path, case):
+    text, message = BAD[case]
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_sweep(path)
+    msg = str(err.value)
+    assert message in msg
+    assert "\n" not in msg
+    assert msg.startswith(str(path))
+
+
+def test_the_good_base_of_the_bad_cases_is_good(tmp_path):
+    path = tmp_path / "good.yaml"
+    path.write_text(_with())
+    assert load_sweep(path).name == "bad"
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+def _cli(*args, cwd=None):
+    exe = Path(sys.executable).with_name("hvae-ray")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "hvae_ray.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def _one_error_line(proc):
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("hvae-ray: error:")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def test_cli_bad_sweep_file_exits_2_and_creates_nothing(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(BAD["bad scheduler metric"][0])
+    storage = tmp_path / "storage"
+    line = _one_error_line(_cli("sweep", "run", str(path), "--storage", str(storage), "--name", "x",
+                                cwd=tmp_path))
+    assert "val_totl" in line
+    assert not storage.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_cli_refuses_an_existing_experiment_name(tmp_path, sweep_file):
+    path = sweep_file(tmp_path / "ok.yaml", search_space={"learning_rate": {"choice": [1.0e-3]}},
+                      scheduler={"max_t": 2, "grace_period": 1})
+    exp = tmp_path / "storage" / "taken"
+    exp.mkdir(parents=True)
+    state = exp / "hvae_sweep.json"
+    state.write_text('{"name": "taken"}')
+    before = state.stat().st_mtime_ns
+    line = _one_error_line(_cli("sweep", "run", str(path), "--storage", str(tmp_path / "storage"),
+                                "--name", "taken"))
+    assert "an experiment of this name exists" in line and "sweep resume" in line
+    assert state.read_text() == '{"name": "taken"}' and state.stat().st_mtime_ns == before
+    assert sorted(p.name for p in exp.iterdir()) == ["hvae_sweep.json"]
+
+
+def test_cli_trials_on_a_directory_that_is_no_experiment(tmp_path):
+    line = _one_error_line(_cli("trials", str(tmp_path)))
+    assert "not an hvae-ray experiment directory" in line
+    line = _one_error_line(_cli("sweep", "resume", str(tmp_path)))
+    assert "not an hvae-ray experiment directory" in line

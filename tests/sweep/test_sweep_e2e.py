@@ -1,0 +1,391 @@
+"""End to end: real sweeps on the session's local Ray instance (4 logical CPUs, 1 logical GPU).
+
+One 8-trial ASHA sweep at a quarter GPU per trial is shared by the checks of scheduling, TensorBoard
+output, the trial table, its exports and the CLI; a two-trial sweep checks diverged trials; a sweep
+interrupted with Ctrl+C (SIGINT) in a separate driver process checks resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import hvae_ray
+from hvae_ray import trials
+from hvae_ray.cli import main as cli_main
+from hvae_ray.config import from_dict
+from hvae_ray.tracking import REQUIRED_TAGS
+
+pytestmark = pytest.mark.slow
+
+MAX_T = 3
+SEARCHED = ("learning_rate", "kl_max_weight")
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # a line being written
+    return out
+
+
+@pytest.fixture(scope="module")
+def asha8(ray_local, tmp_path_factory, sweep_file):
+    """8 trials, 4 at a time, each worker holding 0.25 GPU and 0.5 CPU; ASHA with rungs at 1 and 2
+    epochs (max_t 3), so trials below the running median at a rung stop early.
+
+    The learning-rate grid makes that certain: trials start in grid order, and the second four (tiny
+    learning rates, val_objective ~4.44 after one epoch against ~4.25) start only once a slot frees,
+    i.e. after first-wave trials have passed the first rung; they rank below the median there."""
+    root = tmp_path_factory.mktemp("asha8")
+    path = sweep_file(
+        root / "asha8.yaml",
+        search_space={"learning_rate": {"grid": [1.0e-2, 6.0e-3, 4.0e-3, 3.0e-3,
+                                                 1.0e-4, 5.0e-5, 2.0e-5, 1.0e-5]},
+                      "kl_max_weight": {"loguniform": [1.0e-4, 1.0e-2]}},
+        scheduler={"metric": "val_objective", "mode": "min", "max_t": MAX_T, "grace_period": 1,
+                   "reduction_factor": 2},
+        num_samples=1, max_concurrent_trials=4,
+        resources={"num_workers": 1, "cpus_per_worker": 0.5, "gpu_fraction": 0.25},
+    )
+    t0 = time.perf_counter()
+    result = hvae_ray.run_sweep(path, storage=str(root / "runs"), name="asha8")
+    wall = time.perf_counter() - t0
+    exp = result.experiment_dir
+    return SimpleNamespace(root=root, exp=exp, result=result, table=hvae_ray.load_trials(exp), wall=wall)
+
+
+def test_logical_gpu_is_declared(ray_local):
+    import ray
+
+    assert ray.cluster_resources().get("GPU") == 1.0
+    assert ray.cluster_resources().get("CPU") == 4.0
+
+
+def test_all_trials_finish_and_asha_stops_some(asha8):
+    assert asha8.exp == asha8.root / "runs" / "asha8"
+    table = asha8.table
+    assert table.num_rows == 8
+    statuses = table.column("status").to_pylist()
+    assert set(statuses) <= {"completed", "early_stopped"}, statuses
+    rows = table.to_pylist()
+    stopped = [r for r in rows if r["status"] == "early_stopped"]
+    completed = [r for r in rows if r["status"] == "completed"]
+    assert stopped and all(1 <= r["epochs"] < MAX_T for r in stopped)
+    assert completed and all(r["epochs"] == MAX_T for r in completed)
+    # Tune agrees: every trial terminated, none errored.
+    grid = asha8.result.results
+    assert len(grid) == 8 and not grid.errors
+    assert asha8.result.summary() == ", ".join(
+        f"{n} {s}" for s, n in sorted({s: statuses.count(s) for s in statuses}.items()))
+
+
+def test_each_trial_worker_held_a_quarter_gpu(asha8, ray_local):
+    state = json.loads((asha8.exp / "hvae_sweep.json").read_text())
+    assert state["gpu_share"] == 0.25
+    from ray.util.state import list_actors
+
+    workers = list_actors(address=f"http://{ray_local.dashboard_url}", detail=True, limit=10_000,
+                          filters=[("class_name", "=", "RayTrainWorker")], raise_on_missing_output=False)
+    # inside a placement group, a request shows as {'GPU_group_<pg>': 0.25, 'CPU_group_<pg>': 0.5, ...}
+    def held(actor, kind):
+        return {v for k, v in (actor.required_resources or {}).items() if k.startswith(f"{kind}_group_")}
+
+    ours = [a for a in workers if held(a, "GPU") == {0.25}]
+    # one Ray Train worker per trial (more only if Ray restarted one), each with 0.25 GPU and 0.5 CPU
+    assert len(ours) >= 8, [a.required_resources for a in workers]
+    assert all(held(a, "CPU") == {0.5} for a in ours)
+
+
+def test_tensorboard_tags_and_hparams(asha8):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for row in asha8.table.to_pylist():
+        tb_dir = Path(row["trial_dir"]) / "tensorboard"
+        assert list(tb_dir.glob("events.out.tfevents.*")), tb_dir
+        acc = EventAccumulator(str(tb_dir))
+        acc.Reload()
+        scalars = set(acc.Tags()["scalars"])
+        required = {"Loss/train_total", "Loss/train_kl", "KL/weight", "Loss/val_total", "Loss/val_kl",
+                    *REQUIRED_TAGS}  # REQUIRED_TAGS adds the 4 components, train and val
+        assert len(required) == 13
+        missing = required - scalars
+        assert not missing, (row["trial_id"], missing)
+        # one scalar per epoch, from epoch 0; a trial that ASHA stopped may have logged the epochs it
+        # finished while the stop was on its way, which Tune never received
+        steps = [e.step for e in acc.Scalars("Loss/val_total")]
+        assert steps == list(range(len(steps)))
+        assert row["epochs"] <= len(steps) <= MAX_T
+        hparams = acc.PluginTagToContent("hparams")
+        assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+        from tensorboard.plugins.hparams import plugin_data_pb2
+
+        start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
+        logged = {k: v.number_value for k, v in start.session_start_info.hparams.items()}
+        for key in SEARCHED:
+            assert logged[key] == pytest.approx(row[f"param.{key}"])
+
+
+def test_trial_table_contents(asha8):
+    table = asha8.table
+    trial_dirs = sorted(p for p in asha8.exp.iterdir() if p.name.startswith("trial_"))
+    assert sorted(table.column("trial_dir").to_pylist()) == [str(p) for p in trial_dirs]
+    assert len(set(table.column("trial_id").to_pylist())) == 8
+    for key in SEARCHED:
+        assert table.schema.field(f"param.{key}").type == "double"
+    for row in table.to_pylist():
+        params = json.loads((Path(row["trial_dir"]) / "params.json").read_text())
+        assert {k: row[f"param.{k}"] for k in SEARCHED} == params
+        for m in ("val_objective", "val_recon", "val_kl", "val_w1m", "val_total", "train_total"):
+            assert math.isfinite(row[f"best_{m}"]) and math.isfinite(row[f"last_{m}"])
+        assert row["best_val_objective"] <= row["last_val_objective"]
+        assert 0 <= row["best_epoch"] < row["epochs"] <= MAX_T
+        assert row["wall_time_s"] > 0
+        ckpt = Path(row["best_checkpoint"])
+        assert ckpt.is_dir() and ckpt.parent == asha8.exp / "_train" / row["trial_id"]
+        assert (ckpt / "checkpoint.pt").is_file()
+        assert row["error"] is None
+        assert row["node_id"] == ray_node_id()
+
+
+def ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def test_table_exports_round_trip(asha8, tmp_path):
+    table = asha8.table
+    out = trials.export(table, tmp_path / "trials.parquet")
+    back = pq.read_table(out)
+    assert back.schema.equals(table.schema, check_metadata=True)
+    assert back.equals(table, check_metadata=True)
+    assert back.schema.metadata[b"format"] == b"hvae-ray trials v1"
+
+    csv = trials.export(table, tmp_path / "trials.csv")
+    read = pacsv.read_csv(csv)
+    assert read.column_names == table.column_names
+    assert read.num_rows == 8
+    assert read.column("trial_id").to_pylist() == table.column("trial_id").to_pylist()
+    assert read.column("epochs").to_pylist() == table.column("epochs").to_pylist()
+
+
+def _table_ids(output: str) -> list[str]:
+    lines = output.strip().splitlines()
+    assert lines[0].split()[:2] == ["trial_id", "status"]
+    return [ln.split()[0] for ln in lines[2:]]
+
+
+def test_cli_best_config_is_the_best_trials(asha8):
+    exe = Path(sys.executable).with_name("hvae-ray")
+    cmd = [str(exe)] if exe.is_file() else [sys.executable, "-m", "hvae_ray.cli"]
+    out = subprocess.run([*cmd, "trials", str(asha8.exp), "--best"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    best = min(asha8.table.to_pylist(), key=lambda r: r["best_val_objective"])
+    assert out.stdout.startswith(f"# best trial {best['trial_id']} ")
+    cfg = from_dict(yaml.safe_load(out.stdout), "best config")
+    for key in SEARCHED:
+        assert cfg.flat()[key] == best[f"param.{key}"]
+    assert cfg.model.hidden_dim == 16 and cfg.epochs == MAX_T
+
+
+def test_cli_sort_and_top(asha8, capsys):
+    rows = asha8.table.to_pylist()
+    assert cli_main(["trials", str(asha8.exp)]) == 0
+    by_objective = [r["trial_id"] for r in sorted(rows, key=lambda r: r["best_val_objective"])]
+    assert _table_ids(capsys.readouterr().out) == by_objective
+
+    assert cli_main(["trials", str(asha8.exp), "--sort", "val_w1m", "--top", "3"]) == 0
+    by_w1m = [r["trial_id"] for r in sorted(rows, key=lambda r: r["best_val_w1m"])]
+    assert _table_ids(capsys.readouterr().out) == by_w1m[:3]
+
+    assert cli_main(["trials", str(asha8.exp), "--sort", "val_w1m", "--best"]) == 0
+    assert capsys.readouterr().out.startswith(f"# best trial {by_w1m[0]} ")
+
+    assert cli_main(["trials", str(asha8.exp), "--sort", "val_w1mm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hvae-ray: error:") and "val_w1mm" in err and len(err.splitlines()) == 1
+
+
+def test_diverged_trial_is_reported_not_raised(ray_local, tmp_path, sweep_file):
+    """A tiny max_kl trips the KL-runaway check at the first validation: that trial ends as diverged
+    with the reason, its neighbour trains on, and the sweep returns normally."""
+    path = sweep_file(tmp_path / "diverge.yaml",
+                      search_space={"max_kl": {"grid": [1.0e-3, 1000.0]}},
+                      scheduler={"max_t": 2, "grace_period": 2}, max_concurrent_trials=2)
+    result = hvae_ray.run_sweep(path, storage=str(tmp_path / "runs"), name="diverge")
+    assert not result.results.errors
+    rows = {r["param.max_kl"]: r for r in hvae_ray.load_trials(result.experiment_dir).to_pylist()}
+    bad, good = rows[1.0e-3], rows[1000.0]
+    assert bad["status"] == "diverged"
+    assert "max_kl" in bad["error"] and "KL runaway" in bad["error"]
+    assert bad["best_val_objective"] is None
+    assert good["status"] == "completed" and good["epochs"] == 2 and good["error"] is None
+    assert result.summary() == "1 completed, 1 diverged"
+
+
+def test_local_instance_tells_its_workers_where_its_api_server_is(monkeypatch):
+    """A sweep's own Ray instance gives its workers the address of its API server: Ray Train's
+    placement-group cleaner otherwise auto-detects the cluster, which fails as soon as another Ray
+    instance runs on the host, and then trials stopped by ASHA never give back their resources."""
+    import ray
+
+    from hvae_ray.sweep import tune
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    tune._ray_init(None)
+    (kw,) = calls
+    env = kw["runtime_env"]["env_vars"]
+    assert env["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{kw['dashboard_port']}"
+    assert kw["include_dashboard"] and kw["dashboard_host"] == "127.0.0.1"
+    assert env["RAY_TRAIN_V2_ENABLED"] == "1"
+
+
+# --- interrupted sweep --------------------------------------------------------------------------
+
+RESUME_T = 30
+
+
+def _wait_for(cond, timeout: float, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"driver exited ({proc.returncode}) before {what}:\n"
+                                 + proc.stdout.read()[-3000:])
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _session_processes(sid: int) -> list[tuple[int, str]]:
+    """(pid, command) of the live processes of session ``sid`` (the driver and the Ray instance it
+    started; Ray's worker processes keep the session of the driver that started the instance)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid=,stat=,args="], capture_output=True, text=True).stdout
+    procs = []
+    for line in out.splitlines():
+        pid, psid, stat, args = (line.split(None, 3) + [""])[:4]
+        if int(psid) == sid and not stat.startswith("Z"):
+            procs.append((int(pid), args))
+    return procs
+
+
+def _last_checkpoint_epoch(train_dir: Path) -> int:
+    from hvae_ray.engine import load_checkpoint
+    from hvae_ray.errors import DataError
+
+    epochs = []
+    for d in train_dir.glob("checkpoint_*"):
+        try:
+            epochs.append(int(load_checkpoint(d)["epoch"]))
+        except DataError:
+            pass  # cut short by the kill
+    return max(epochs)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["ctrl-c", "killed"])
+def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp_path, sweep_file, child_env,
+                                                                  sig):
+    """Two trials one at a time: a fast one (batch 16) and a slow one (batch 1). The driver, a separate
+    `hvae-ray sweep run` process with its own Ray instance, is interrupted (Ctrl+C, or killed) once the
+    fast trial finished and the slow one has checkpointed its first epoch. Resuming on this session's
+    Ray keeps the finished trial as it was and continues the slow one from its last checkpoint."""
+    path = sweep_file(tmp_path / "resume.yaml", search_space={"batch_size": {"grid": [16, 1]}},
+                      scheduler={"max_t": RESUME_T, "grace_period": RESUME_T}, max_concurrent_trials=1)
+    storage = tmp_path / "runs"
+    exp = storage / "resume"
+    proc = subprocess.Popen([sys.executable, "-m", "hvae_ray.cli", "sweep", "run", str(path),
+                             "--storage", str(storage), "--name", "resume"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env,
+                            start_new_session=True)
+
+    def trial_of(batch):
+        for d in exp.glob("trial_*"):
+            p = d / "params.json"
+            if p.is_file() and json.loads(p.read_text() or "{}").get("batch_size") == batch:
+                return d
+        return None
+
+    def fast_done():
+        d = trial_of(16)
+        return d is not None and any(r.get("epochs_done") == RESUME_T for r in _rows(d / "result.json"))
+
+    def slow_started():
+        d = trial_of(1)
+        return d is not None and len(_rows(d / "result.json")) >= 1
+
+    try:
+        _wait_for(fast_done, 240, proc, "the fast trial finished")
+        _wait_for(slow_started, 120, proc, "the slow trial reported an epoch")
+        proc.send_signal(sig)
+        try:
+            out, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, _ = proc.communicate()
+            raise AssertionError("driver did not stop after the signal:\n" + out[-3000:]) from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    # A killed driver's Ray instance notices and shuts down within seconds, its trial possibly a few
+    # epochs further (checkpointed, not in the driver's results). Wait until nothing of it can still
+    # write into the experiment (its dashboard/runtime-env agents linger a minute; they are ended below).
+    deadline = time.monotonic() + 60
+    while any(not a.startswith(("ray::DashboardAgent", "ray::RuntimeEnvAgent"))
+              for _, a in _session_processes(proc.pid)):
+        assert time.monotonic() < deadline, _session_processes(proc.pid)
+        time.sleep(0.2)
+    for pid, _ in _session_processes(proc.pid):
+        os.kill(pid, signal.SIGKILL)
+
+    fast, slow = trial_of(16), trial_of(1)
+    fast_id, slow_id = fast.name.removeprefix("trial_"), slow.name.removeprefix("trial_")
+    fast_before = (fast / "result.json").read_text()
+    slow_before = _rows(slow / "result.json")
+    assert slow_before and max(r["epochs_done"] for r in slow_before) < RESUME_T, out[-3000:]
+    before = {r["trial_id"]: r for r in hvae_ray.load_trials(exp).to_pylist()}
+    assert before[fast_id]["status"] == "completed"
+    assert before[slow_id]["status"] != "completed"
+    driver_node = slow_before[0]["node_id"]
+    assert driver_node != ray_node_id(), "the driver process attached to the session's Ray instance"
+    last_before = max(int(r["epoch"]) for r in slow_before)
+    last_checkpoint = _last_checkpoint_epoch(exp / "_train" / slow_id)
+    assert last_before <= last_checkpoint < RESUME_T - 1
+
+    result = hvae_ray.resume_sweep(exp)
+    assert not result.results.errors
+    table = {r["trial_id"]: r for r in hvae_ray.load_trials(exp).to_pylist()}
+    assert {k: r["status"] for k, r in table.items()} == {fast_id: "completed", slow_id: "completed"}
+    # the finished trial was not run again: its results are exactly as before
+    assert (fast / "result.json").read_text() == fast_before
+    assert table[fast_id]["epochs"] == RESUME_T
+    assert Path(table[fast_id]["best_checkpoint"]).is_dir()
+    # the unfinished one continued from its last checkpoint (Ray Train restores the run from
+    # _train/<trial_id>), on this session's Ray node: the engine's epochs pick up where it was.
+    # (Tune restarts the trial's result log, so only the rows after resume may remain there.)
+    new = [r for r in _rows(slow / "result.json") if r.get("node_id") == ray_node_id()]
+    assert new, "the unfinished trial did not run after resume"
+    assert max(last_before, last_checkpoint - 1) + 1 <= int(new[0]["epoch"]) <= last_checkpoint + 1
+    assert [int(r["epoch"]) for r in new] == list(range(int(new[0]["epoch"]), RESUME_T))
+    assert table[slow_id]["epochs"] == RESUME_T

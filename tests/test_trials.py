@@ -1,0 +1,246 @@
+"""Trial tables from a hand-made experiment directory (no Ray): statuses, best/last metrics, sorting,
+top-k, exports and the terminal table."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from hvae_ray import trials
+from hvae_ray.cli import main as cli_main
+from hvae_ray.config import from_dict
+from hvae_ray.errors import ConfigError, DataError
+from hvae_ray.sweep.spec import from_raw
+from hvae_ray.sweep.tune import SWEEP_FILE, _prepare
+
+MAX_T = 3
+RAW = {
+    "name": "fake",
+    "config": {"epochs": MAX_T, "model.hidden_dim": 16, "model.latent_dim": 4, "batch_size": 16},
+    "search_space": {"kl_max_weight": {"loguniform": [1.0e-5, 1.0e-2]},
+                     "batch_size": {"choice": [8, 16]}},
+    "scheduler": {"metric": "val_objective", "mode": "min", "max_t": MAX_T, "grace_period": 1},
+    "data": {"n_jets": 60},
+}
+
+
+def _state(exp: Path, raw: dict) -> dict:
+    """hvae_sweep.json as run_sweep writes it (same preparation, same keys)."""
+    spec = from_raw(raw, "fake.yaml")
+    raw = {**raw, "config": spec.base.to_dict()}
+    return _prepare(spec, raw, exp.name, str(exp.parent))
+
+
+def _row(epoch: int, objective: float, ckpt: Path | None = None, **extra) -> dict:
+    row = {"epoch": float(epoch), "epochs_done": epoch + 1, "diverged": 0.0, "val_objective": objective,
+           "val_recon": objective - 0.01, "val_kl": 0.5 + epoch, "val_w1m": 0.1 - 0.01 * epoch,
+           "val_total": objective / 2, "train_total": objective / 2 + 0.1, "train_kl": 0.4 + epoch,
+           "time_total_s": 10.0 + epoch, "training_iteration": epoch + 1, "node_id": "node-a"}
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        row["checkpoint_path"] = str(ckpt)
+    row.update(extra)
+    return row
+
+
+def _trial(exp: Path, trial_id: str, params: dict, rows: list[dict] | None, tail: str = "") -> Path:
+    d = exp / f"trial_{trial_id}"
+    d.mkdir(parents=True)
+    (d / "params.json").write_text(json.dumps(params))
+    if rows is not None:
+        (d / "result.json").write_text("".join(json.dumps(r) + "\n" for r in rows) + tail)
+    return d
+
+
+@pytest.fixture
+def exp(tmp_path) -> Path:
+    exp = tmp_path / "runs" / "fake"
+    exp.mkdir(parents=True)
+    (exp / SWEEP_FILE).write_text(json.dumps(_state(exp, RAW), indent=2, default=str))
+    ck = exp / "_train"
+    # completed: best at epoch 1, its checkpoint kept
+    _trial(exp, "t_done", {"kl_max_weight": 1e-4, "batch_size": 16},
+           [_row(0, 4.0, ck / "t_done/c0"), _row(1, 3.0, ck / "t_done/c1"), _row(2, 3.5, ck / "t_done/c2")])
+    # stopped by ASHA after one epoch; its last line was cut short by a killed driver
+    _trial(exp, "t_stop", {"kl_max_weight": 1e-3, "batch_size": 8}, [_row(0, 5.0, ck / "t_stop/c0")],
+           tail='{"epoch": 1.0, "val_obj')
+    # KL runaway at its second validation: a normal epoch, then the terminal diverged report
+    _trial(exp, "t_div", {"kl_max_weight": 1e-2, "batch_size": 16},
+           [_row(0, 4.5, ck / "t_div/c0"),
+            {"diverged": 1.0, "val_objective": math.inf, "val_w1m": math.inf, "val_recon": math.inf,
+             "val_total": math.inf, "time_total_s": 12.0,
+             "error": "epoch 1: validation KL 2e+03 nats exceeds max_kl=1000 (KL runaway)"}])
+    # raised in its first epoch (after one report)
+    d = _trial(exp, "t_err", {"kl_max_weight": 2e-4, "batch_size": 8}, [_row(0, 4.2)])
+    (d / "error.txt").write_text("Traceback (most recent call last):\n  File ...\n"
+                                 "RuntimeError: trial ran out of GPU memory within its share\n\n")
+    # never started
+    _trial(exp, "t_wait", {"kl_max_weight": 3e-4, "batch_size": 16}, None)
+    return exp
+
+
+TUNE_STATUS = {"t_done": "TERMINATED", "t_stop": "TERMINATED", "t_div": "TERMINATED", "t_err": "ERROR",
+               "t_wait": "PENDING"}
+
+
+@pytest.fixture
+def with_tune_state(monkeypatch):
+    """The statuses Ray Tune's experiment state would hold for the fake trials."""
+    monkeypatch.setattr(trials, "_tune_statuses", lambda exp: dict(TUNE_STATUS))
+
+
+def _by_id(table) -> dict[str, dict]:
+    return {r["trial_id"]: r for r in table.to_pylist()}
+
+
+def test_statuses(exp, with_tune_state):
+    rows = _by_id(trials.load_trials(exp))
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "t_done": "completed", "t_stop": "early_stopped", "t_div": "diverged", "t_err": "error",
+        "t_wait": "pending"}
+    assert rows["t_div"]["error"].endswith("exceeds max_kl=1000 (KL runaway)")
+    assert rows["t_err"]["error"] == "RuntimeError: trial ran out of GPU memory within its share"
+    assert rows["t_done"]["error"] is None and rows["t_wait"]["error"] is None
+
+
+def test_statuses_without_tune_state(exp):
+    """No readable Tune state (e.g. a driver killed before its first save): statuses from results."""
+    rows = _by_id(trials.load_trials(exp))
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "t_done": "completed", "t_stop": "unfinished", "t_div": "diverged", "t_err": "error",
+        "t_wait": "pending"}
+
+
+def test_running_trial(exp, monkeypatch):
+    monkeypatch.setattr(trials, "_tune_statuses", lambda exp: {**TUNE_STATUS, "t_stop": "RUNNING"})
+    assert _by_id(trials.load_trials(exp))["t_stop"]["status"] == "running"
+
+
+def test_best_and_last_metrics(exp, with_tune_state):
+    table = trials.load_trials(exp)
+    rows = _by_id(table)
+    done = rows["t_done"]
+    assert (done["best_val_objective"], done["last_val_objective"]) == (3.0, 3.5)
+    assert done["best_epoch"] == 1 and done["epochs"] == MAX_T
+    assert done["best_checkpoint"] == str(exp / "_train" / "t_done" / "c1")
+    assert done["best_val_w1m"] == pytest.approx(0.08) and done["last_val_kl"] == 2.5
+    assert done["best_train_kl"] == 0.4
+    assert done["wall_time_s"] == 12.0 and done["node_id"] == "node-a"
+    assert (done["param.kl_max_weight"], done["param.batch_size"]) == (1e-4, 16)
+
+    stop = rows["t_stop"]  # the cut line is skipped
+    assert stop["epochs"] == 1 and stop["best_val_objective"] == stop["last_val_objective"] == 5.0
+
+    div = rows["t_div"]  # the diverged report's inf values are not metrics
+    assert div["best_val_objective"] == 4.5 and div["last_val_objective"] is None
+    assert div["epochs"] == 1
+
+    wait = rows["t_wait"]
+    assert wait["epochs"] == 0 and wait["best_val_objective"] is None and wait["best_checkpoint"] is None
+
+    # one row per trial; typed columns in a fixed order
+    assert table.num_rows == 5
+    assert table.column_names[:4] == ["trial_id", "status", "param.kl_max_weight", "param.batch_size"]
+    assert table.column_names[-3:] == ["error", "node_id", "trial_dir"]
+    assert str(table.schema.field("param.kl_max_weight").type) == "double"
+    assert str(table.schema.field("param.batch_size").type) == "int64"
+    assert table.schema.metadata[b"format"] == b"hvae-ray trials v1"
+
+
+def test_mode_max_ranks_on_the_largest_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(trials, "_tune_statuses", lambda exp: {})
+    exp = tmp_path / "max"
+    exp.mkdir()
+    raw = {**RAW, "scheduler": {**RAW["scheduler"], "metric": "val_w1m", "mode": "max"}}
+    (exp / SWEEP_FILE).write_text(json.dumps(_state(exp, raw), default=str))
+    _trial(exp, "a", {"kl_max_weight": 1e-4, "batch_size": 8}, [_row(0, 4.0), _row(1, 3.0), _row(2, 2.0)])
+    _trial(exp, "b", {"kl_max_weight": 1e-3, "batch_size": 8}, [_row(0, 1.0), _row(1, 1.0), _row(2, 1.0,
+                                                                                              val_w1m=0.5)])
+    rows = _by_id(trials.load_trials(exp))
+    assert rows["a"]["best_val_w1m"] == pytest.approx(0.1) and rows["a"]["best_epoch"] == 0
+    assert rows["b"]["best_val_w1m"] == 0.5 and rows["b"]["best_epoch"] == 2
+    assert rows["a"]["best_val_objective"] == 2.0  # the other metrics stay "lower is better"
+    ranked = trials.sort_trials(trials.load_trials(exp), exp)
+    assert ranked.column("trial_id").to_pylist() == ["b", "a"]
+
+
+def test_sort_and_top(exp, with_tune_state):
+    table = trials.load_trials(exp)
+    ranked = trials.sort_trials(table, exp)
+    # by best val_objective, trials without it last
+    assert ranked.column("trial_id").to_pylist()[:4] == ["t_done", "t_err", "t_div", "t_stop"]
+    assert ranked.column("trial_id").to_pylist()[4] == "t_wait"
+    by_w1m = trials.sort_trials(table, exp, "val_w1m").column("trial_id").to_pylist()
+    assert by_w1m[0] == "t_done"
+    with pytest.raises(ConfigError, match="unknown metric 'val_w1mm'"):
+        trials.sort_trials(table, exp, "val_w1mm")
+
+
+def test_cli_sort_top_and_export(exp, with_tune_state, capsys, tmp_path):
+    assert cli_main(["trials", str(exp), "--top", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[0] for ln in lines[2:]] == ["t_done", "t_err"]
+    out = tmp_path / "top.parquet"
+    assert cli_main(["trials", str(exp), "--sort", "val_w1m", "--top", "3", "--export", str(out)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote 3 trials to {out}")
+    assert pq.read_table(out).column("trial_id").to_pylist()[0] == "t_done"
+    # not over an existing file
+    assert cli_main(["trials", str(exp), "--export", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_best_config(exp, with_tune_state):
+    text = trials.best_config_yaml(trials.load_trials(exp), exp)
+    assert text.startswith("# best trial t_done of fake: best val_objective = 3 after 3 epochs\n")
+    cfg = from_dict(yaml.safe_load(text), "best")
+    assert cfg.kl_max_weight == 1e-4 and cfg.batch_size == 16
+    assert cfg.model.hidden_dim == 16 and cfg.epochs == MAX_T
+
+
+def test_best_config_needs_a_reported_metric(tmp_path):
+    exp = tmp_path / "empty"
+    exp.mkdir()
+    (exp / SWEEP_FILE).write_text(json.dumps(_state(exp, RAW), default=str))
+    _trial(exp, "w", {"kl_max_weight": 1e-4, "batch_size": 8}, None)
+    with pytest.raises(DataError, match="no trial has reported val_objective yet"):
+        trials.best_config_yaml(trials.load_trials(exp), exp)
+
+
+def test_export_round_trip_and_refusal(exp, with_tune_state, tmp_path):
+    table = trials.load_trials(exp)
+    path = trials.export(table, tmp_path / "t.parquet")
+    assert pq.read_table(path).equals(table, check_metadata=True)
+    with pytest.raises(DataError, match="already exists; not overwriting it"):
+        trials.export(table, path)
+    trials.export(table.slice(0, 2), path, overwrite=True)
+    assert pq.read_table(path).num_rows == 2
+    csv = trials.export(table, tmp_path / "out" / "t.csv")
+    assert csv.read_text().splitlines()[0].startswith('"trial_id","status"')
+    with pytest.raises(DataError):
+        trials.export(table, csv)
+    with pytest.raises(ConfigError, match="must end in .parquet or .csv"):
+        trials.export(table, tmp_path / "t.xlsx")
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_format_table_lists_every_trial(exp, with_tune_state):
+    text = trials.format_table(trials.load_trials(exp))
+    lines = text.splitlines()
+    assert lines[0].split()[:4] == ["trial_id", "status", "kl_max_weight", "batch_size"]
+    assert set(lines[1]) <= {"-", " "}
+    for trial_id in TUNE_STATUS:
+        assert any(ln.startswith(trial_id) for ln in lines[2:])
+    assert "exceeds max_kl" in text and "diverged" in text and "pending" in text
+
+
+def test_not_an_experiment_directory(tmp_path):
+    with pytest.raises(DataError, match="not an hvae-ray experiment directory"):
+        trials.load_trials(tmp_path)
+    (tmp_path / SWEEP_FILE).write_text("{not json")
+    with pytest.raises(DataError, match="unreadable sweep state"):
+        trials.load_trials(tmp_path)
