@@ -19,6 +19,7 @@ from hvae_ray.errors import ConfigError, DataError
 
 METRICS = ("val_objective", "val_recon", "val_kl", "val_w1m", "val_total", "train_total", "train_kl")
 SWEEP_FILE = "hvae_sweep.json"
+METRICS_LOG = "metrics.jsonl"
 
 
 def _sweep_state(exp: Path) -> dict[str, Any]:
@@ -31,8 +32,7 @@ def _sweep_state(exp: Path) -> dict[str, Any]:
         raise DataError(f"{f}: unreadable sweep state ({e.__class__.__name__})") from e
 
 
-def _results(trial_dir: Path) -> list[dict[str, Any]]:
-    f = trial_dir / "result.json"
+def _read_jsonl(f: Path) -> list[dict[str, Any]]:
     if not f.is_file():
         return []
     rows = []
@@ -44,6 +44,27 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue  # a line cut short by a killed driver
     return rows
+
+
+def _results(trial_dir: Path) -> list[dict[str, Any]]:
+    """Per-epoch results of a trial, oldest first.
+
+    Tune's ``result.json`` starts afresh when an unfinished trial is resumed, so the trial's own epoch
+    log (``engine/metrics.jsonl``, written by rank 0 and kept across resumes) is the history when it is
+    longer; an epoch trained twice (after a killed driver) keeps its last record. Tune's rows add the
+    checkpoint paths and the time columns where they match an epoch.
+    """
+    tune_rows = _read_jsonl(trial_dir / "result.json")
+    log_rows = _read_jsonl(trial_dir / "engine" / METRICS_LOG)
+    if len(log_rows) <= len(tune_rows):
+        return tune_rows
+    by_epoch: dict[Any, dict[str, Any]] = {}
+    for r in log_rows:
+        by_epoch[r.get("epoch")] = dict(r)
+    for r in tune_rows:
+        if r.get("epoch") in by_epoch:
+            by_epoch[r["epoch"]].update({k: v for k, v in r.items() if k not in by_epoch[r["epoch"]]})
+    return list(by_epoch.values())
 
 
 def _tune_statuses(exp: Path) -> dict[str, str]:
@@ -90,7 +111,12 @@ def load_trials(experiment_dir: str | Path) -> pa.Table:
         row["best_epoch"] = int(best_row["epoch"]) if "epoch" in best_row else None
         row["epochs"] = int(max((r.get("epochs_done", 0) for r in results), default=0))
         row["wall_time_s"] = _finite(last.get("time_total_s"))
-        row["best_checkpoint"] = best_row.get("checkpoint_path")
+        best_ckpt = best_row.get("checkpoint_path")
+        engine_best = trial_dir / "engine" / "best"
+        if (best_ckpt is None or not Path(best_ckpt).exists()) and metric == "val_objective" \
+                and engine_best.is_dir():
+            best_ckpt = str(engine_best)  # the engine keeps the best epoch by val_objective itself
+        row["best_checkpoint"] = best_ckpt
         row["node_id"] = last.get("node_id")
         error = None
         err_file = trial_dir / "error.txt"

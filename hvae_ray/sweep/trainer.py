@@ -56,6 +56,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics["diverged"] = 0.0
         metrics["node_id"] = node_id  # which Ray node trained it (trial tables, multi-node checks)
         checkpoint = None
+        if rank == 0:  # the trial's own epoch log survives a resume, unlike Tune's result.json
+            _append_log(loop["work_dir"], metrics)
         if rank == 0 and rep.checkpoint_dir is not None:
             checkpoint = ray.train.Checkpoint.from_directory(str(rep.checkpoint_dir))
         ray.train.report(metrics, checkpoint=checkpoint)
@@ -69,11 +71,26 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     except TrainingDiverged as e:
         # A diverged trial ends normally with a terminal report: the sweep carries on and the
         # trial table shows it as diverged, with the reason.
-        ray.train.report({"diverged": 1.0, "val_objective": math.inf, "val_w1m": math.inf,
-                          "val_recon": math.inf, "val_total": math.inf, "error": str(e)})
+        final = {"diverged": 1.0, "val_objective": math.inf, "val_w1m": math.inf, "val_recon": math.inf,
+                 "val_total": math.inf, "error": str(e), "node_id": node_id}
+        if rank == 0:
+            _append_log(loop["work_dir"], final)
+        ray.train.report(final)
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(f"trial ran out of GPU memory within its share (allocator cap {cap_fraction:.3f} "
                            "of the card); raise resources.trial_memory_mb or lower batch_size/hidden_dim") from e
+
+
+def _append_log(work_dir: str, metrics: dict[str, Any]) -> None:
+    import json
+    from pathlib import Path
+
+    from hvae_ray.trials import METRICS_LOG
+
+    path = Path(work_dir) / METRICS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(metrics) + "\n")
 
 
 def backend_for(resources, cuda_here: bool) -> str:

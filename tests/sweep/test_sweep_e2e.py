@@ -389,3 +389,11 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
     assert max(last_before, last_checkpoint - 1) + 1 <= int(new[0]["epoch"]) <= last_checkpoint + 1
     assert [int(r["epoch"]) for r in new] == list(range(int(new[0]["epoch"]), RESUME_T))
     assert table[slow_id]["epochs"] == RESUME_T
+    # ...but the trial table keeps the whole history from the trial's own epoch log: every epoch
+    # from 0, including those trained before the interruption, and a best checkpoint on disk.
+    from hvae_ray.trials import _results
+
+    history = _results(slow)
+    assert sorted(int(r["epoch"]) for r in history) == list(range(RESUME_T))
+    assert 0 <= table[slow_id]["best_epoch"] < RESUME_T
+    assert Path(table[slow_id]["best_checkpoint"]).is_dir()
