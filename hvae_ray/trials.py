@@ -49,22 +49,22 @@ def _read_jsonl(f: Path) -> list[dict[str, Any]]:
 def _results(trial_dir: Path) -> list[dict[str, Any]]:
     """Per-epoch results of a trial, oldest first.
 
-    Tune's ``result.json`` starts afresh when an unfinished trial is resumed, so the trial's own epoch
-    log (``engine/metrics.jsonl``, written by rank 0 and kept across resumes) is the history when it is
-    longer; an epoch trained twice (after a killed driver) keeps its last record. Tune's rows add the
-    checkpoint paths and the time columns where they match an epoch.
+    Tune's ``result.json`` starts afresh when an unfinished trial is resumed; the epochs before it come
+    from the trial's own epoch log (``engine/metrics.jsonl``, written by rank 0, kept across resumes).
     """
     tune_rows = _read_jsonl(trial_dir / "result.json")
     log_rows = _read_jsonl(trial_dir / "engine" / METRICS_LOG)
-    if len(log_rows) <= len(tune_rows):
-        return tune_rows
-    by_epoch: dict[Any, dict[str, Any]] = {}
+    first = next((r["epoch"] for r in tune_rows if isinstance(r.get("epoch"), (int, float))), None)
+    if first is None:
+        return tune_rows or log_rows
+    # Epochs before Tune's first row were lost from result.json by a resume; an epoch trained twice
+    # (after a killed driver) keeps its last record. Epochs after Tune's last row (trained while Tune
+    # was stopping the trial) are not counted, as Tune did not see them.
+    earlier: dict[Any, dict[str, Any]] = {}
     for r in log_rows:
-        by_epoch[r.get("epoch")] = dict(r)
-    for r in tune_rows:
-        if r.get("epoch") in by_epoch:
-            by_epoch[r["epoch"]].update({k: v for k, v in r.items() if k not in by_epoch[r["epoch"]]})
-    return list(by_epoch.values())
+        if isinstance(r.get("epoch"), (int, float)) and r["epoch"] < first:
+            earlier[r["epoch"]] = r
+    return [earlier[e] for e in sorted(earlier)] + tune_rows
 
 
 def _tune_statuses(exp: Path) -> dict[str, str]:
