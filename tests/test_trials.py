@@ -31,9 +31,7 @@ RAW = {
 
 def _state(exp: Path, raw: dict) -> dict:
     """hvae_sweep.json as run_sweep writes it (same preparation, same keys)."""
-    spec = from_raw(raw, "fake.yaml")
-    raw = {**raw, "config": spec.base.to_dict()}
-    return _prepare(spec, raw, exp.name, str(exp.parent))
+    return _prepare(from_raw(raw, "fake.yaml"), exp.name, str(exp.parent))
 
 
 def _row(epoch: int, objective: float, ckpt: Path | None = None, **extra) -> dict:

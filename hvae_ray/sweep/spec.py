@@ -89,6 +89,9 @@ class SweepSpec:
     seed: int = 0
     max_failures: int = 1
     description: str = ""
+    # The sweep file as validated, made self-contained: base config inlined, data path resolved. Trials,
+    # `sweep resume` and trial tables rebuild the spec from it without the user's files.
+    raw: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (stored in the experiment directory and passed to trials)."""
@@ -303,6 +306,10 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     if "name" in raw and (not isinstance(raw["name"], str) or not raw["name"].replace("-", "").replace(
             "_", "").isalnum()):
         raise ConfigError(f"{where}: 'name' must use letters, digits, '-' and '_' only, got {raw['name']!r}")
+    spec.raw = {k: v for k, v in raw.items() if k != "base_config"}
+    spec.raw["config"] = base.to_dict()
+    if data.path is not None:
+        spec.raw["data"] = {**(raw.get("data") or {}), "path": data.path}
     return spec
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hvae_ray.errors import ConfigError, HvaeError
-from hvae_ray.sweep.spec import SweepSpec, from_raw
+from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
 
 SWEEP_FILE = "hvae_sweep.json"
 
@@ -44,7 +44,7 @@ def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
     from hvae_ray.sweep.trainer import make_trainer
 
     ctx = ray.tune.get_context()
-    spec = from_raw({k: v for k, v in sweep["raw"].items()}, sweep["source"])
+    spec = from_raw(sweep["raw"], sweep["source"])
     cfg = spec.trial_config(sampled)
     trial_dir = Path(sweep["experiment_dir"]) / Path(ctx.get_trial_dir()).name
     tb_dir = trial_dir / "tensorboard"
@@ -107,7 +107,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> dict[str, Any]:
+def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
     """Resolve data and the GPU share once, on the driver, before any trial starts."""
     from hvae_ray.data.io import load_jets
     from hvae_ray.sweep.resources import GiB, trial_share
@@ -128,7 +128,7 @@ def _prepare(spec: SweepSpec, raw: dict[str, Any], name: str, storage: str) -> d
         gpu_share = res.gpu_fraction
     root = storage_root(storage)
     experiment_dir = str(root / name)
-    return {"raw": raw, "source": spec.source, "name": name, "storage": str(root),
+    return {"raw": spec.raw, "source": spec.source, "name": name, "storage": str(root),
             "experiment_dir": experiment_dir, "data_path": str(data_path),
             "gpu_share": gpu_share, "card_bytes": card_bytes, "trial_bytes": trial_bytes,
             "train_storage": f"{experiment_dir}/_train", "spec": spec.to_dict()}
@@ -171,25 +171,14 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
               storage: str | None = None, address: str | None = None) -> SweepResult:
     """Run a sweep file. ``overrides`` are dotted keys of the sweep file (``config.epochs``,
     ``num_samples``, ``scheduler.max_t``, ...). Returns the experiment directory and Tune's results."""
-    from hvae_ray.config import read_yaml
-    from hvae_ray.sweep.spec import _apply_sweep_overrides
-
-    path = Path(sweep)
-    raw = read_yaml(path, "sweep")
-    if overrides:
-        raw = _apply_sweep_overrides(raw, overrides, str(path))
-    spec = from_raw(raw, str(path), path.parent)
-    if spec.data.path is not None:  # trials read the resolved absolute path
-        raw = {**raw, "data": {**(raw.get("data") or {}), "path": spec.data.path}}
-    raw.pop("base_config", None)
-    raw["config"] = spec.base.to_dict()  # the base config inlined: trials need no file of the user's
+    spec = load_sweep(sweep, overrides)
     storage = storage or spec.storage
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = storage_root(storage) / name
     if (exp / SWEEP_FILE).exists():  # checked before any data is generated or measured
         raise ConfigError(f"{exp}: an experiment of this name exists; use 'hvae-ray sweep resume {exp}' "
                           "or another --name")
-    sweep_state = _prepare(spec, raw, name, storage)
+    sweep_state = _prepare(spec, name, storage)
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     _ray_init(address)
