@@ -405,7 +405,11 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
     # (Tune restarts the trial's result log, so only the rows after resume may remain there.)
     new = [r for r in _rows(slow / "result.json") if r.get("node_id") == ray_node_id()]
     assert new, "the unfinished trial did not run after resume"
-    assert max(last_before, last_checkpoint - 1) + 1 <= int(new[0]["epoch"]) <= last_checkpoint + 1
+    # It restarts no earlier than right after the last epoch Tune recorded. A killed driver's instance
+    # may write several checkpoints (here up to last_checkpoint) that never reach Ray Train's
+    # checkpoint snapshot; the run then restores the newest registered one, not the newest on disk.
+    first_new = int(new[0]["epoch"])
+    assert last_before + 1 <= first_new <= last_checkpoint + 1
     assert [int(r["epoch"]) for r in new] == list(range(int(new[0]["epoch"]), RESUME_T))
     assert table[slow_id]["epochs"] == RESUME_T
     # ...but the trial table keeps the whole history from the trial's own epoch log: every epoch
