@@ -48,22 +48,21 @@ def allocator_fraction(share: float, card_bytes: float, device_bytes: float | No
     return max(0.05 * share * card_bytes / device_bytes, min(1.0, cap / device_bytes))
 
 
-def measure_trial_memory(steps: int = 20) -> dict[str, float] | None:
-    """Run a short training burst of the default config on the local GPU in a fresh process; return
-    {'allocated_peak', 'reserved_peak', 'process'} in bytes, or None without CUDA.
+def measure_trial_memory(steps: int = 20, cfg=None, use_cache: bool = True) -> dict[str, float] | None:
+    """Run a short training burst of ``cfg`` (default: the default config) on the local GPU in a fresh
+    process; return {'allocated_peak', 'reserved_peak', 'process'} in bytes, or None without CUDA.
 
     'process' is the growth of the device's used memory (NVML) over the run, i.e. what nvidia-smi
     shows for the process, context and cache included. Meaningful on an otherwise idle card.
+    The figure is kept in the cache directory per host, visible GPUs, torch version and the config
+    keys that set the footprint, so a second sweep of the same shape starts without the ~20 s burst.
     """
     import json
     import subprocess
     import sys
 
-    code = (
-        "import json,torch\n"
-        "from hvae_ray.sweep.resources import _burst\n"
-        f"print('RESULT', json.dumps(_burst({steps})))\n"
-    )
+    from hvae_ray.config import Config
+
     try:
         import torch
 
@@ -71,60 +70,107 @@ def measure_trial_memory(steps: int = 20) -> dict[str, float] | None:
             return None
     except ImportError:
         return None
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    cfg = cfg or Config()
+    key = _memory_key(cfg, steps, torch.__version__)
+    cache = _memory_cache_file()
+    if use_cache:
+        hit = _read_json(cache).get(key)
+        if isinstance(hit, dict) and all(isinstance(hit.get(k), (int, float)) for k in
+                                         ("allocated_peak", "reserved_peak", "process")):
+            return {**hit, "cached": True}
+    code = (
+        "import json,sys\n"
+        "from hvae_ray.config import from_dict\n"
+        "from hvae_ray.sweep.resources import _burst\n"
+        f"cfg = from_dict(json.loads(sys.argv[1]), 'trial memory config')\n"
+        f"print('RESULT', json.dumps(_burst({steps}, cfg)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict())], capture_output=True,
+                         text=True, timeout=600)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            return json.loads(line[7:])
+            result = json.loads(line[7:])
+            if use_cache and math.isfinite(result.get("process", math.nan)):
+                _write_cache(cache, key, result)
+            return result
     return None
 
 
+def _memory_key(cfg, steps: int, torch_version: str) -> str:
+    import hashlib
+    import json
+    import os
+    import socket
+
+    shape = {"model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn,
+             "mixed_precision": cfg.mixed_precision, "steps": steps, "torch": torch_version,
+             "host": socket.gethostname(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
+    return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _memory_cache_file():
+    from hvae_ray.data.generate import cache_dir
+
+    return cache_dir() / "trial-memory.json"
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_cache(path, key: str, result: dict) -> None:
+    """Atomic update (a rename), so concurrent sweeps never read half a file."""
+    import json
+    import os
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = _read_json(path)
+        data[key] = result
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only cache only costs the next sweep another measurement
+
+
 def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
-    """Train ``steps`` batches of synthetic 30-particle jets (the worst case: all slots full), then
-    sample 1500 jets as validation's W1m does."""
+    """What a trial does on the GPU, briefly, through the engine's own code: ``steps`` training batches
+    of synthetic 30-particle jets (the worst case: all slots full), a validation pass (its batches of
+    ``max(64, batch_size)`` jets peak above training's), and 1500 jets sampled as validation's W1m does."""
     import numpy as np
     import torch
     from torch_geometric.loader import DataLoader
 
+    from hvae_ray import engine
     from hvae_ray.config import Config
     from hvae_ray.data.graphs import FeatureNormaliser, build_graphs, raw_features
     from hvae_ray.data.jets import from_padded
-    from hvae_ray.model.hypervae import HyperVAE, dense_targets
-    from hvae_ray.model.losses import kl_divergence, reconstruction_terms, total_loss
 
     cfg = cfg or Config()
     dev = torch.device("cuda")
     used0 = _device_used(dev)
     rng = np.random.default_rng(0)
+    n_jets = max(n_jets, steps * cfg.batch_size)
     p = np.zeros((n_jets, 30, 3), np.float32)
     p[..., :2] = rng.normal(0, 0.2, (n_jets, 30, 2))
     pt = rng.exponential(1, (n_jets, 30))
     p[..., 2] = pt / pt.sum(1, keepdims=True)
-    sample = from_padded(p)
-    raw = raw_features(sample, cfg.data.knn)
-    graphs = build_graphs(raw, FeatureNormaliser.fit(raw))
-    model = HyperVAE(cfg.model).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate)
-    amp = cfg.mixed_precision
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    loader = DataLoader(graphs, batch_size=cfg.batch_size, shuffle=True)
-    done = 0
-    while done < steps:
-        for batch in loader:
-            batch = batch.to(dev)
-            with torch.autocast("cuda", dtype=dtype, enabled=amp):
-                out = model(batch)
-                terms = reconstruction_terms(out.decoded, dense_targets(batch))
-                loss = total_loss(terms, kl_divergence(out.mu, out.logvar), 1e-4, cfg)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            done += 1
-            if done >= steps:
-                break
-    # Validation samples jets from the prior every epoch (W1m); include it in the peak.
-    from hvae_ray.engine import generate
-
-    generate(model, FeatureNormaliser.fit(raw), 1500, device=dev)
+    raw = raw_features(from_padded(p), cfg.data.knn)
+    normaliser = FeatureNormaliser.fit(raw)
+    graphs = build_graphs(raw, normaliser)
+    run = engine._Run(cfg, dev)
+    beta = cfg.kl_max_weight
+    engine._train_epoch(run, DataLoader(graphs[:steps * cfg.batch_size], batch_size=cfg.batch_size), beta, 0,
+                        False)
+    engine._evaluate(run, graphs, beta)
+    engine.generate(run.model, normaliser, 1500, device=dev)
     torch.cuda.synchronize()
     used1 = _device_used(dev)
     return {"allocated_peak": float(torch.cuda.max_memory_allocated(dev)),
@@ -141,13 +187,15 @@ def _device_used(dev) -> float | None:
         return None
 
 
-def trial_share(gpu_memory_gb: float, trial_memory_mb: float | str, headroom: float) -> tuple[float, float]:
+def trial_share(gpu_memory_gb: float, trial_memory_mb: float | str, headroom: float,
+                cfg=None) -> tuple[float, float]:
     """(GPU share per trial, trial bytes used) for a card of ``gpu_memory_gb``.
 
-    ``trial_memory_mb`` = "auto": measured on a local GPU when there is one, else the default estimate.
+    ``trial_memory_mb`` = "auto": ``cfg`` (the sweep's largest trial) measured on a local GPU when there
+    is one, else the default estimate.
     """
     if trial_memory_mb == "auto":
-        measured = measure_trial_memory()
+        measured = measure_trial_memory(cfg=cfg)
         if measured and math.isfinite(measured["process"]) and measured["process"] > 0:
             trial = measured["process"]
         elif measured:

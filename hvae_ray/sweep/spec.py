@@ -19,7 +19,7 @@ from hvae_ray.errors import ConfigError
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total")
 TOP_KEYS = {"name", "description", "base_config", "config", "search_space", "scheduler", "num_samples",
-            "max_concurrent_trials", "resources", "data", "storage", "seed", "max_failures"}
+            "max_concurrent_trials", "standby_trials", "resources", "data", "storage", "seed", "max_failures"}
 
 
 @dataclass
@@ -83,6 +83,9 @@ class SweepSpec:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     num_samples: int = 1
     max_concurrent_trials: int = 0
+    # Trials launched ahead of a free CPU/GPU share ("auto": max_concurrent_trials when trials use GPU
+    # shares, else 0); see :meth:`tune_concurrency`.
+    standby_trials: int | str = "auto"
     resources: ResourceSpec = field(default_factory=ResourceSpec)
     data: DataSpec = field(default_factory=DataSpec)
     storage: str = "runs/sweeps"
@@ -101,10 +104,44 @@ class SweepSpec:
             "name": self.name, "source": self.source, "description": self.description,
             "config": self.base.to_dict(), "search_space": self.search_space,
             "scheduler": dataclasses.asdict(self.scheduler), "num_samples": self.num_samples,
-            "max_concurrent_trials": self.max_concurrent_trials,
+            "max_concurrent_trials": self.max_concurrent_trials, "standby_trials": self.standby_trials,
             "resources": dataclasses.asdict(self.resources), "data": dataclasses.asdict(self.data),
             "storage": self.storage, "seed": self.seed, "max_failures": self.max_failures,
         }
+
+    def largest_trial_config(self) -> Config:
+        """The base config with every searched key that sets a trial's GPU footprint (batch size, model
+        width/depth, neighbours per hyperedge) at its largest allowed value: what GPU shares are sized for."""
+        big = {}
+        for key, dist in self.search_space.items():
+            if key in ("batch_size", "data.knn") or key.startswith("model."):
+                values = [v for v in _corners(dist) if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                if values:
+                    big[key] = max(values)
+        return self.base.with_overrides(big) if big else self.base
+
+    def standby(self) -> int:
+        """Standby trials: resolved from "auto" (only sweeps on GPU shares have them by default: on CPUs,
+        a standby trial's start-up competes with training for the same cores)."""
+        if self.standby_trials != "auto":
+            return int(self.standby_trials)
+        uses_gpu = bool(self.resources.gpu_fraction) or self.resources.gpu_memory_gb is not None
+        return self.max_concurrent_trials if uses_gpu else 0
+
+    def tune_concurrency(self) -> int | None:
+        """Trials Ray Tune runs at once: ``max_concurrent_trials`` plus the standby trials (None: no limit).
+
+        A trial's start-up is a chain of three fresh processes (Tune's trial driver, Ray Train's
+        controller, then the training worker), each importing torch; on a GPU host it took ~40 s,
+        longer than a short ASHA rung trains. A standby trial goes through the driver and controller
+        while others train, then waits for a share (its worker group's placement group) and takes it
+        the moment a trial ends, so a freed share pays only the worker's own start. Where the cluster
+        holds more trials than ``max_concurrent_trials``, standby trials train too: ``standby_trials: 0``
+        makes ``max_concurrent_trials`` a hard cap.
+        """
+        if not self.max_concurrent_trials:
+            return None
+        return self.max_concurrent_trials + self.standby()
 
     def tune_search_space(self) -> dict[str, Any]:
         """{dotted key: ray.tune domain}."""
@@ -299,6 +336,11 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
             if not isinstance(v, typ) or isinstance(v, bool) or v < low:
                 raise ConfigError(f"{where}: '{key}' must be an integer >= {low}, got {v!r}")
             setattr(spec, key, v)
+    if "standby_trials" in raw:
+        v = raw["standby_trials"]
+        if v != "auto" and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
+            raise ConfigError(f"{where}: 'standby_trials' must be an integer >= 0 or auto, got {v!r}")
+        spec.standby_trials = v
     if "storage" in raw:
         if not isinstance(raw["storage"], str) or not raw["storage"]:
             raise ConfigError(f"{where}: 'storage' must be a directory path or URI")

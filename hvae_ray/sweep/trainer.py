@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from typing import Any
 
 from hvae_ray.sweep.resources import allocator_fraction
@@ -12,7 +13,11 @@ from hvae_ray.sweep.resources import allocator_fraction
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),
 # which delays every report by up to that long: with epochs of a few seconds that is the largest
 # overhead of the whole stack. 0.05 s keeps a report at ~0.05 s.
-TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_V2_ENABLED": "1"}
+# A standby trial's controller waits for its worker group's placement group (a free share) for up to
+# RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (default 60 s), then gives the group up and asks again; a
+# longer wait keeps a standby trial queued instead of cycling placement groups every minute.
+TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_V2_ENABLED": "1",
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
@@ -24,6 +29,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     """
     import contextlib
 
+    import psutil
     import ray
     import ray.train
     import torch
@@ -33,6 +39,9 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hvae_ray.engine import fit
     from hvae_ray.errors import TrainingDiverged
 
+    # When this worker process was launched: with `reported_at`, start-up on the critical path (a
+    # standby trial's wait for a share excluded) = first reported_at - worker_started_at - epoch_time_s.
+    started_at = psutil.Process().create_time()
     cfg = from_dict(loop["config"], "trial config")
     node_id = ray.get_runtime_context().get_node_id()
     rank = ray.train.get_context().get_world_rank()
@@ -55,6 +64,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics["epochs_done"] = rep.epoch + 1  # ASHA's time attribute
         metrics["diverged"] = 0.0
         metrics["node_id"] = node_id  # which Ray node trained it (trial tables, multi-node checks)
+        metrics["worker_started_at"] = started_at
+        metrics["reported_at"] = time.time()
         checkpoint = None
         if rank == 0:  # the trial's own epoch log survives a resume, unlike Tune's result.json
             _append_log(loop["work_dir"], metrics)

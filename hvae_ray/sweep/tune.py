@@ -122,7 +122,8 @@ def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
         data_path = default_sample(spec.data.flavor, spec.data.n_jets, spec.data.seed)
     gpu_share, card_bytes, trial_bytes = 0.0, None, None
     if res.gpu_memory_gb is not None:
-        gpu_share, trial_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom)
+        gpu_share, trial_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom,
+                                             spec.largest_trial_config())
         card_bytes = res.gpu_memory_gb * GiB
     elif res.gpu_fraction:
         gpu_share = res.gpu_fraction
@@ -146,7 +147,7 @@ def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
         param_space=spec.tune_search_space(),
         tune_config=ray.tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=asha,
                                         num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.max_concurrent_trials or None,
+                                        max_concurrent_trials=spec.tune_concurrency(),
                                         trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),

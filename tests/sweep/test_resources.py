@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import json
 import math
 
 import pytest
@@ -88,7 +89,7 @@ def test_trial_share_with_a_given_trial_size():
 
 
 def test_trial_share_auto_without_cuda_uses_the_default_estimate(monkeypatch):
-    monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20: None)
+    monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20, cfg=None: None)
     share, trial = trial_share(4, "auto", 1.25)
     assert trial == DEFAULT_TRIAL_MEMORY
     assert share == gpu_fraction(4 * GiB, DEFAULT_TRIAL_MEMORY, 1.25)
@@ -96,7 +97,7 @@ def test_trial_share_auto_without_cuda_uses_the_default_estimate(monkeypatch):
 
 def test_trial_share_auto_uses_the_measured_process_memory(monkeypatch):
     measured = {"allocated_peak": 100 * MiB, "reserved_peak": 200 * MiB, "process": 700 * MiB}
-    monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20: measured)
+    monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20, cfg=None: measured)
     assert trial_share(8, "auto", 1.0) == (1 / 11, 700 * MiB)
     # without a whole-process figure (no NVML): the allocator's peak plus a CUDA context
     measured["process"] = math.nan
@@ -111,6 +112,34 @@ def test_measure_trial_memory_without_cuda_is_none():
     if torch.cuda.is_available():
         pytest.skip("this host has CUDA")
     assert resources.measure_trial_memory() is None
+
+
+def test_measured_trial_memory_is_cached_per_config(monkeypatch, tmp_path):
+    """A second sweep of the same shape reuses the measurement; another model size measures again."""
+    import subprocess
+
+    import torch
+
+    from hvae_ray.config import Config
+
+    monkeypatch.setenv("HVAE_RAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+
+    def fake_run(cmd, **kw):  # the measuring subprocess, as a GPU host would answer it
+        calls.append(cmd)
+        hidden = json.loads(cmd[-1])["model"]["hidden_dim"]
+        return subprocess.CompletedProcess(cmd, 0, stdout="RESULT " + json.dumps(
+            {"allocated_peak": 1.0 * hidden, "reserved_peak": 2.0 * hidden, "process": 10.0 * hidden}), stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    first = resources.measure_trial_memory(cfg=Config())
+    again = resources.measure_trial_memory(cfg=Config())
+    assert len(calls) == 1 and again == {**first, "cached": True}
+    wider = resources.measure_trial_memory(cfg=Config().with_overrides({"model.hidden_dim": 128}))
+    assert len(calls) == 2 and wider["process"] == 1280.0 != first["process"]
+    assert resources.measure_trial_memory(cfg=Config(), use_cache=False) == first and len(calls) == 3
+    assert len(json.loads((tmp_path / "trial-memory.json").read_text())) == 2
 
 
 @pytest.mark.parametrize(("res", "cuda_here", "backend"), [

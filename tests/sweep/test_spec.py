@@ -61,6 +61,30 @@ def test_sweep_overrides_apply_to_the_sweep_file():
         load_sweep(REPO / "sweeps" / "quickstart.yaml", {"num_sample": 2})
 
 
+def test_standby_trials_queue_ahead_of_gpu_shares_only():
+    """auto: as many standby trials as concurrent ones on GPU shares, none on CPUs; Tune runs both."""
+    qs = REPO / "sweeps" / "quickstart.yaml"
+    cpu = load_sweep(qs)
+    assert cpu.standby() == 0 and cpu.tune_concurrency() == cpu.max_concurrent_trials == 4
+    gpu = load_sweep(qs, {"resources.gpu_fraction": None, "resources.gpu_memory_gb": 4})
+    assert gpu.standby() == 4 and gpu.tune_concurrency() == 8
+    assert load_sweep(qs, {"resources.gpu_fraction": 0.25, "standby_trials": 0}).tune_concurrency() == 4
+    assert load_sweep(qs, {"standby_trials": 2}).tune_concurrency() == 6
+    assert load_sweep(qs, {"max_concurrent_trials": 0, "standby_trials": 2}).tune_concurrency() is None
+
+
+def test_gpu_shares_are_sized_for_the_largest_searched_model():
+    spec = load_sweep(REPO / "sweeps" / "quickstart.yaml",
+                      {"search_space": {"model.hidden_dim": {"choice": [16, 64, 32]},
+                                        "batch_size": {"randint": [4, 17]},
+                                        "kl_max_weight": {"loguniform": [1.0e-4, 1.0e-2]}}})
+    big = spec.largest_trial_config()
+    assert big.model.hidden_dim == 64 and big.batch_size == 16
+    assert big.kl_max_weight == spec.base.kl_max_weight  # not a memory key: left at the base value
+    assert load_sweep(REPO / "sweeps" / "kl_caps.yaml").largest_trial_config() == \
+        load_sweep(REPO / "sweeps" / "kl_caps.yaml").base
+
+
 GOOD = {
     "name": "bad",
     "config": {"epochs": 3, "model.hidden_dim": 16},
@@ -127,6 +151,8 @@ BAD = {
         _with(scheduler__grace=1), "unknown key 'scheduler.grace'"),
     "num_samples not a positive integer": (
         _with(num_samples=0), "'num_samples' must be an integer >= 1"),
+    "standby_trials neither a count nor auto": (
+        _with(standby_trials="many"), "'standby_trials' must be an integer >= 0 or auto"),
 }
 
 

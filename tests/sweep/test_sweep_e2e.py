@@ -261,6 +261,27 @@ def test_two_workers_train_data_parallel(ray_local, tmp_path, sweep_file):
     assert [json.loads(line)["epoch"] for line in logs.read_text().splitlines()] == [0, 1]
 
 
+def test_a_standby_trial_starts_while_the_share_is_busy_and_trains_after(ray_local, tmp_path, sweep_file):
+    """One GPU share for one trial at a time, one standby trial: the second trial is launched while the
+    first trains (its driver and Train controller start up then), but its worker trains only once the
+    first trial has given the share back."""
+    path = sweep_file(tmp_path / "standby.yaml", search_space={"learning_rate": {"grid": [3.0e-3, 1.0e-3]}},
+                      scheduler={"max_t": 2, "grace_period": 2}, max_concurrent_trials=1, standby_trials=1,
+                      resources={"num_workers": 1, "cpus_per_worker": 0.5, "gpu_fraction": 1.0})
+    result = hvae_ray.run_sweep(path, storage=str(tmp_path / "runs"), name="standby")
+    assert not result.results.errors
+    runs = []
+    for row in hvae_ray.load_trials(result.experiment_dir).to_pylist():
+        assert row["status"] == "completed" and row["epochs"] == 2
+        rows = [r for r in _rows(Path(row["trial_dir"]) / "result.json") if "reported_at" in r]
+        # Tune's trial start: the first report less the trial's time until then
+        runs.append({"launched": rows[0]["reported_at"] - rows[0]["time_total_s"],
+                     "worker": rows[0]["worker_started_at"], "last": rows[-1]["reported_at"]})
+    first, second = sorted(runs, key=lambda r: r["worker"])
+    assert second["launched"] < first["last"], "the second trial was not launched until the first had finished"
+    assert second["worker"] > first["last"], "two trials trained at once on a share that holds one"
+
+
 def test_local_instance_tells_its_workers_where_its_api_server_is(monkeypatch):
     """A sweep's own Ray instance gives its workers the address of its API server: Ray Train's
     placement-group cleaner otherwise auto-detects the cluster, which fails as soon as another Ray
