@@ -149,9 +149,11 @@ def memory_child(a) -> dict:
     cfg = Config().with_overrides({"epochs": a.memory_epochs})
     sample = load_subset(a.data, a.memory_jets)
     stamps: list[tuple[float, float]] = []
+    threads: list[int] = []
 
     def cb(rep):
         stamps.append((rep.metrics["epoch_time_s"], time.perf_counter()))
+        threads.append(torch.get_num_threads())
 
     with tempfile.TemporaryDirectory() as tmp:
         fit(cfg, sample, save_dir=Path(tmp) / "run", log_dir=Path(tmp) / "tb", progress=False, device="cuda",
@@ -161,7 +163,7 @@ def memory_child(a) -> dict:
            "batch_size": cfg.batch_size, "accumulation": cfg.gradient_accumulation_steps,
            "peak_allocated_mib": torch.cuda.max_memory_allocated() / MiB,
            "peak_reserved_mib": torch.cuda.max_memory_reserved() / MiB,
-           "epoch_time_s": [s[0] for s in stamps],
+           "epoch_time_s": [s[0] for s in stamps], "threads_in_training": threads[-1] if threads else None,
            "interval_s": [stamps[0][1] - t_start] + [b[1] - x[1] for x, b in zip(stamps, stamps[1:])]}
     res["process_mib_now"] = nvidia_smi_apps().get(os.getpid())
     measured = measure_trial_memory(cfg=cfg, use_cache=False)  # what the runner sizes shares with
@@ -198,7 +200,8 @@ def step_memory(a, out: dict, gpu) -> None:
     r["fits_quarter_share"] = bool(r["process_peak_mib"] and r["process_peak_mib"] <= share_mib)
     m = r.get("runner_measured")
     if m and m.get("process"):
-        r["runner_share"] = gpu_fraction(a.card_gb * GiB, m["process"] * MiB, 1.15)
+        context = min(m["process"], m["process"] - m["reserved_peak"])
+        r["runner_share"] = gpu_fraction(a.card_gb * GiB, m["process"] * MiB, 1.15, context * MiB)
     r["assumed_context_mib"] = CUDA_CONTEXT / MiB
     out["memory"] = r
 
@@ -364,6 +367,16 @@ def trial_timing(exp: Path) -> dict:
             "report_gap_median_s": median(gaps), "epoch_time_median_s": median(epoch_times)}
 
 
+def kl_slope(kl: list[float]) -> float | None:
+    """Least-squares slope of the validation KL (nats per epoch); near 0 = levelled off."""
+    import numpy as np
+
+    kl = [k for k in kl if k is not None and math.isfinite(k)]
+    if len(kl) < 3:
+        return None
+    return float(np.polyfit(np.arange(len(kl)), kl, 1)[0])
+
+
 def summarise_sweep(name: str, info: dict, gpu) -> dict:
     from hvae_ray.trials import _read_jsonl, load_trials
 
@@ -374,6 +387,9 @@ def summarise_sweep(name: str, info: dict, gpu) -> dict:
     keep = ["trial_id", "status", *params, "best_val_objective", "last_val_kl", "epochs", "wall_time_s",
             "error", "best_checkpoint", "trial_dir"]
     rows = [{k: t.get(k) for k in keep} for t in table]
+    for row in rows:
+        log = [r for r in _read_jsonl(Path(row["trial_dir"]) / "engine" / "metrics.jsonl") if "val_kl" in r]
+        row["kl_slope_last10"] = kl_slope([r["val_kl"] for r in log][-10:])
     counts: dict[str, int] = {}
     for t in table:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
@@ -491,8 +507,9 @@ def markdown(res: dict) -> str:
               f"| one trial's share: 1/4 of a {res['args']['card_gb']:g} GB card | {f(m['share_mib'])} |", "",
               f"{m['jets']} jets, {m['epochs']} epochs through `engine.fit` (validation and W1m included), allocator "
               f"capped to {f(m['allocator_fraction'], 4)} of the device (the share less the assumed "
-              f"{f(m['assumed_context_mib'], 0)} MiB context). Fits the 1/4 share: **{m['fits_quarter_share']}**; "
-              f"the runner's share at `gpu_memory_gb: {res['args']['card_gb']:g}` (headroom 1.15): "
+              f"{f(m['assumed_context_mib'], 0)} MiB context), {m.get('threads_in_training')} CPU thread(s) while "
+              f"training. Fits the 1/4 share: **{m['fits_quarter_share']}**; the runner's share at "
+              f"`gpu_memory_gb: {res['args']['card_gb']:g}` (headroom 1.15 on the allocator's part): "
               f"{g(m.get('runner_share'))}.", ""]
     elif m:
         L += [f"## 1. Memory: FAILED: {m['error']}", ""]
@@ -523,11 +540,12 @@ def markdown(res: dict) -> str:
               f"{g(s['gpu_share'])} (trial memory {f(s['trial_memory_mib'], 0)} MiB). Statuses: {s['statuses']}.", ""]
         params = [c for c in (s["table"][0] if s["table"] else {}) if c.startswith("param.")]
         L += ["| trial | status | " + " | ".join(c[6:] for c in params)
-              + " | best val_objective | last val KL | epochs |",
-              "|---|---|" + "---|" * len(params) + "---|---|---|"]
+              + " | best val_objective | last val KL | KL slope, last 10 epochs | epochs |",
+              "|---|---|" + "---|" * len(params) + "---|---|---|---|"]
         for t in sorted(s["table"], key=lambda t: (t["best_val_objective"] is None, t["best_val_objective"] or 0)):
             L.append(f"| {t['trial_id']} | {t['status']} | " + " | ".join(g(t[c]) for c in params) +
-                     f" | {g(t['best_val_objective'], 4)} | {g(t['last_val_kl'])} | {t['epochs']} |")
+                     f" | {g(t['best_val_objective'], 4)} | {g(t['last_val_kl'])} | {g(t.get('kl_slope_last10'), 2)} "
+                     f"| {t['epochs']} |")
         b = s.get("best")
         if b:
             tail = list(zip(b["epochs"], b["val_kl"], b["train_total"]))[-8:]

@@ -327,23 +327,19 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
 
         logger = TensorBoardLogger(log_dir)
 
-    sampler = None
-    if run.world > 1:
-        sampler = torch.utils.data.DistributedSampler(splits.train_graphs, num_replicas=run.world,
-                                                      rank=run.rank, shuffle=True, seed=cfg.seed)
     val_sub = sample.subset(splits.val)
     metrics: dict[str, Any] = {}
     epoch = run.start_epoch - 1
+    threads = torch.get_num_threads()
+    if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
+        # Small batches on a GPU are launch-bound: CPU thread pools over tiny tensors only add overhead
+        # (an epoch of the default config on an H100: 4.97 s with 16 threads, 3.50 s with one).
+        torch.set_num_threads(1)
     try:
         for epoch in range(run.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             beta = kl_weight(epoch, cfg)
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-            loader = DataLoader(splits.train_graphs, batch_size=cfg.batch_size, shuffle=sampler is None,
-                                sampler=sampler, generator=gen if sampler is None else None,
-                                num_workers=cfg.num_workers, drop_last=False)
+            loader = train_loader(splits.train_graphs, cfg, epoch)
             train = _train_epoch(run, loader, beta, epoch, progress and is_main)
             metrics = {"epoch": epoch, "kl_weight": beta, "lr": run.opt.param_groups[0]["lr"], **train,
                        **_evaluate(run, splits.val_graphs, beta)}
@@ -373,6 +369,7 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         if logger is not None and metrics:
             _log_distributions(logger, run, normaliser, val_sub, epoch)
     finally:
+        torch.set_num_threads(threads)
         if logger is not None:
             logger.close()
     return {
@@ -383,6 +380,23 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         "save_dir": str(save_dir) if save_dir else None,
         "log_dir": str(log_dir) if log_dir else None,
     }
+
+
+def train_loader(graphs: Sequence[JetHypergraph], cfg: Config, epoch: int) -> DataLoader:
+    """The training loader of ``epoch``: in one process, all of ``graphs`` shuffled by a generator seeded
+    from ``cfg.seed`` and the epoch; under a process group, this rank's DistributedSampler shard (every
+    rank shuffles with the same seed and epoch and takes every ``world``-th graph, so the shards are
+    disjoint; when ``world`` does not divide the graphs, the sampler pads the shards to equal length by
+    repeating the first graphs of the shuffled order)."""
+    rank, world = _rank_world()
+    sampler = None
+    if world > 1:
+        sampler = torch.utils.data.DistributedSampler(graphs, num_replicas=world, rank=rank, shuffle=True,
+                                                      seed=cfg.seed)
+        sampler.set_epoch(epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+    return DataLoader(graphs, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                      generator=gen if sampler is None else None, num_workers=cfg.num_workers, drop_last=False)
 
 
 def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progress: bool) -> dict[str, float]:

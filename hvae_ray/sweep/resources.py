@@ -2,8 +2,10 @@
 
 A trial's footprint on the card is the whole process, not only what torch allocates: the CUDA context
 (kernels, cuBLAS/cuDNN handles; a few hundred MiB) and the allocator's cache come on top of the
-tensors. ``trial_memory_bytes`` is that whole-process figure; a share is the largest 1/k of the card
-that holds it with headroom, so k trials run side by side.
+tensors. A trial's need is its CUDA context (fixed, a per-process cost) plus its allocator's peak times a
+headroom (that part varies with what a batch holds); a share is the largest 1/k of the card that
+holds the need, so k trials run side by side, and each trial caps its allocator to its share less its
+context.
 """
 
 from __future__ import annotations
@@ -20,20 +22,25 @@ DEFAULT_TRIAL_MEMORY = 900 * MiB
 CUDA_CONTEXT = 760 * MiB
 
 
-def gpu_fraction(card_bytes: float, trial_bytes: float, headroom: float = 1.15) -> float:
-    """The GPU share per trial: 1/k for the largest k with k · trial_bytes · headroom ≤ card_bytes.
+def gpu_fraction(card_bytes: float, trial_bytes: float, headroom: float = 1.15, context_bytes: float = 0.0) -> float:
+    """The GPU share per trial: 1/k for the largest k with k · need ≤ card_bytes, where a trial's need is
+    ``context_bytes + (trial_bytes - context_bytes) · headroom``: the headroom covers the allocator's
+    part of the whole-process ``trial_bytes``, not the fixed CUDA context.
 
-    >>> gpu_fraction(4 * GiB, 870 * MiB)   # default-config trial as measured on an H100: 4 fit
+    >>> gpu_fraction(4 * GiB, 870 * MiB)   # headroom on the whole process
     0.25
     >>> gpu_fraction(4 * GiB, 900 * MiB, headroom=1.25)
     0.3333333333333333
+    >>> gpu_fraction(4 * GiB, 972 * MiB, 1.15, 764 * MiB)  # default config on an H100, validation included
+    0.25
     """
     if card_bytes <= 0 or trial_bytes <= 0:
         raise ValueError("card and trial memory must be positive")
-    k = math.floor(card_bytes / (trial_bytes * headroom))
+    context = min(max(context_bytes, 0.0), trial_bytes)
+    need = context + (trial_bytes - context) * headroom
+    k = math.floor(card_bytes / need)
     if k < 1:
-        raise ValueError(f"one trial needs {trial_bytes * headroom / GiB:.2f} GiB with headroom; "
-                         f"the card has {card_bytes / GiB:.2f} GiB")
+        raise ValueError(f"one trial needs {need / GiB:.2f} GiB with headroom; the card has {card_bytes / GiB:.2f} GiB")
     return 1.0 / k
 
 
@@ -188,20 +195,25 @@ def _device_used(dev) -> float | None:
 
 
 def trial_share(gpu_memory_gb: float, trial_memory_mb: float | str, headroom: float,
-                cfg=None) -> tuple[float, float]:
-    """(GPU share per trial, trial bytes used) for a card of ``gpu_memory_gb``.
+                cfg=None) -> tuple[float, float, float]:
+    """(GPU share per trial, whole-process trial bytes, of which CUDA context) for a card of
+    ``gpu_memory_gb``.
 
     ``trial_memory_mb`` = "auto": ``cfg`` (the sweep's largest trial) measured on a local GPU when there
-    is one, else the default estimate.
+    is one (its context = the process less the allocator's reserved peak), else the default estimate;
+    a number is a whole-process size in MiB, of which :data:`CUDA_CONTEXT` is taken as context.
     """
+    context = CUDA_CONTEXT
     if trial_memory_mb == "auto":
         measured = measure_trial_memory(cfg=cfg)
-        if measured and math.isfinite(measured["process"]) and measured["process"] > 0:
+        if measured and math.isfinite(measured["process"]) and measured["process"] > measured["reserved_peak"]:
             trial = measured["process"]
+            context = measured["process"] - measured["reserved_peak"]
         elif measured:
             trial = measured["reserved_peak"] + CUDA_CONTEXT
         else:
             trial = DEFAULT_TRIAL_MEMORY
     else:
         trial = float(trial_memory_mb) * MiB
-    return gpu_fraction(gpu_memory_gb * GiB, trial, headroom), trial
+    context = min(context, trial)
+    return gpu_fraction(gpu_memory_gb * GiB, trial, headroom, context), trial, context

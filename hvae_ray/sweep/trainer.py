@@ -8,7 +8,7 @@ import os
 import time
 from typing import Any
 
-from hvae_ray.sweep.resources import allocator_fraction
+from hvae_ray.sweep.resources import CUDA_CONTEXT, allocator_fraction
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),
 # which delays every report by up to that long: with epochs of a few seconds that is the largest
@@ -25,7 +25,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     loop: {'config': Config dict, 'data_path': str, 'tb_dir': str, 'work_dir': str (the engine's
     save_dir: last/ and best/ checkpoints, inside the trial's directory), 'gpu_share': float,
-    'card_bytes': float | None (the card size the share refers to; None = this device's)}.
+    'card_bytes': float | None (the card size the share refers to; None = this device's),
+    'context_bytes': float | None (the CUDA context measured for sizing; None = the usual figure)}.
     """
     import contextlib
 
@@ -54,7 +55,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         if loop.get("gpu_share"):
             # Cap this process's allocator to its share so a neighbour's trial cannot be starved.
             total = torch.cuda.get_device_properties(device).total_memory
-            cap_fraction = allocator_fraction(loop["gpu_share"], loop.get("card_bytes") or total, total)
+            context = loop.get("context_bytes") or CUDA_CONTEXT
+            cap_fraction = allocator_fraction(loop["gpu_share"], loop.get("card_bytes") or total, total, context)
             torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
     else:
         device = torch.device("cpu")
@@ -132,7 +134,13 @@ def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str
                                       resources_per_worker=per_worker)
     run = ray.train.RunConfig(
         name=name, storage_path=storage, callbacks=[TuneReportCallback()],
-        failure_config=ray.train.FailureConfig(max_failures=1),
+        # No restart inside Ray Train: when Tune stops a trial (ASHA, max_t) it kills the trial's driver,
+        # the kill reaches the training worker a moment before the controller, and a controller allowed
+        # to retry asks for a new placement group in that moment; the controller then dies, Ray Train's
+        # cleaner never learns of that group, and its CPU/GPU share stays taken for good (a sweep on a
+        # small host stalls). A failed worker is retried by Tune instead (the sweep's max_failures): the
+        # trial's driver starts again and its TorchTrainer restores the run's last checkpoint.
+        failure_config=ray.train.FailureConfig(max_failures=0),
         checkpoint_config=ray.train.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=score[0] if score else None,
             checkpoint_score_order=score[1] if score else "max"),

@@ -50,7 +50,7 @@ def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
     tb_dir = trial_dir / "tensorboard"
     loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"], "tb_dir": str(tb_dir),
             "work_dir": str(trial_dir / "engine"), "gpu_share": sweep["gpu_share"],
-            "card_bytes": sweep["card_bytes"]}
+            "card_bytes": sweep["card_bytes"], "context_bytes": sweep.get("context_bytes")}
     _write_hparams(tb_dir, sampled)
     make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id(),
                  score=(spec.scheduler.metric, spec.scheduler.mode)).fit()
@@ -120,9 +120,9 @@ def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
         from hvae_ray.data.generate import default_sample
 
         data_path = default_sample(spec.data.flavor, spec.data.n_jets, spec.data.seed)
-    gpu_share, card_bytes, trial_bytes = 0.0, None, None
+    gpu_share, card_bytes, trial_bytes, context_bytes = 0.0, None, None, None
     if res.gpu_memory_gb is not None:
-        gpu_share, trial_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom,
+        gpu_share, trial_bytes, context_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom,
                                              spec.largest_trial_config())
         card_bytes = res.gpu_memory_gb * GiB
     elif res.gpu_fraction:
@@ -132,6 +132,7 @@ def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
     return {"raw": spec.raw, "source": spec.source, "name": name, "storage": str(root),
             "experiment_dir": experiment_dir, "data_path": str(data_path),
             "gpu_share": gpu_share, "card_bytes": card_bytes, "trial_bytes": trial_bytes,
+            "context_bytes": context_bytes,
             "train_storage": f"{experiment_dir}/_train", "spec": spec.to_dict()}
 
 

@@ -83,26 +83,40 @@ def test_allocator_cap_never_goes_to_zero_or_above_one():
 
 
 def test_trial_share_with_a_given_trial_size():
-    share, trial = trial_share(4, 800, 1.1)
-    assert share == 0.25
-    assert trial == 800 * MiB
+    # a given size is whole-process, of which the usual CUDA context is fixed: headroom on the rest
+    share, trial, context = trial_share(4, 1000, 1.1)
+    assert trial == 1000 * MiB and context == CUDA_CONTEXT
+    assert share == gpu_fraction(4 * GiB, 1000 * MiB, 1.1, CUDA_CONTEXT) == 0.25
+    assert trial_share(4, 1000, 1.6)[0] == pytest.approx(1 / 3)  # 760 + 240 · 1.6 = 1144 MiB
+
+
+def test_headroom_covers_the_allocator_not_the_context():
+    """The default config on an H100 (validation included): 972 MiB whole process, 208 MiB of it torch's
+    reserved peak. Headroom on all of it would leave room for 3 on a 4 GiB card; on the allocator's part,
+    4 fit, and each one's allocator cap (its share less its context) still exceeds its reserved peak."""
+    assert gpu_fraction(4 * GiB, 972 * MiB, 1.15) == pytest.approx(1 / 3)
+    assert gpu_fraction(4 * GiB, 972 * MiB, 1.15, 764 * MiB) == 0.25
+    cap = allocator_fraction(0.25, 4 * GiB, 80 * GiB, 764 * MiB) * 80 * GiB
+    assert cap > 208 * MiB * 1.15
 
 
 def test_trial_share_auto_without_cuda_uses_the_default_estimate(monkeypatch):
     monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20, cfg=None: None)
-    share, trial = trial_share(4, "auto", 1.25)
-    assert trial == DEFAULT_TRIAL_MEMORY
-    assert share == gpu_fraction(4 * GiB, DEFAULT_TRIAL_MEMORY, 1.25)
+    share, trial, context = trial_share(4, "auto", 1.25)
+    assert trial == DEFAULT_TRIAL_MEMORY and context == CUDA_CONTEXT
+    assert share == gpu_fraction(4 * GiB, DEFAULT_TRIAL_MEMORY, 1.25, CUDA_CONTEXT)
 
 
 def test_trial_share_auto_uses_the_measured_process_memory(monkeypatch):
     measured = {"allocated_peak": 100 * MiB, "reserved_peak": 200 * MiB, "process": 700 * MiB}
     monkeypatch.setattr(resources, "measure_trial_memory", lambda steps=20, cfg=None: measured)
-    assert trial_share(8, "auto", 1.0) == (1 / 11, 700 * MiB)
+    assert trial_share(8, "auto", 1.0) == (1 / 11, 700 * MiB, 500 * MiB)
+    share, trial, context = trial_share(8, "auto", 1.5)  # need 500 + 200 · 1.5 = 800 MiB: 10 fit
+    assert share == 0.1 and context == 500 * MiB
     # without a whole-process figure (no NVML): the allocator's peak plus a CUDA context
     measured["process"] = math.nan
-    share, trial = trial_share(8, "auto", 1.0)
-    assert trial == 200 * MiB + CUDA_CONTEXT
+    share, trial, context = trial_share(8, "auto", 1.0)
+    assert trial == 200 * MiB + CUDA_CONTEXT and context == CUDA_CONTEXT
     assert share == gpu_fraction(8 * GiB, trial, 1.0)
 
 
