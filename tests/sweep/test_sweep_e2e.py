@@ -282,6 +282,51 @@ def test_a_standby_trial_starts_while_the_share_is_busy_and_trains_after(ray_loc
     assert second["worker"] > first["last"], "two trials trained at once on a share that holds one"
 
 
+def test_a_killed_training_worker_is_retried_from_the_last_checkpoint(ray_local, tmp_path, sweep_file):
+    """SIGKILL the trial's Ray Train worker after its second epoch: Tune retries the trial (the sweep's
+    max_failures), whose TorchTrainer restores the last checkpoint: training goes on from there, not
+    from epoch 0, and the trial completes."""
+    import threading
+
+    from ray.util.state import list_actors
+
+    max_t = 8
+    path = sweep_file(tmp_path / "kill.yaml", search_space={"learning_rate": {"grid": [3.0e-3]}},
+                      scheduler={"max_t": max_t, "grace_period": max_t}, max_failures=1)
+    exp = tmp_path / "runs" / "kill"
+    killed: list[int] = []
+
+    def kill_after_two_epochs():
+        deadline = time.time() + 300
+        while time.time() < deadline and not killed:
+            logs = list(exp.glob("trial_*/engine/metrics.jsonl"))
+            if logs and len(_rows(logs[0])) >= 2:
+                for actor in list_actors(address=f"http://{ray_local.dashboard_url}", detail=True, limit=10_000,
+                                         filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                                         raise_on_missing_output=False):
+                    os.kill(actor.pid, signal.SIGKILL)
+                    killed.append(actor.pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_two_epochs, daemon=True)
+    killer.start()
+    result = hvae_ray.run_sweep(path, storage=str(tmp_path / "runs"), name="kill")
+    killer.join(timeout=10)
+    assert len(killed) == 1, "the worker was not found alive after two epochs"
+    (row,) = hvae_ray.load_trials(result.experiment_dir).to_pylist()
+    assert row["status"] == "completed" and row["epochs"] == max_t
+    log = _rows(Path(row["trial_dir"]) / "engine" / "metrics.jsonl")
+    epochs = [r["epoch"] for r in log if "epoch" in r]
+    workers = sorted({r["worker_started_at"] for r in log})
+    assert len(workers) == 2, "no second worker: the trial was not retried"
+    resumed = [r["epoch"] for r in log if r["worker_started_at"] == workers[1]]
+    first_run = [r["epoch"] for r in log if r["worker_started_at"] == workers[0]]
+    assert first_run[:2] == [0, 1]
+    # the retry starts right after an epoch the first worker had checkpointed, and runs to the end
+    assert 1 <= resumed[0] <= first_run[-1] + 1 and resumed[-1] == max_t - 1
+    assert sorted(set(epochs)) == list(range(max_t))
+
+
 def test_local_instance_tells_its_workers_where_its_api_server_is(monkeypatch):
     """A sweep's own Ray instance gives its workers the address of its API server: Ray Train's
     placement-group cleaner otherwise auto-detects the cluster, which fails as soon as another Ray
