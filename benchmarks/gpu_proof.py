@@ -387,9 +387,16 @@ def summarise_sweep(name: str, info: dict, gpu) -> dict:
     keep = ["trial_id", "status", *params, "best_val_objective", "last_val_kl", "epochs", "wall_time_s",
             "error", "best_checkpoint", "trial_dir"]
     rows = [{k: t.get(k) for k in keep} for t in table]
+    import yaml
+
     for row in rows:
         log = [r for r in _read_jsonl(Path(row["trial_dir"]) / "engine" / "metrics.jsonl") if "val_kl" in r]
         row["kl_slope_last10"] = kl_slope([r["val_kl"] for r in log][-10:])
+        cfg_file = Path(row["trial_dir"]) / "engine" / "config.yaml"
+        if cfg_file.is_file():  # the trial's effective KL cap and loss weights, searched or not
+            cfg = yaml.safe_load(cfg_file.read_text()) or {}
+            row["kl_max_weight"] = cfg.get("kl_max_weight")
+            row["loss_weights"] = cfg.get("loss_weights")
     counts: dict[str, int] = {}
     for t in table:
         counts[t["status"]] = counts.get(t["status"], 0) + 1
@@ -538,7 +545,15 @@ def markdown(res: dict) -> str:
             continue
         L += [f"## {title}", "", f"Overrides: `{json.dumps(s['overrides'])}`; GPU share per trial "
               f"{g(s['gpu_share'])} (trial memory {f(s['trial_memory_mib'], 0)} MiB). Statuses: {s['statuses']}.", ""]
+        weights = {json.dumps(t.get("loss_weights"), sort_keys=True) for t in s["table"] if t.get("loss_weights")}
+        if len(weights) == 1:
+            L += [f"Loss weights (the same in every trial): `{weights.pop()}`.", ""]
         params = [c for c in (s["table"][0] if s["table"] else {}) if c.startswith("param.")]
+        if len(weights) > 1:  # loss weights differ between trials: one column each
+            for t in s["table"]:
+                for k, v in (t.get("loss_weights") or {}).items():
+                    t.setdefault(f"param.loss_weights.{k}", v)
+            params += sorted({c for t in s["table"] for c in t if c.startswith("param.loss_weights.")} - set(params))
         L += ["| trial | status | " + " | ".join(c[6:] for c in params)
               + " | best val_objective | last val KL | KL slope, last 10 epochs | epochs |",
               "|---|---|" + "---|" * len(params) + "---|---|---|---|"]
