@@ -16,8 +16,10 @@ from hvae_ray.sweep.resources import CUDA_CONTEXT, allocator_fraction
 # A standby trial's controller waits for its worker group's placement group (a free share) for up to
 # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (default 60 s), then gives the group up and asks again; a
 # longer wait keeps a standby trial queued instead of cycling placement groups every minute.
+# NCCL_NVLS_ENABLE=0: no NVLink multicast (NVLS) for multi-GPU trials; on a shared host its buffers can
+# take memory that other trials' shares count on. Set it in the environment to change any of these.
 TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_V2_ENABLED": "1",
-             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
+             "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "NCCL_NVLS_ENABLE": "0"}
 
 
 def train_loop_per_worker(loop: dict[str, Any]) -> None:
