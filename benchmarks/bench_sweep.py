@@ -252,6 +252,27 @@ def sweep_child(a: argparse.Namespace) -> dict:
     return out
 
 
+def run_logged(cmd: list[str], log: Path, timeout: float, env: dict[str, str] | None = None
+               ) -> tuple[int, bool, str]:
+    """Run ``cmd`` in its own process group with stdout and stderr to ``log``; after ``timeout`` seconds
+    the whole group (a sweep's Ray instance included) is stopped. Returns (returncode, timed out, log text)."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env=env)
+        try:
+            proc.wait(timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+    return proc.returncode, timed_out, log.read_text(errors="replace")
+
+
 def run_child(args, sweep_file: str, name: str, storage: Path, overrides: dict, sweep_set: list[str],
               gpu_sampler: bool) -> dict:
     """A sweep in a child process with a time limit; results come from the experiment directory, so
@@ -264,23 +285,10 @@ def run_child(args, sweep_file: str, name: str, storage: Path, overrides: dict, 
     log = storage / f"{name}.log"
     sampler = GpuSampler().start() if gpu_sampler else None
     t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            proc.wait(timeout=args.timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
+    returncode, timed_out, text = run_logged(cmd, log, args.timeout)
     wall = time.perf_counter() - t0
-    text = log.read_text()
     child = next((json.loads(x[7:]) for x in text.splitlines() if x.startswith("RESULT ")), {})
-    out = {"wall_s": wall, "timed_out": timed_out, "returncode": proc.returncode, "log": str(log), **child}
+    out = {"wall_s": wall, "timed_out": timed_out, "returncode": returncode, "log": str(log), **child}
     if sampler is not None:
         out["gpu"] = sampler.stop()
     if not child:

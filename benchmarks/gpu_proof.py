@@ -51,6 +51,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
+from bench_sweep import run_logged  # noqa: E402 - the benchmarks directory is on sys.path just above
+
 MiB = 2**20
 GiB = 2**30
 
@@ -421,20 +423,15 @@ def step_sweeps(a, out: dict, gpu) -> None:
     storage = Path(a.storage)
     storage.mkdir(parents=True, exist_ok=True)
     log = storage / "sweeps.log"
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-u", __file__, "--child", "sweeps", *a.child_args],
-                                stdout=fh, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            proc.wait(timeout=a.sweep_timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, 9)
-            proc.wait()
-            out["sweeps_error"] = f"sweeps killed after {a.sweep_timeout:.0f} s"
+    returncode, timed_out, _ = run_logged([sys.executable, "-u", __file__, "--child", "sweeps", *a.child_args], log,
+                                          a.sweep_timeout)
+    if timed_out:
+        out["sweeps_error"] = f"sweeps stopped after {a.sweep_timeout:.0f} s"
     done_file = storage / "sweeps_done.json"
     done = json.loads(done_file.read_text()) if done_file.is_file() else {}
     text = [ln for ln in log.read_text(errors="replace").splitlines() if not ln.startswith(("│", "╭", "╰", "├"))]
     out["sweeps_log_tail"] = "\n".join(text[-60:])
-    if proc.returncode not in (0, None) and not out.get("sweeps_error"):
+    if returncode not in (0, None) and not out.get("sweeps_error"):
         out["sweeps_error"] = "sweep child failed: " + "\n".join(text[-15:])
     for name, info in done.items():
         try:

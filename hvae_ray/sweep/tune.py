@@ -95,8 +95,10 @@ def _ray_init(address: str | None) -> None:
         # share for good and the sweep stalls. So the workers are told this instance's API server.
         port = _free_port()
         env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
-        ray.init(runtime_env={"env_vars": env}, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, log_to_driver=False)
+        # address="local": always a new instance of our own, never a cluster that `ray start` left
+        # running on this host (ray.init's default would join it); clusters are joined with --address.
+        ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
+                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
 
 
 def _free_port() -> int:

@@ -354,7 +354,8 @@ def test_local_instance_tells_its_workers_where_its_api_server_is(monkeypatch):
     env = kw["runtime_env"]["env_vars"]
     assert env["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{kw['dashboard_port']}"
     assert kw["include_dashboard"] and kw["dashboard_host"] == "127.0.0.1"
-    assert env["RAY_TRAIN_V2_ENABLED"] == "1"
+    assert env["RAY_TRAIN_V2_ENABLED"] == "1" and env["NCCL_NVLS_ENABLE"] == "0"
+    assert kw["address"] == "local"  # its own instance, never a `ray start` cluster found on the host
 
 
 # --- interrupted sweep --------------------------------------------------------------------------
