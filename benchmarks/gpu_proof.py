@@ -145,7 +145,8 @@ def memory_child(a) -> dict:
 
     from hvae_ray.config import Config
     from hvae_ray.engine import fit
-    from hvae_ray.sweep.resources import measure_trial_memory
+    from hvae_ray.sweep.resources import gpu_fraction, measure_trial_memory, trial_footprint
+    from hvae_ray.sweep.spec import ResourceSpec
 
     frac = cap_allocator(a.card_gb, 0.25)
     cfg = Config().with_overrides({"epochs": a.memory_epochs})
@@ -170,6 +171,9 @@ def memory_child(a) -> dict:
     res["process_mib_now"] = nvidia_smi_apps().get(os.getpid())
     measured = measure_trial_memory(cfg=cfg, use_cache=False)  # what the runner sizes shares with
     res["runner_measured"] = {k: v / MiB for k, v in measured.items() if isinstance(v, float)} if measured else None
+    if measured:
+        trial, context = trial_footprint(measured)
+        res["runner_share"] = gpu_fraction(a.card_gb * GiB, trial, ResourceSpec().headroom, context)
     return res
 
 
@@ -193,17 +197,13 @@ def step_memory(a, out: dict, gpu) -> None:
     if "error" in r:
         out["memory"] = r
         return
-    from hvae_ray.sweep.resources import CUDA_CONTEXT, gpu_fraction
+    from hvae_ray.sweep.resources import CUDA_CONTEXT
 
     r["process_peak_mib"] = peaks.get(r["pid"])  # the fit's peak; the runner's burst runs in its own process
     r["context_mib"] = (r["process_peak_mib"] - r["peak_reserved_mib"]) if r["process_peak_mib"] else None
     share_mib = a.card_gb * 1024 / 4
     r["share_mib"] = share_mib
     r["fits_quarter_share"] = bool(r["process_peak_mib"] and r["process_peak_mib"] <= share_mib)
-    m = r.get("runner_measured")
-    if m and m.get("process"):
-        context = min(m["process"], m["process"] - m["reserved_peak"])
-        r["runner_share"] = gpu_fraction(a.card_gb * GiB, m["process"] * MiB, 1.15, context * MiB)
     r["assumed_context_mib"] = CUDA_CONTEXT / MiB
     out["memory"] = r
 
@@ -350,7 +350,7 @@ def trial_timing(exp: Path) -> dict:
     """Start-up (Tune's and the critical path) and per-epoch report gaps from each trial's result rows."""
     from hvae_ray.trials import _read_jsonl
 
-    tune_startup, path_startup, gaps, epoch_times = [], [], [], []
+    tune_startup, path_startup, gaps, epoch_times, intervals = [], [], [], [], []
     for d in sorted(p for p in exp.iterdir() if p.is_dir() and p.name.startswith("trial_")):
         rows = [r for r in _read_jsonl(d / "result.json") if "epoch_time_s" in r]
         if not rows:
@@ -364,9 +364,11 @@ def trial_timing(exp: Path) -> dict:
         gaps += [b["reported_at"] - x["reported_at"] - b["epoch_time_s"] for x, b in zip(rows, rows[1:])
                  if "reported_at" in x and "reported_at" in b]
         epoch_times += [r["epoch_time_s"] for r in rows[1:]]
+        intervals += [r["time_this_iter_s"] for r in rows[1:]]  # report to report, as Tune saw it
     return {"tune_startup_s": tune_startup, "tune_startup_median_s": median(tune_startup),
             "critical_startup_s": path_startup, "critical_startup_median_s": median(path_startup),
-            "report_gap_median_s": median(gaps), "epoch_time_median_s": median(epoch_times)}
+            "report_gap_median_s": median(gaps), "epoch_time_median_s": median(epoch_times),
+            "interval_median_s": median(intervals)}
 
 
 def kl_slope(kl: list[float]) -> float | None:
@@ -442,19 +444,11 @@ def step_sweeps(a, out: dict, gpu) -> None:
     if o and m and "error" not in m and o.get("epoch_time_median_s"):
         bare_ep = median(m["epoch_time_s"][1:])
         bare_iv = median(m["interval_s"][1:])
-        table = o["table"][0] if o.get("table") else {}
-        rows = [r for r in _rows(table.get("trial_dir")) if "epoch_time_s" in r][1:]
-        ray_iv = median([r["time_this_iter_s"] for r in rows])
+        ray_iv = o["interval_median_s"]
         o["vs_bare"] = {"bare_epoch_s": bare_ep, "ray_epoch_s": o["epoch_time_median_s"], "bare_interval_s": bare_iv,
                         "ray_interval_s": ray_iv,
                         "epoch_ratio": o["epoch_time_median_s"] / bare_ep if bare_ep else None,
                         "interval_ratio": ray_iv / bare_iv if ray_iv and bare_iv else None}
-
-
-def _rows(trial_dir: str | None) -> list[dict]:
-    from hvae_ray.trials import _read_jsonl
-
-    return _read_jsonl(Path(trial_dir) / "result.json") if trial_dir else []
 
 
 def step_evaluate(a, out: dict) -> None:

@@ -194,26 +194,29 @@ def _device_used(dev) -> float | None:
         return None
 
 
+def trial_footprint(measured: dict[str, float] | None) -> tuple[float, float]:
+    """(whole-process bytes, of which CUDA context) of a trial from :func:`measure_trial_memory`'s figures:
+    the context is the process less the allocator's reserved peak; without a whole-process figure (no
+    NVML), the reserved peak plus :data:`CUDA_CONTEXT`; without a measurement, the default estimate."""
+    if measured and math.isfinite(measured["process"]) and measured["process"] > measured["reserved_peak"]:
+        return measured["process"], measured["process"] - measured["reserved_peak"]
+    if measured:
+        return measured["reserved_peak"] + CUDA_CONTEXT, CUDA_CONTEXT
+    return DEFAULT_TRIAL_MEMORY, min(CUDA_CONTEXT, DEFAULT_TRIAL_MEMORY)
+
+
 def trial_share(gpu_memory_gb: float, trial_memory_mb: float | str, headroom: float,
                 cfg=None) -> tuple[float, float, float]:
     """(GPU share per trial, whole-process trial bytes, of which CUDA context) for a card of
     ``gpu_memory_gb``.
 
     ``trial_memory_mb`` = "auto": ``cfg`` (the sweep's largest trial) measured on a local GPU when there
-    is one (its context = the process less the allocator's reserved peak), else the default estimate;
-    a number is a whole-process size in MiB, of which :data:`CUDA_CONTEXT` is taken as context.
+    is one (see :func:`trial_footprint`), else the default estimate; a number is a whole-process size in
+    MiB, of which :data:`CUDA_CONTEXT` is taken as context.
     """
-    context = CUDA_CONTEXT
     if trial_memory_mb == "auto":
-        measured = measure_trial_memory(cfg=cfg)
-        if measured and math.isfinite(measured["process"]) and measured["process"] > measured["reserved_peak"]:
-            trial = measured["process"]
-            context = measured["process"] - measured["reserved_peak"]
-        elif measured:
-            trial = measured["reserved_peak"] + CUDA_CONTEXT
-        else:
-            trial = DEFAULT_TRIAL_MEMORY
+        trial, context = trial_footprint(measure_trial_memory(cfg=cfg))
     else:
         trial = float(trial_memory_mb) * MiB
-    context = min(context, trial)
+        context = min(CUDA_CONTEXT, trial)
     return gpu_fraction(gpu_memory_gb * GiB, trial, headroom, context), trial, context
