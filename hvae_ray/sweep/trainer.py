@@ -44,6 +44,10 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
 
     # When this worker process was launched: with `reported_at`, start-up on the critical path (a
     # standby trial's wait for a share excluded) = first reported_at - worker_started_at - epoch_time_s.
+    # Ray may start a worker process ahead and only later place this trial's worker in it (once its
+    # share is free), so the process can be older than the trial's hold on the share; `loop_started_at`,
+    # when this function began, always comes after the share was granted.
+    loop_started_at = time.time()
     started_at = psutil.Process().create_time()
     cfg = from_dict(loop["config"], "trial config")
     node_id = ray.get_runtime_context().get_node_id()
@@ -69,6 +73,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         metrics["diverged"] = 0.0
         metrics["node_id"] = node_id  # which Ray node trained it (trial tables, multi-node checks)
         metrics["worker_started_at"] = started_at
+        metrics["loop_started_at"] = loop_started_at
         metrics["reported_at"] = time.time()
         checkpoint = None
         if rank == 0:  # the trial's own epoch log survives a resume, unlike Tune's result.json
