@@ -12,7 +12,6 @@ trains on the CPU. ``run_sweep``/``resume_sweep`` reuse an instance that is alre
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -31,12 +30,6 @@ def hvae_cache(tmp_path_factory) -> Path:
         os.environ["HVAE_RAY_CACHE"] = old
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_local(hvae_cache):
     """The session's Ray instance; yields the context ``ray.init`` returned (``.dashboard_url``,
@@ -44,19 +37,14 @@ def ray_local(hvae_cache):
     import ray
 
     from hvae_ray.sweep.trainer import env_vars
+    from hvae_ray.sweep.tune import _ray_init
 
-    env = env_vars()
-    os.environ.update(env)
+    os.environ.update(env_vars())
     if ray.is_initialized():
         ray.shutdown()
-    # Ray Train's placement-group cleaner (which frees a trial's resources when Tune stops the trial)
-    # finds its cluster through the State API, by auto-detection unless told the address; with any
-    # other Ray instance on the host (a parallel sweep, a test's own cluster) auto-detection fails,
-    # the cleaner stops, and ASHA-stopped trials keep their GPU share forever. So the workers are told.
-    port = _free_port()
-    context = ray.init(num_cpus=4, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port,
-                       runtime_env={"env_vars": {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}})
+    # started as a sweep starts its own (workers told where its API server is), at the logical sizes
+    # above; worker output reaches the test's captured output
+    context = _ray_init(None, num_cpus=4, num_gpus=1, log_to_driver=True)
     yield context
     ray.shutdown()
 

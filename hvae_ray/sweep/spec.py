@@ -63,6 +63,11 @@ class ResourceSpec:
     headroom: float = 1.15
     backend: str = "auto"
 
+    @property
+    def uses_gpu(self) -> bool:
+        """Whether trials take GPU shares (a fraction, or one sized from the card's memory)."""
+        return bool(self.gpu_fraction) or self.gpu_memory_gb is not None
+
 
 @dataclass
 class DataSpec:
@@ -125,8 +130,7 @@ class SweepSpec:
         a standby trial's start-up competes with training for the same cores)."""
         if self.standby_trials != "auto":
             return int(self.standby_trials)
-        uses_gpu = bool(self.resources.gpu_fraction) or self.resources.gpu_memory_gb is not None
-        return self.max_concurrent_trials if uses_gpu else 0
+        return self.max_concurrent_trials if self.resources.uses_gpu else 0
 
     def tune_concurrency(self) -> int | None:
         """Trials Ray Tune runs at once: ``max_concurrent_trials`` plus the standby trials (None: no limit).

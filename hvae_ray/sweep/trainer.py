@@ -117,8 +117,7 @@ def backend_for(resources, cuda_here: bool) -> str:
     """gloo unless several GPU workers per trial can use NCCL (never on a host without CUDA)."""
     if resources.backend != "auto":
         return resources.backend
-    uses_gpu = bool(resources.gpu_fraction) or resources.gpu_memory_gb is not None
-    return "nccl" if uses_gpu and resources.num_workers > 1 and cuda_here else "gloo"
+    return "nccl" if resources.uses_gpu and resources.num_workers > 1 and cuda_here else "gloo"
 
 
 def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str, name: str,

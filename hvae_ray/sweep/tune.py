@@ -18,8 +18,7 @@ from typing import Any
 
 from hvae_ray.errors import ConfigError, HvaeError
 from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
-
-SWEEP_FILE = "hvae_sweep.json"
+from hvae_ray.trials import SWEEP_FILE, _sweep_state
 
 
 @dataclass
@@ -77,7 +76,10 @@ def storage_root(storage: str) -> Path:
     return Path(storage.removeprefix("file://")).expanduser().resolve()
 
 
-def _ray_init(address: str | None) -> None:
+def _ray_init(address: str | None, **local: Any):
+    """Connect to the cluster at ``address``, or start a Ray instance of our own (``local``: more
+    ``ray.init`` arguments for it, e.g. ``num_cpus``/``num_gpus``); returns ``ray.init``'s context, or
+    None when Ray was already initialised."""
     import ray
 
     from hvae_ray.sweep.trainer import env_vars
@@ -85,9 +87,9 @@ def _ray_init(address: str | None) -> None:
     for k, v in env_vars().items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
-        return
+        return None
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars()}, log_to_driver=False)
+        return ray.init(address=address, runtime_env={"env_vars": env_vars()}, log_to_driver=False)
     else:
         # Ray Train's placement-group cleaner, which frees a trial's resources when Tune stops the
         # trial (ASHA), finds its cluster through the State API by auto-detection unless told where:
@@ -97,8 +99,8 @@ def _ray_init(address: str | None) -> None:
         env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         # address="local": always a new instance of our own, never a cluster that `ray start` left
         # running on this host (ray.init's default would join it); clusters are joined with --address.
-        ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
-                 dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
+        return ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
+                        dashboard_host="127.0.0.1", dashboard_port=port, **{"log_to_driver": False, **local})
 
 
 def _free_port() -> int:
@@ -196,10 +198,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     import ray.tune
 
     exp = Path(experiment_dir).resolve()
-    state_file = exp / SWEEP_FILE
-    if not state_file.is_file():
-        raise ConfigError(f"{exp}: not an hvae-ray experiment directory (no {SWEEP_FILE})")
-    sweep_state = json.loads(state_file.read_text())
+    sweep_state = _sweep_state(exp)
     spec = from_raw(sweep_state["raw"], sweep_state["source"])
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
