@@ -51,7 +51,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from bench_sweep import run_logged  # noqa: E402 - the benchmarks directory is on sys.path just above
+from bench_core import load_sample, nvidia_smi_apps  # noqa: E402 - the benchmarks directory is on sys.path just above
+from bench_sweep import run_logged  # noqa: E402
 
 MiB = 2**20
 GiB = 2**30
@@ -59,24 +60,6 @@ GiB = 2**30
 
 # --------------------------------------------------------------------------------------------------
 # helpers
-
-
-def nvidia_smi_apps() -> dict[int, float]:
-    """pid → used MiB of every compute process on the GPU (NVML through nvidia-smi)."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    apps = {}
-    for line in out.strip().splitlines():
-        pid, _, mem = (x.strip() for x in line.partition(","))
-        if pid.isdigit():
-            try:
-                apps[int(pid)] = float(mem)
-            except ValueError:
-                pass
-    return apps
 
 
 def gpu_facts() -> dict:
@@ -114,15 +97,6 @@ def run_py(args: list[str], env: dict | None = None, timeout: float = 600) -> di
     return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1], "stderr_tail": proc.stderr[-3000:]}
 
 
-def load_subset(path: str, n: int):
-    import numpy as np
-
-    from hvae_ray.data.io import load_jets
-
-    sample = load_jets(path)
-    return sample.subset(np.arange(min(n, len(sample))))
-
-
 def cap_allocator(card_gb: float, share: float) -> float:
     """Cap this process's allocator to ``share`` of a ``card_gb`` card, as a sweep trial is capped."""
     import torch
@@ -150,7 +124,7 @@ def memory_child(a) -> dict:
 
     frac = cap_allocator(a.card_gb, 0.25)
     cfg = Config().with_overrides({"epochs": a.memory_epochs})
-    sample = load_subset(a.data, a.memory_jets)
+    sample = load_sample(a.data, a.memory_jets)
     stamps: list[tuple[float, float]] = []
     threads: list[int] = []
 
@@ -168,7 +142,7 @@ def memory_child(a) -> dict:
            "peak_reserved_mib": torch.cuda.max_memory_reserved() / MiB,
            "epoch_time_s": [s[0] for s in stamps], "threads_in_training": threads[-1] if threads else None,
            "interval_s": [stamps[0][1] - t_start] + [b[1] - x[1] for x, b in zip(stamps, stamps[1:])]}
-    res["process_mib_now"] = nvidia_smi_apps().get(os.getpid())
+    res["process_mib_now"] = (nvidia_smi_apps() or {}).get(os.getpid())
     measured = measure_trial_memory(cfg=cfg, use_cache=False)  # what the runner sizes shares with
     res["runner_measured"] = {k: v / MiB for k, v in measured.items() if isinstance(v, float)} if measured else None
     if measured:
@@ -185,7 +159,7 @@ def step_memory(a, out: dict, gpu) -> None:
 
     def poll():
         while not stop.is_set():
-            for pid, mib in nvidia_smi_apps().items():
+            for pid, mib in (nvidia_smi_apps() or {}).items():
                 peaks[pid] = max(peaks.get(pid, 0.0), mib)
             stop.wait(0.2)
 
@@ -222,7 +196,7 @@ def pack_child(a) -> dict:
     torch.cuda.set_device(0)
     frac = cap_allocator(a.card_gb, 0.25)
     cfg = Config()
-    splits = engine.prepare(cfg, load_subset(a.data, a.pack_jets))
+    splits = engine.prepare(cfg, load_sample(a.data, a.pack_jets))
     train = splits.train_graphs
     run = engine._Run(cfg, torch.device("cuda"))
     beta = cfg.kl_max_weight
@@ -272,7 +246,7 @@ def step_packing(a, out: dict, gpu) -> None:
             Path(bar, f"go.{k}").touch()
             tk = time.time()
             while len(list(Path(bar).glob(f"done.{k}.*"))) < n:
-                for pid, mib in nvidia_smi_apps().items():
+                for pid, mib in (nvidia_smi_apps() or {}).items():
                     mem[pid] = max(mem.get(pid, 0.0), mib)
                 time.sleep(0.2)
                 if time.time() - tk > 600:
