@@ -8,6 +8,11 @@ Decoder: z → ``P = 30`` particle slots (a learned embedding per slot plus a pr
 self-attention over slots → per slot the particle features, an existence logit, the hyperedge
 features of the group centred on that slot, and for each slot pair the edge features.
 
+The encoder is masked dense tensor algebra over padded jets (:mod:`hvae_ray.model.layers`); a PyG batch
+of hypergraphs is converted to the same dense form. :class:`hvae_ray.model.pyg.PygHyperVAE` is the
+same model with PyG's sparse message passing, the reference the dense one is tested against; both
+have the same parameter names, so a checkpoint of either loads in the other.
+
 Particle order: slots are matched to particles by pT rank (slot i ↔ the i-th hardest particle, the
 order JetNet and our files store). Every reconstruction term is then a direct slot-wise comparison:
 O(P) per jet, deterministic and cheap on a laptop CPU, where Hungarian set matching costs O(P³) per
@@ -22,10 +27,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch_geometric.utils import scatter, to_dense_batch
 
 from hvae_ray.config import ModelConfig
-from hvae_ray.data.graphs import EDGE_FEATURES, HYPEREDGE_FEATURES
+from hvae_ray.data.dense import EDGE_FEATURES, HYPEREDGE_FEATURES, DenseBatch
 from hvae_ray.data.jets import MAX_PARTICLES, PARTICLE_FEATURES
 from hvae_ray.model.layers import EncoderBlock, mlp
 
@@ -61,15 +65,17 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(h, cfg.dropout) for _ in range(cfg.num_layers))
         self.head = mlp([2 * h, h, 2 * cfg.latent_dim])
 
-    def forward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.node_in(batch.x)  # (N, H)
-        e = self.edge_in(batch.edge_attr)  # (E, H)
-        he = self.hyper_in(batch.hyperedge_attr)  # (M, H)
+    def forward(self, batch: DenseBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        m = batch.mask[..., None]  # (B, P, 1)
+        h = self.node_in(batch.x)  # (B, P, H)
+        e = self.edge_in(batch.edges)  # (B, P, P, H)
+        he = self.hyper_in(batch.hyperedges)  # (B, P, H)
         for block in self.blocks:
-            h = block(h, batch.edge_index, e, batch.hyperedge_index, he)
-        pooled = torch.cat([scatter(h, batch.batch, dim=0, reduce="mean"),
-                            scatter(h, batch.batch, dim=0, reduce="max")], dim=-1)  # (B, 2H)
-        mu, logvar = self.head(pooled).chunk(2, dim=-1)  # (B, Z) each
+            h = block(h, e, batch.pair_mask, he, batch.incidence)
+        count = m.sum(dim=1)  # (B, 1)
+        mean = (h * m).sum(dim=1) / count.clamp(min=1)
+        peak = h.masked_fill(~m, torch.finfo(h.dtype).min).amax(dim=1) * (count > 0)  # an empty jet pools to 0
+        mu, logvar = self.head(torch.cat([mean, peak], dim=-1)).chunk(2, dim=-1)  # (B, Z) each
         return mu, logvar.clamp(-12.0, 8.0)
 
 
@@ -100,7 +106,10 @@ class Decoder(nn.Module):
 
 
 class HyperVAE(nn.Module):
-    """encode(batch) → (mu, logvar); decode(z) → Decoded; forward(batch) → VAEOutput (reparameterised)."""
+    """encode(batch) → (mu, logvar); decode(z) → Decoded; forward(batch) → VAEOutput (reparameterised).
+
+    ``batch`` is a :class:`~hvae_ray.data.dense.DenseBatch`, or a PyG batch of hypergraphs (converted).
+    """
 
     def __init__(self, cfg: ModelConfig, num_slots: int = MAX_PARTICLES):
         super().__init__()
@@ -110,6 +119,10 @@ class HyperVAE(nn.Module):
         self.decoder = Decoder(cfg, num_slots)
 
     def encode(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(batch, DenseBatch):
+            from hvae_ray.data.graphs import dense_from_pyg
+
+            batch = dense_from_pyg(batch, self.num_slots)
         return self.encoder(batch)
 
     def decode(self, z: torch.Tensor, with_edges: bool = True) -> Decoded:
@@ -138,6 +151,9 @@ class Targets:
 
 
 def dense_targets(batch, num_slots: int = MAX_PARTICLES) -> Targets:
+    """Targets of a PyG batch of hypergraphs (the PyG engine's loss)."""
+    from torch_geometric.utils import to_dense_batch
+
     x, mask = to_dense_batch(batch.x, batch.batch, max_num_nodes=num_slots, batch_size=batch.num_graphs)
     local = torch.arange(batch.num_nodes, device=batch.x.device) - batch.ptr[batch.batch]  # (N,)
     src, dst = batch.edge_index

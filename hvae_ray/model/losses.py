@@ -35,14 +35,21 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0,
+                  weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over jets of the KL summed over latent dimensions (nats per jet).
 
     With ``free_bits`` λ > 0 each dimension's batch-mean KL is floored at λ before summing
     (Kingma et al., "Improved Variational Inference with Inverse Autoregressive Flow", 2016), so the
     optimiser gains nothing from pushing a dimension below λ nats: a guard against posterior collapse.
+    ``weight`` (B,): 1 for a jet, 0 for a padding jet of a fixed-size batch (None: all jets count).
     """
-    kl = kl_per_dim(mu.float(), logvar.float()).mean(dim=0)  # (Z,)
+    kl = kl_per_dim(mu.float(), logvar.float())  # (B, Z)
+    if weight is None:
+        kl = kl.mean(dim=0)  # (Z,)
+    else:
+        w = weight.float()
+        kl = (kl * w[:, None]).sum(dim=0) / w.sum().clamp(min=1)
     if free_bits > 0:
         kl = torch.clamp(kl, min=free_bits)
     return kl.sum()
@@ -56,12 +63,18 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | No
     return (err * mask).sum() / mask.sum().clamp(min=1)
 
 
-def topology_loss(exist_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def topology_loss(exist_logits: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Binary cross-entropy of the per-slot existence logits against the true mask.  (B, P), (B, P)
 
     The mask fixes the multiplicity (its sum) and, since slots are pT-ordered, which particles exist.
+    ``weight`` (B,) leaves padding jets (weight 0) of a fixed-size batch out of the mean.
     """
-    return F.binary_cross_entropy_with_logits(exist_logits.float(), mask.float())
+    if weight is None:
+        return F.binary_cross_entropy_with_logits(exist_logits.float(), mask.float())
+    bce = F.binary_cross_entropy_with_logits(exist_logits.float(), mask.float(), reduction="none")  # (B, P)
+    w = weight.float()
+    return (bce * w[:, None]).sum() / (w.sum() * bce.shape[1]).clamp(min=1)
 
 
 def total_loss(terms: dict[str, torch.Tensor], kl: torch.Tensor, beta: float, cfg: Config) -> torch.Tensor:
@@ -96,4 +109,16 @@ def reconstruction_terms(dec, tgt) -> dict[str, torch.Tensor]:
         "edge_features": masked_mse(dec.edges[b, i, j], tgt.edges),
         "hyperedge_features": masked_mse(dec.hyperedges[hb, hc], tgt.hyperedges),
         "topology": topology_loss(dec.exist_logits, tgt.mask),
+    }
+
+
+def dense_reconstruction_terms(dec, batch) -> dict[str, torch.Tensor]:
+    """The four terms of :func:`reconstruction_terms` against a :class:`~hvae_ray.data.dense.DenseBatch`:
+    real slots, real pairs (i ≠ j) and real groups selected by masks instead of index lists, so the
+    shapes are static; padding jets (weight 0) count in no term."""
+    return {
+        "particle_features": masked_mse(dec.particles, batch.x, batch.mask),
+        "edge_features": masked_mse(dec.edges, batch.edges, batch.pair_mask),
+        "hyperedge_features": masked_mse(dec.hyperedges, batch.hyperedges, batch.mask),
+        "topology": topology_loss(dec.exist_logits, batch.mask, batch.weight),
     }
