@@ -114,10 +114,8 @@ def nvml_used(index: int = 0) -> float | None:
 def worker(a: argparse.Namespace) -> dict:
     import numpy as np
     import torch
-    from torch_geometric.loader import DataLoader
 
     from hvae_ray import engine
-    from hvae_ray.model.losses import kl_weight
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -138,15 +136,16 @@ def worker(a: argparse.Namespace) -> dict:
     cfg = make_config(a.set or [], a.device, a.epochs)
     sample = load_sample(a.data, a.jets)
     t = time.perf_counter()
-    splits = engine.prepare(cfg, sample)
+    splits = engine.prepare(cfg, sample, device=a.device)
     res["prepare_s"] = time.perf_counter() - t
-    n_train, n_val = len(splits.train_graphs), len(splits.val_graphs)
+    n_train, n_val = len(splits.train), len(splits.val)
     res.update(n_jets=len(sample), n_train=n_train, n_val=n_val, batch_size=cfg.batch_size,
                accum=cfg.gradient_accumulation_steps, hidden_dim=cfg.model.hidden_dim,
                latent_dim=cfg.model.latent_dim, mixed_precision=cfg.mixed_precision and cuda)
     dev = torch.device(a.device)
-    run = engine._Run(cfg, dev)
+    run = engine.Trainer(cfg, splits, dev)
     res["amp_dtype"] = str(run.amp_dtype).replace("torch.", "") if run.use_amp else "float32"
+    res["step_mode"] = run.step_mode
     if a.barrier:  # packing check: start training together
         Path(a.barrier, f"ready.{os.getpid()}").touch()
         while not Path(a.barrier, "go").exists():
@@ -160,13 +159,10 @@ def worker(a: argparse.Namespace) -> dict:
     opt_steps = math.ceil(batches / cfg.gradient_accumulation_steps)
     times, starts = [], []
     for epoch in range(a.epochs):
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        loader = DataLoader(splits.train_graphs, batch_size=cfg.batch_size, shuffle=True, generator=gen,
-                            num_workers=cfg.num_workers)
         sync()
         starts.append(time.time())
         t = time.perf_counter()
-        engine._train_epoch(run, loader, kl_weight(epoch, cfg), epoch, False)
+        run.train_epoch(epoch)
         sync()
         times.append(time.perf_counter() - t)
     timed = times[1:] or times
@@ -187,11 +183,7 @@ def worker(a: argparse.Namespace) -> dict:
         return res
 
     # Per-epoch validation and W1m (the rest of an engine epoch), second call timed.
-    beta = kl_weight(a.epochs, cfg)
-    val_sub = sample.subset(splits.val)
-    for phase, fn in (("evaluate", lambda: engine._evaluate(run, splits.val_graphs, beta)),
-                      ("val_w1m", lambda: engine._val_w1m(run, splits.normaliser, val_sub.particles,
-                                                          val_sub.mask))):
+    for phase, fn in (("evaluate", lambda: run.evaluate(a.epochs)), ("val_w1m", run.val_w1m)):
         fn()
         sync()
         t = time.perf_counter()

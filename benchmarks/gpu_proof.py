@@ -188,7 +188,6 @@ def step_memory(a, out: dict, gpu) -> None:
 
 def pack_child(a) -> dict:
     import torch
-    from torch_geometric.loader import DataLoader
 
     from hvae_ray import engine
     from hvae_ray.config import Config
@@ -196,11 +195,14 @@ def pack_child(a) -> dict:
     torch.cuda.set_device(0)
     frac = cap_allocator(a.card_gb, 0.25)
     cfg = Config()
-    splits = engine.prepare(cfg, load_sample(a.data, a.pack_jets))
-    train = splits.train_graphs
-    run = engine._Run(cfg, torch.device("cuda"))
-    beta = cfg.kl_max_weight
-    engine._train_epoch(run, DataLoader(train[:64], batch_size=cfg.batch_size), beta, 0, False)  # warm-up
+    dev = torch.device("cuda")
+    sample = load_sample(a.data, a.pack_jets)
+    splits = engine.prepare(cfg, sample, device=dev)
+    warm = engine.Trainer(cfg, engine.prepare(cfg, sample.subset(splits.train[:80]), splits.normaliser, dev), dev)
+    warm.train_epoch(0)  # warm-up: CUDA context, kernels, allocator
+    del warm
+    run = engine.Trainer(cfg, splits, dev)
+    n_train = len(splits.train)
     torch.cuda.synchronize()
     bar = Path(a.barrier)
     (bar / f"ready.{a.index}").touch()
@@ -213,11 +215,9 @@ def pack_child(a) -> dict:
             torch.cuda.reset_peak_memory_stats()
             t0 = time.time()
             for e in range(a.pack_epochs):
-                gen = torch.Generator().manual_seed(e)
-                engine._train_epoch(run, DataLoader(train, batch_size=cfg.batch_size, shuffle=True, generator=gen),
-                                    beta, e, False)
+                run.train_epoch(e)
             torch.cuda.synchronize()
-            res.update(t0=t0, t1=time.time(), jets=len(train) * a.pack_epochs,
+            res.update(t0=t0, t1=time.time(), jets=n_train * a.pack_epochs,
                        peak_reserved_mib=torch.cuda.max_memory_reserved() / MiB)
         (bar / f"done.{k}.{a.index}").write_text(json.dumps(res))
     return {"ok": True}

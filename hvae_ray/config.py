@@ -19,6 +19,7 @@ from hvae_ray.errors import ConfigError
 
 COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topology")
 KL_SCHEDULES = ("linear", "cyclical")
+ENGINES = ("dense", "pyg")
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Config:
     mixed_precision: bool = True
     device: str = "auto"
     num_workers: int = 0
+    engine: str = "dense"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,6 +201,8 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise bad("data.val_fraction", "plus data.test_fraction must leave at least 10% for training")
     if cfg.kl_schedule not in KL_SCHEDULES:
         raise bad("kl_schedule", f"must be one of {', '.join(KL_SCHEDULES)}")
+    if cfg.engine not in ENGINES:
+        raise bad("engine", f"must be one of {', '.join(ENGINES)}")
     if cfg.model.hidden_dim % 4:
         raise bad("model.hidden_dim", "must be a multiple of 4 (attention heads)")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):

@@ -1,33 +1,53 @@
-"""The training engine: ``fit(cfg, sample, ...)``, free of Ray.
+"""The training engine: a :class:`Trainer` (``train_epoch``, ``evaluate``, ``state``, ``restore``) and
+``fit(cfg, sample, ...)`` around it, free of Ray.
 
-The CLI calls it directly; the sweep layer calls it inside Ray Train workers and forwards what it
+The CLI calls ``fit`` directly; the sweep layer calls it inside Ray Train workers and forwards what it
 reports through callbacks. When a ``torch.distributed`` process group is initialised (as a
-TorchTrainer does), the engine trains data-parallel with DDP and a DistributedSampler; every rank
-computes the same validation metrics on the full validation split, and only rank 0 writes files.
+TorchTrainer does), the engine trains data-parallel with DDP, each rank on its shard of every epoch's
+shuffled order (DistributedSampler's); every rank computes the same validation metrics on the full
+validation split, and only rank 0 writes files.
+
+``engine: dense`` (the default) keeps the training and validation jets as padded tensors on the
+training device and computes each batch's features there (:mod:`hvae_ray.data.dense`): no per-jet
+objects, no collation, no DataLoader. Batches have a fixed size (the last one of an epoch is filled
+with padding jets of weight 0), so on CUDA one optimiser step (its ``gradient_accumulation_steps``
+micro-batches, backward, clipping and AdamW) is captured once in a CUDA graph and replayed; elsewhere
+the same step runs eagerly. ``engine: pyg`` trains the PyG reference model on PyG batches of
+hypergraphs (``torch_geometric`` is imported only then).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch_geometric.loader import DataLoader
 
 from hvae_ray.config import COMPONENTS, Config, from_dict
-from hvae_ray.data.graphs import FeatureNormaliser, JetHypergraph, build_graphs, raw_features
+from hvae_ray.data.dense import DenseFeaturizer, FeatureNormaliser, device_jets
 from hvae_ray.data.jets import JetSample
 from hvae_ray.errors import ConfigError, DataError, HvaeError, TrainingDiverged
-from hvae_ray.model.hypervae import HyperVAE, dense_targets
-from hvae_ray.model.losses import kl_divergence, kl_weight, objective, reconstruction_terms, total_loss
+from hvae_ray.model.hypervae import HyperVAE
+from hvae_ray.model.losses import (
+    dense_reconstruction_terms,
+    kl_divergence,
+    kl_weight,
+    objective,
+    reconstruction_terms,
+    total_loss,
+)
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 POSTFIX_EVERY = 20  # progress-bar refresh (one host sync) every this many steps
@@ -52,17 +72,6 @@ class EpochReport:
 Callback = Callable[[EpochReport], "bool | None"]
 
 
-@dataclass
-class Splits:
-    """Seeded train/val/test split of a sample (indices into it) and the graphs built from it."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    normaliser: FeatureNormaliser
-    train_graphs: list[JetHypergraph] = field(repr=False)
-    val_graphs: list[JetHypergraph] = field(repr=False)
-
 
 def split_indices(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded permutation of ``n`` jets into train/val/test (at least one jet in train and val)."""
@@ -77,19 +86,51 @@ def split_indices(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarr
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def prepare(cfg: Config, sample: JetSample, normaliser: FeatureNormaliser | None = None) -> Splits:
-    """Split, fit the normaliser on the training split only (unless given), and build hypergraphs."""
+class Splits:
+    """Seeded train/val/test split of a sample (indices into it) and the normaliser fitted on train.
+
+    ``sample`` is the sample the indices refer to (the first ``data.max_jets`` jets when set).
+    ``train_graphs`` / ``val_graphs``: the PyG hypergraphs of the splits, built on first use (the
+    ``pyg`` engine and the tests; the dense engine never builds them).
+    """
+
+    def __init__(self, train: np.ndarray, val: np.ndarray, test: np.ndarray, normaliser: FeatureNormaliser,
+                 sample: JetSample, knn: int):
+        self.train, self.val, self.test = train, val, test
+        self.normaliser = normaliser
+        self.sample = sample
+        self.knn = knn
+        self._graphs: tuple[list, list] | None = None
+
+    def _build(self) -> tuple[list, list]:
+        if self._graphs is None:
+            from hvae_ray.data.graphs import build_graphs, raw_features
+
+            raw = raw_features(self.sample, self.knn)
+            self._graphs = (build_graphs(raw, self.normaliser, self.train),
+                            build_graphs(raw, self.normaliser, self.val))
+        return self._graphs
+
+    @property
+    def train_graphs(self) -> list:
+        return self._build()[0]
+
+    @property
+    def val_graphs(self) -> list:
+        return self._build()[1]
+
+
+def prepare(cfg: Config, sample: JetSample, normaliser: FeatureNormaliser | None = None,
+            device: torch.device | str = "cpu") -> Splits:
+    """Split and fit the normaliser on the training split only (unless given), on ``device``."""
     sample.validate()
     if cfg.data.max_jets and len(sample) > cfg.data.max_jets:
         sample = sample.subset(np.arange(cfg.data.max_jets))
     train, val, test = split_indices(len(sample), cfg)
-    raw = raw_features(sample, cfg.data.knn)
     if normaliser is None:
-        train_raw = type(raw)(*(getattr(raw, f)[torch.from_numpy(train)] for f in
-                                ("nodes", "edges", "hyperedges", "groups", "mask")))
-        normaliser = FeatureNormaliser.fit(train_raw)
-    return Splits(train, val, test, normaliser, build_graphs(raw, normaliser, train),
-                  build_graphs(raw, normaliser, val))
+        parts, mask = device_jets(sample, train, device)
+        normaliser = FeatureNormaliser.fit_jets(parts, mask, cfg.data.knn)
+    return Splits(train, val, test, normaliser, sample, cfg.data.knn)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -186,33 +227,334 @@ def generate(model: HyperVAE, normaliser: FeatureNormaliser, n_jets: int, seed: 
     return torch.cat(parts).numpy(), torch.cat(masks).numpy()
 
 
-class _Run:
-    """State of one fit() call; keeps the loop below short."""
+def epoch_order(n: int, cfg: Config, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """This rank's training positions (into the training split) of ``epoch``, in order.
 
-    def __init__(self, cfg: Config, device: torch.device):
-        self.cfg = cfg
-        self.device = device
+    One process: a permutation seeded from ``cfg.seed`` and the epoch. Under a process group:
+    DistributedSampler's order (every rank shuffles with the same seed and epoch, pads the order to a
+    multiple of ``world`` by repeating its first positions and takes every ``world``-th), so the shards
+    are disjoint. Both are exactly the orders of :func:`train_loader`.
+    """
+    if world == 1:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    total = math.ceil(n / world) * world
+    order = torch.cat([order, order[: total - n]]) if total > n else order
+    return order[rank:total:world]
+
+
+def step_layout(order: torch.Tensor, batch_size: int, accum: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Positions (S, accum, batch_size) and validity (S, accum, batch_size) of the S optimiser steps of an
+    epoch, and the number of real batches: batches of ``batch_size`` in ``order``, ``accum`` per step;
+    the last batch is filled with padding (position 0, invalid), and the last step with empty batches,
+    which change neither the gradient nor the statistics."""
+    n = len(order)
+    n_batches = max(1, math.ceil(n / batch_size))
+    steps = math.ceil(n_batches / accum)
+    size = steps * accum * batch_size
+    pos = torch.zeros(size, dtype=torch.long)
+    valid = torch.zeros(size, dtype=torch.bool)
+    pos[:n], valid[:n] = order, True
+    return pos.view(steps, accum, batch_size), valid.view(steps, accum, batch_size), n_batches
+
+
+class Trainer:
+    """One training run on one device: model, optimiser and data; the loop of :func:`fit` calls it.
+
+    ``train_epoch(epoch)`` trains one epoch and returns its training metrics; ``evaluate(epoch)`` the
+    validation metrics; ``val_w1m()`` the mass W1 of prior samples against the validation jets;
+    ``state(epoch)`` is a checkpoint and ``restore(state)`` continues from one exactly.
+    ``cuda_graphs`` (default: where possible) captures the dense training step in a CUDA graph.
+    """
+
+    STAT_KEYS = (*COMPONENTS, "kl", "total")
+
+    def __init__(self, cfg: Config, splits: Splits, device: torch.device | str | None = None,
+                 cuda_graphs: bool | None = None):
+        device = torch.device(device) if device is not None else resolve_device(cfg.device)
+        self.cfg, self.splits, self.device = cfg, splits, device
+        self.normaliser = splits.normaliser
         self.rank, self.world = _rank_world()
+        self.dense = cfg.engine == "dense"
         torch.manual_seed(cfg.seed)
-        model = HyperVAE(cfg.model).to(device)
+        if self.dense:
+            model = HyperVAE(cfg.model).to(device)
+        else:
+            from hvae_ray.model.pyg import PygHyperVAE
+
+            model = PygHyperVAE(cfg.model).to(device)
         self.model = model
         self.net = model
         if self.world > 1:
             ids = [device.index] if device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         use_amp = cfg.mixed_precision and device.type == "cuda"
-        self.amp_dtype = (torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16)
+        self.amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
         self.use_amp = use_amp
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_amp and self.amp_dtype == torch.float16)
+        self.step_mode = self._step_mode(cuda_graphs)
+        self.graphed = self.step_mode == "cuda-graph"
+        self.opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                     capturable=self.graphed)
         self.start_epoch = 0
         self.best = math.inf
         self.best_epoch = -1
+        self._graph = None
+        if self.dense:
+            self.featurize = DenseFeaturizer(self.normaliser, cfg.data.knn, device)
+            self.train_jets = device_jets(splits.sample, splits.train, device)
+            self.val_jets = device_jets(splits.sample, splits.val, device)
+            self._beta = torch.zeros((), device=device)
+
+    def _step_mode(self, cuda_graphs: bool | None) -> str:
+        """'cuda-graph', or 'eager: <why not>' (said once, in the log and by :func:`fit`)."""
+        if not self.dense:
+            return "eager: engine pyg"
+        why = None
+        if self.device.type != "cuda":
+            why = f"no CUDA graphs on {self.device.type}"
+        elif self.world > 1:
+            why = "data-parallel (DDP) steps are not captured"
+        elif self.scaler.is_enabled():
+            why = "fp16 loss scaling synchronises with the host"
+        elif cuda_graphs is False:
+            why = "CUDA graphs turned off"
+        return "cuda-graph" if why is None else f"eager: {why}"
 
     def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp,
+                              cache_enabled=not self.graphed)
 
-    def state(self, epoch: int, normaliser: FeatureNormaliser, splits: Splits) -> dict[str, Any]:
+    @property
+    def n_train(self) -> int:
+        return len(self.splits.train)
+
+    # ---------------------------------------------------------------------------------------------
+    # Training
+
+    def train_epoch(self, epoch: int, progress: bool = False) -> dict[str, float]:
+        """One pass over this rank's share of the training split at the KL weight of ``epoch``.
+
+        Running statistics stay on the device (no host sync per step); the host reads them once at the
+        end, where a non-finite loss raises :class:`TrainingDiverged`."""
+        beta = kl_weight(epoch, self.cfg)
+        if not self.dense:
+            return self._train_epoch_pyg(epoch, beta, progress)
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        order = epoch_order(self.n_train, cfg, epoch, self.rank, self.world)
+        pos, valid, n_batches = step_layout(order, cfg.batch_size, accum)
+        pos, valid = pos.to(self.device), valid.to(self.device)
+        steps = pos.shape[0]
+        rows = torch.zeros(steps, accum, len(self.STAT_KEYS), dtype=torch.float64, device=self.device)
+        self._beta.fill_(beta)
+        bar = self._bar(epoch, steps, progress)
+        if self.graphed and self._graph is None:
+            self._capture()
+        self.model.train()
+        for s in range(steps):
+            if self.graphed:
+                self._pos.copy_(pos[s])
+                self._valid.copy_(valid[s])
+                self._graph.replay()
+                rows[s].copy_(self._rows)
+            else:
+                rows[s] = self._step(pos[s], valid[s])
+            if bar is not None:
+                bar.update(1)
+                if (s + 1) % POSTFIX_EVERY == 0 or s + 1 == steps:
+                    done = rows.view(-1, len(self.STAT_KEYS))[: min((s + 1) * accum, n_batches)]
+                    mean = done.mean(dim=0).tolist()
+                    bar.set_postfix(loss=f"{mean[-1]:.4g}", kl=f"{mean[-2]:.4g}", kl_w=f"{beta:.2e}")
+        if bar is not None:
+            bar.close()
+        per_batch = rows.view(-1, len(self.STAT_KEYS))[:n_batches]  # (n_batches, 6): empty batches left out
+        bad = ~torch.isfinite(per_batch[:, -1])
+        first_bad = torch.where(bad.any(), bad.long().argmax(), -1)  # first non-finite batch, or -1
+        return self._finish_epoch(epoch, per_batch.sum(dim=0), first_bad, n_batches)
+
+    def _step(self, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """One optimiser step over ``accum`` micro-batches: positions (accum, B) into the training split,
+        validity (accum, B). Returns (accum, 6) float64: each micro-batch's terms, KL and loss. Static
+        shapes, no host synchronisation: the body of the captured CUDA graph."""
+        cfg = self.cfg
+        accum = pos.shape[0]
+        parts, mask = self.train_jets
+        rows = []
+        for k in range(accum):
+            batch = self.featurize(parts[pos[k]], mask[pos[k]], valid[k].float())
+            with self.autocast():
+                out = self.net(batch)
+                terms = dense_reconstruction_terms(out.decoded, batch)
+                kl = kl_divergence(out.mu, out.logvar, cfg.free_bits, weight=batch.weight)
+                loss = total_loss(terms, kl, self._beta, cfg)
+            self.scaler.scale(loss / accum).backward()
+            rows.append(torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double())
+        self._optimiser_step()
+        return torch.stack(rows)
+
+    def _optimiser_step(self) -> None:
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _capture(self) -> None:
+        """Capture :meth:`_step` in a CUDA graph. The warm-up steps that must precede the capture run on
+        a side stream and are then undone (weights, optimiser state and RNG state restored), so the run
+        is the same as an eager one."""
+        cfg, dev = self.cfg, self.device
+        t0 = time.perf_counter()
+        self._pos = torch.zeros(cfg.gradient_accumulation_steps, cfg.batch_size, dtype=torch.long, device=dev)
+        self._valid = torch.ones_like(self._pos, dtype=torch.bool)
+        rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(dev)
+        params = list(self.model.parameters())
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {id(p): {k: v.clone() for k, v in self.opt.state[p].items() if torch.is_tensor(v)}
+                       for p in params if p in self.opt.state}
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        self.model.train()
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(self._pos, self._valid)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        with torch.no_grad():
+            for p, saved in zip(params, saved_params):
+                p.copy_(saved)
+            for p in params:
+                for k, v in self.opt.state[p].items():
+                    if torch.is_tensor(v):
+                        v.copy_(saved_state[id(p)][k]) if id(p) in saved_state else v.zero_()
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._rows = self._step(self._pos, self._valid)
+        torch.set_rng_state(rng_cpu)
+        torch.cuda.set_rng_state(rng_cuda, dev)
+        self._graph = graph
+        log.info("training step captured in a CUDA graph in %.2f s", time.perf_counter() - t0)
+
+    def _finish_epoch(self, epoch: int, sums: torch.Tensor, first_bad: torch.Tensor, n_batches: int
+                      ) -> dict[str, float]:
+        if self.world > 1:  # every rank must stop together, or the others wait in the next collective
+            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+        bad_step = int(first_bad.item())
+        if bad_step >= 0:
+            raise TrainingDiverged(f"epoch {epoch}, batch {bad_step}: loss is not finite; stopped, the last good "
+                                   "checkpoint is kept")
+        totals = dict(zip(self.STAT_KEYS, sums.tolist()))
+        mean = (_all_mean(totals, n_batches, self.device) if self.world > 1
+                else {k: v / max(n_batches, 1) for k, v in totals.items()})
+        return {f"train_{c}": mean[c] for c in COMPONENTS} | {"train_kl": mean["kl"], "train_total": mean["total"]}
+
+    def _bar(self, epoch: int, total: int, progress: bool):
+        if not progress:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", leave=False, dynamic_ncols=True)
+
+    def _train_epoch_pyg(self, epoch: int, beta: float, progress: bool) -> dict[str, float]:
+        """The PyG engine's epoch: DataLoader batches of hypergraphs, one optimiser step per ``accum``."""
+        from hvae_ray.model.hypervae import dense_targets
+
+        cfg = self.cfg
+        accum = cfg.gradient_accumulation_steps
+        loader = train_loader(self.splits.train_graphs, cfg, epoch)
+        sums = torch.zeros(len(self.STAT_KEYS), dtype=torch.float64, device=self.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+        bar = self._bar(epoch, len(loader), progress)
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        n_batches = len(loader)
+        for i, batch in enumerate(loader):
+            batch = batch.to(self.device, non_blocking=True)
+            with self.autocast():
+                out = self.net(batch)
+                terms = reconstruction_terms(out.decoded, dense_targets(batch, self.model.num_slots))
+                kl = kl_divergence(out.mu, out.logvar, cfg.free_bits)
+                loss = total_loss(terms, kl, beta, cfg)
+            self.scaler.scale(loss / accum).backward()
+            if (i + 1) % accum == 0 or i + 1 == n_batches:
+                self._optimiser_step()
+            sums += torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double()
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
+            if bar is not None:
+                bar.update(1)
+                if (i + 1) % POSTFIX_EVERY == 0 or i + 1 == n_batches:
+                    mean = (sums / (i + 1)).tolist()
+                    bar.set_postfix(loss=f"{mean[-1]:.4g}", kl=f"{mean[-2]:.4g}", kl_w=f"{beta:.2e}")
+        if bar is not None:
+            bar.close()
+        return self._finish_epoch(epoch, sums, first_bad, n_batches)
+
+    # ---------------------------------------------------------------------------------------------
+    # Validation
+
+    @torch.no_grad()
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Validation metrics on the full validation split (eval mode, posterior mean) at the KL weight of
+        ``epoch``: the four terms, KL, total, their unweighted sum and the objective."""
+        cfg = self.cfg
+        beta = kl_weight(epoch, cfg)
+        self.model.eval()
+        sums = torch.zeros(len(self.STAT_KEYS), dtype=torch.float64, device=self.device)
+        n = 0
+        with self.autocast():
+            for b, terms, kl in self._val_batches():
+                loss = total_loss(terms, kl, beta, cfg)
+                sums += torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).double() * b
+                n += b
+        self.model.train()
+        val = dict(zip(self.STAT_KEYS, (sums / max(n, 1)).tolist()))
+        recon = {c: val[c] for c in COMPONENTS}
+        out = {f"val_{c}": val[c] for c in COMPONENTS}
+        out |= {"val_kl": val["kl"], "val_total": val["total"], "val_recon": sum(recon.values()),
+                "val_objective": objective(recon, val["kl"], cfg)}
+        return out
+
+    def _val_batches(self):
+        """(jets in the batch, terms, KL) over the validation split in batches of max(64, batch_size)."""
+        size = max(64, self.cfg.batch_size)
+        if self.dense:
+            parts, mask = self.val_jets
+            for s in range(0, parts.shape[0], size):
+                batch = self.featurize(parts[s : s + size], mask[s : s + size])
+                out = self.model(batch)
+                terms = dense_reconstruction_terms(out.decoded, batch)
+                yield batch.num_graphs, terms, kl_divergence(out.mu, out.logvar)
+            return
+        from torch_geometric.loader import DataLoader
+
+        from hvae_ray.model.hypervae import dense_targets
+
+        for batch in DataLoader(self.splits.val_graphs, batch_size=size):
+            batch = batch.to(self.device, non_blocking=True)
+            out = self.model(batch)
+            terms = reconstruction_terms(out.decoded, dense_targets(batch, self.model.num_slots))
+            yield batch.num_graphs, terms, kl_divergence(out.mu, out.logvar)
+
+    def val_w1m(self) -> float:
+        """W1 between the relative jet mass of validation jets and of as many jets sampled from the prior."""
+        from scipy.stats import wasserstein_distance
+
+        from hvae_ray.physics import jet_mass
+
+        val = self.splits.sample.subset(self.splits.val)
+        gen_p, gen_m = generate(self.model, self.normaliser, len(val), seed=self.cfg.seed, device=self.device)
+        real, fake = jet_mass(val.particles, val.mask), jet_mass(gen_p, gen_m)
+        if not (np.isfinite(real).all() and np.isfinite(fake).all()):
+            return math.inf
+        return float(wasserstein_distance(real, fake))
+
+    # ---------------------------------------------------------------------------------------------
+    # Checkpoints
+
+    def state(self, epoch: int) -> dict[str, Any]:
         state = {
             "model": self.model.state_dict(),
             "optimizer": self.opt.state_dict(),
@@ -221,8 +563,8 @@ class _Run:
             "best": self.best,
             "best_epoch": self.best_epoch,
             "config": self.cfg.to_dict(),
-            "normaliser": normaliser.state_dict(),
-            "test_indices": torch.from_numpy(splits.test),
+            "normaliser": self.normaliser.state_dict(),
+            "test_indices": torch.from_numpy(self.splits.test),
             "rng_cpu": torch.get_rng_state(),
         }
         if self.device.type == "cuda":
@@ -230,6 +572,7 @@ class _Run:
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` (of :meth:`state`): weights, optimiser, loss scaler, RNG, epoch, best."""
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -239,47 +582,7 @@ class _Run:
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)
-
-
-def _evaluate(run: _Run, graphs: list[JetHypergraph], beta: float) -> dict[str, float]:
-    """Validation metrics on the full validation split (eval mode, posterior mean)."""
-    cfg = run.cfg
-    run.model.eval()
-    sums = {c: 0.0 for c in COMPONENTS} | {"kl": 0.0, "total": 0.0}
-    n = 0
-    with torch.no_grad(), run.autocast():
-        for batch in DataLoader(graphs, batch_size=max(64, cfg.batch_size)):
-            batch = batch.to(run.device, non_blocking=True)
-            out = run.model(batch)
-            terms = reconstruction_terms(out.decoded, dense_targets(batch, run.model.num_slots))
-            kl = kl_divergence(out.mu, out.logvar)
-            b = batch.num_graphs
-            for c in COMPONENTS:
-                sums[c] += terms[c].item() * b
-            sums["kl"] += kl.item() * b
-            sums["total"] += total_loss(terms, kl, beta, cfg).item() * b
-            n += b
-    run.model.train()
-    val = {k: v / max(n, 1) for k, v in sums.items()}
-    recon = {c: val[c] for c in COMPONENTS}
-    out = {f"val_{c}": val[c] for c in COMPONENTS}
-    out |= {"val_kl": val["kl"], "val_total": val["total"], "val_recon": sum(recon.values()),
-            "val_objective": objective(recon, val["kl"], cfg)}
-    return out
-
-
-def _val_w1m(run: _Run, normaliser: FeatureNormaliser, val_particles: np.ndarray,
-             val_mask: np.ndarray) -> float:
-    """W1 between the relative jet mass of validation jets and of as many jets sampled from the prior."""
-    from scipy.stats import wasserstein_distance
-
-    from hvae_ray.physics import jet_mass
-
-    gen_p, gen_m = generate(run.model, normaliser, len(val_particles), seed=run.cfg.seed, device=run.device)
-    real, fake = jet_mass(val_particles, val_mask), jet_mass(gen_p, gen_m)
-    if not (np.isfinite(real).all() and np.isfinite(fake).all()):
-        return math.inf
-    return float(wasserstein_distance(real, fake))
+        self._graph = None  # the optimiser's state tensors are new: capture again
 
 
 def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
@@ -298,24 +601,28 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
     last good checkpoint stays in ``save_dir/last``.
     """
     device = torch.device(device) if device is not None else resolve_device(cfg.device)
-    run = _Run(cfg, device)
     save_dir = Path(save_dir) if save_dir is not None else None
-    resume_state = None
+    resume_state, src = None, None
     if resume:
         src = Path(resume) if not isinstance(resume, bool) else (save_dir / "last" if save_dir else None)
         if src is None:
             raise HvaeError("resume=True needs a save_dir holding last/checkpoint.pt")
         resume_state = load_checkpoint(src)
         _check_resumable(cfg, resume_state, src)
-    normaliser = (FeatureNormaliser.from_state_dict(resume_state["normaliser"]) if resume_state else None)
-    splits = prepare(cfg, sample, normaliser)
-    normaliser = splits.normaliser
+    normaliser = FeatureNormaliser.from_state_dict(resume_state["normaliser"]) if resume_state else None
+    splits = prepare(cfg, sample, normaliser, device)
+    trainer = Trainer(cfg, splits, device)
     if resume_state:
         try:
-            run.restore(resume_state)
+            trainer.restore(resume_state)
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{src}: cannot resume from this checkpoint ({e.__class__.__name__})") from e
-    is_main = run.rank == 0
+    is_main = trainer.rank == 0
+    if trainer.dense:
+        line = f"training step: {trainer.step_mode}"
+        log.info(line)
+        if progress and is_main:
+            print(line, file=sys.stderr)
     if is_main and save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
         _write_yaml(save_dir / "config.yaml", cfg.to_dict())
@@ -327,37 +634,34 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
 
         logger = TensorBoardLogger(log_dir)
 
-    val_sub = sample.subset(splits.val)
     metrics: dict[str, Any] = {}
-    epoch = run.start_epoch - 1
+    epoch = trainer.start_epoch - 1
     threads = torch.get_num_threads()
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         # Small batches on a GPU are launch-bound: CPU thread pools over tiny tensors only add overhead
         # (an epoch of the default config on an H100: 4.97 s with 16 threads, 3.50 s with one).
         torch.set_num_threads(1)
     try:
-        for epoch in range(run.start_epoch, cfg.epochs):
+        for epoch in range(trainer.start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            beta = kl_weight(epoch, cfg)
-            loader = train_loader(splits.train_graphs, cfg, epoch)
-            train = _train_epoch(run, loader, beta, epoch, progress and is_main)
-            metrics = {"epoch": epoch, "kl_weight": beta, "lr": run.opt.param_groups[0]["lr"], **train,
-                       **_evaluate(run, splits.val_graphs, beta)}
-            metrics["val_w1m"] = _val_w1m(run, normaliser, val_sub.particles, val_sub.mask)
+            train = trainer.train_epoch(epoch, progress and is_main)
+            metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": trainer.opt.param_groups[0]["lr"],
+                       **train, **trainer.evaluate(epoch)}
+            metrics["val_w1m"] = trainer.val_w1m()
             metrics["epoch_time_s"] = time.perf_counter() - t0
             if not math.isfinite(metrics["val_total"]):
                 raise TrainingDiverged(f"epoch {epoch}: validation loss is {metrics['val_total']}")
             if metrics["val_kl"] > cfg.max_kl:
                 raise TrainingDiverged(f"epoch {epoch}: validation KL {metrics['val_kl']:.3g} nats "
                                        f"exceeds max_kl={cfg.max_kl:g} (KL runaway)")
-            is_best = metrics["val_objective"] < run.best
+            is_best = metrics["val_objective"] < trainer.best
             if is_best:
-                run.best, run.best_epoch = metrics["val_objective"], epoch
-            metrics["best_val_objective"] = run.best
+                trainer.best, trainer.best_epoch = metrics["val_objective"], epoch
+            metrics["best_val_objective"] = trainer.best
             ckpt_dir = None
             if is_main and save_dir is not None:
                 ckpt_dir = save_dir / "last"
-                save_checkpoint(ckpt_dir / CHECKPOINT_FILE, run.state(epoch, normaliser, splits))
+                save_checkpoint(ckpt_dir / CHECKPOINT_FILE, trainer.state(epoch))
                 if is_best:
                     (save_dir / "best").mkdir(exist_ok=True)
                     shutil.copyfile(ckpt_dir / CHECKPOINT_FILE, save_dir / "best" / CHECKPOINT_FILE)
@@ -367,27 +671,30 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
             if any([bool(cb(report)) for cb in callbacks]):
                 break
         if logger is not None and metrics:
-            _log_distributions(logger, run, normaliser, val_sub, epoch)
+            _log_distributions(logger, trainer, splits.sample.subset(splits.val), epoch)
     finally:
         torch.set_num_threads(threads)
         if logger is not None:
             logger.close()
     return {
         **metrics,
-        "epochs_run": epoch + 1 - run.start_epoch if metrics else 0,
-        "best_epoch": run.best_epoch,
-        "best_val_objective": run.best,
+        "epochs_run": epoch + 1 - trainer.start_epoch if metrics else 0,
+        "best_epoch": trainer.best_epoch,
+        "best_val_objective": trainer.best,
         "save_dir": str(save_dir) if save_dir else None,
         "log_dir": str(log_dir) if log_dir else None,
     }
 
 
-def train_loader(graphs: Sequence[JetHypergraph], cfg: Config, epoch: int) -> DataLoader:
-    """The training loader of ``epoch``: in one process, all of ``graphs`` shuffled by a generator seeded
-    from ``cfg.seed`` and the epoch; under a process group, this rank's DistributedSampler shard (every
-    rank shuffles with the same seed and epoch and takes every ``world``-th graph, so the shards are
-    disjoint; when ``world`` does not divide the graphs, the sampler pads the shards to equal length by
-    repeating the first graphs of the shuffled order)."""
+def train_loader(graphs: Sequence, cfg: Config, epoch: int):
+    """The PyG engine's training loader of ``epoch`` (a ``torch_geometric`` DataLoader): in one process,
+    all of ``graphs`` shuffled by a generator seeded from ``cfg.seed`` and the epoch; under a process
+    group, this rank's DistributedSampler shard (every rank shuffles with the same seed and epoch and
+    takes every ``world``-th graph, so the shards are disjoint; when ``world`` does not divide the
+    graphs, the sampler pads the shards to equal length by repeating the first graphs of the shuffled
+    order). Its order is :func:`epoch_order`'s."""
+    from torch_geometric.loader import DataLoader
+
     rank, world = _rank_world()
     sampler = None
     if world > 1:
@@ -399,66 +706,12 @@ def train_loader(graphs: Sequence[JetHypergraph], cfg: Config, epoch: int) -> Da
                       generator=gen if sampler is None else None, num_workers=cfg.num_workers, drop_last=False)
 
 
-def _train_epoch(run: _Run, loader: DataLoader, beta: float, epoch: int, progress: bool) -> dict[str, float]:
-    """One pass over the training split. Running sums stay on the device (no host sync per step: small
-    batches on a GPU are launch-bound); the host reads them every ``POSTFIX_EVERY`` steps for the
-    progress bar and once at the end, where a non-finite loss raises :class:`TrainingDiverged`."""
-    cfg = run.cfg
-    accum = cfg.gradient_accumulation_steps
-    keys = (*COMPONENTS, "kl", "total")
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=run.device)
-    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(loader), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True)
-    run.opt.zero_grad(set_to_none=True)
-    n_batches = len(loader)
-    steps = 0
-    for i, batch in enumerate(loader):
-        batch = batch.to(run.device, non_blocking=True)
-        with run.autocast():
-            out = run.net(batch)
-            terms = reconstruction_terms(out.decoded, dense_targets(batch, run.model.num_slots))
-            kl = kl_divergence(out.mu, out.logvar, cfg.free_bits)
-            loss = total_loss(terms, kl, beta, cfg)
-        run.scaler.scale(loss / accum).backward()
-        if (i + 1) % accum == 0 or i + 1 == n_batches:
-            if cfg.grad_clip > 0:
-                run.scaler.unscale_(run.opt)
-                torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
-            run.scaler.step(run.opt)
-            run.scaler.update()
-            run.opt.zero_grad(set_to_none=True)
-        step_values = torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double()
-        sums += step_values
-        bad = ~torch.isfinite(loss.detach())
-        first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-        steps += 1
-        if bar is not None:
-            bar.update(1)
-            if steps % POSTFIX_EVERY == 0 or steps == n_batches:
-                mean = (sums / steps).tolist()
-                bar.set_postfix(loss=f"{mean[-1]:.4g}", kl=f"{mean[-2]:.4g}", kl_w=f"{beta:.2e}")
-    if bar is not None:
-        bar.close()
-    if run.world > 1:  # every rank must stop together, or the others wait in the next collective
-        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-    bad_step = int(first_bad.item())
-    if bad_step >= 0:
-        raise TrainingDiverged(f"epoch {epoch}, batch {bad_step}: loss is not finite; stopped, the last good "
-                               "checkpoint is kept")
-    totals = dict(zip(keys, sums.tolist()))
-    mean = _all_mean(totals, steps, run.device) if run.world > 1 else {k: v / max(steps, 1) for k, v in totals.items()}
-    return {f"train_{c}": mean[c] for c in COMPONENTS} | {"train_kl": mean["kl"], "train_total": mean["total"]}
-
-
-def _log_distributions(logger, run: _Run, normaliser: FeatureNormaliser, val: JetSample, step: int) -> None:
+def _log_distributions(logger, trainer: Trainer, val: JetSample, step: int) -> None:
     """Real (validation) vs generated histograms into TensorBoard at the end of training."""
     from hvae_ray.plots import distribution_figures
 
-    gen_p, gen_m = generate(run.model, normaliser, len(val), seed=run.cfg.seed + 1, device=run.device)
+    gen_p, gen_m = generate(trainer.model, trainer.normaliser, len(val), seed=trainer.cfg.seed + 1,
+                            device=trainer.device)
     figs = distribution_figures(val.particles, val.mask, gen_p, gen_m)
     logger.log_figures(figs, step)
 

@@ -109,7 +109,8 @@ def _memory_key(cfg, steps: int, torch_version: str) -> str:
     import os
     import socket
 
-    shape = {"model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn,
+    shape = {"model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn, "engine": cfg.engine,
+             "accum": cfg.gradient_accumulation_steps,
              "mixed_precision": cfg.mixed_precision, "steps": steps, "torch": torch_version,
              "host": socket.gethostname(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
@@ -148,36 +149,33 @@ def _write_cache(path, key: str, result: dict) -> None:
 
 
 def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
-    """What a trial does on the GPU, briefly, through the engine's own code: ``steps`` training batches
-    of synthetic 30-particle jets (the worst case: all slots full), a validation pass (its batches of
-    ``max(64, batch_size)`` jets peak above training's), and 1500 jets sampled as validation's W1m does."""
+    """What a trial does on the GPU, briefly, through the engine's own :class:`~hvae_ray.engine.Trainer`:
+    an epoch of at least ``steps`` training batches of synthetic 30-particle jets (the worst case: all
+    slots full), a validation pass (its batches of ``max(64, batch_size)`` jets peak above training's),
+    and 1500 jets sampled as validation's W1m does."""
     import numpy as np
     import torch
-    from torch_geometric.loader import DataLoader
 
     from hvae_ray import engine
     from hvae_ray.config import Config
-    from hvae_ray.data.graphs import FeatureNormaliser, build_graphs, raw_features
     from hvae_ray.data.jets import from_padded
 
     cfg = cfg or Config()
     dev = torch.device("cuda")
     used0 = _device_used(dev)
     rng = np.random.default_rng(0)
-    n_jets = max(n_jets, steps * cfg.batch_size)
+    train_share = 1.0 - cfg.data.val_fraction - cfg.data.test_fraction
+    n_jets = max(n_jets, math.ceil(steps * cfg.batch_size / train_share) + 2)
     p = np.zeros((n_jets, 30, 3), np.float32)
     p[..., :2] = rng.normal(0, 0.2, (n_jets, 30, 2))
     pt = rng.exponential(1, (n_jets, 30))
     p[..., 2] = pt / pt.sum(1, keepdims=True)
-    raw = raw_features(from_padded(p), cfg.data.knn)
-    normaliser = FeatureNormaliser.fit(raw)
-    graphs = build_graphs(raw, normaliser)
-    run = engine._Run(cfg, dev)
-    beta = cfg.kl_max_weight
-    engine._train_epoch(run, DataLoader(graphs[:steps * cfg.batch_size], batch_size=cfg.batch_size), beta, 0,
-                        False)
-    engine._evaluate(run, graphs, beta)
-    engine.generate(run.model, normaliser, 1500, device=dev)
+    splits = engine.prepare(cfg, from_padded(p), device=dev)
+    trainer = engine.Trainer(cfg, splits, dev)
+    epoch = cfg.kl_warmup_epochs  # the KL weight at its cap
+    trainer.train_epoch(epoch)
+    trainer.evaluate(epoch)
+    engine.generate(trainer.model, splits.normaliser, 1500, device=dev)
     torch.cuda.synchronize()
     used1 = _device_used(dev)
     return {"allocated_peak": float(torch.cuda.max_memory_allocated(dev)),
