@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from hvae_ray.config import Config, load_config
-from hvae_ray.errors import DataError
+from hvae_ray.errors import ConfigError, DataError
 
 
 def resolve_data(data_path: str | Path | None, progress: bool = True) -> Path:
@@ -72,13 +72,27 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
     return out
 
 
-def evaluate(real: str | Path, generated: str | Path, *, seed: int = 0, plots_dir: str | Path | None = None,
+def _check_metric_sizes(sizes: dict) -> None:
+    """Subsample sizes must be usable, checked before any jet is read."""
+    lowest = {"num_eval_samples": 1, "num_batches": 1, "fpd_min_samples": 2, "fpd_max_samples": 2,
+              "fpd_num_batches": 1, "fpd_num_points": 1, "kpd_num_batches": 1, "kpd_batch_size": 2}
+    for key, value in sizes.items():
+        if key in lowest and (isinstance(value, bool) or not isinstance(value, int) or value < lowest[key]):
+            raise ConfigError(f"{key} must be an integer ≥ {lowest[key]}, got {value!r}")
+    if sizes.get("fpd_min_samples", 20_000) > sizes.get("fpd_max_samples", 50_000):
+        raise ConfigError(f"fpd_min_samples ({sizes.get('fpd_min_samples', 20_000)}) exceeds "
+                          f"fpd_max_samples ({sizes.get('fpd_max_samples', 50_000)})")
+
+
+def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_dir: str | Path | None = None,
              log_dir: str | Path | None = None, **metric_kwargs) -> dict[str, float]:
     """The field's generation metrics (W1m, W1p, W1efp, FPD, KPD) of ``generated`` against ``real``,
-    each with its real-vs-real floor; optional PNG plots and TensorBoard figures."""
+    computed as jetnet 0.2.5 does (``physics.evaluate_generation``), each with its real-vs-real floor,
+    the sample sizes and ``convention``; optional PNG plots and TensorBoard figures."""
     from hvae_ray.data.io import load_jets
     from hvae_ray.physics import evaluate_generation
 
+    _check_metric_sizes(metric_kwargs)
     r, g = load_jets(real), load_jets(generated)
     result = evaluate_generation(r.particles, r.mask, g.particles, g.mask, seed=seed, **metric_kwargs)
     if plots_dir is not None or log_dir is not None:

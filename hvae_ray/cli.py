@@ -53,7 +53,9 @@ def cmd_sample(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from hvae_ray.api import evaluate
 
-    result = evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir)
+    sizes = dict(num_eval_samples=a.w1_samples, fpd_min_samples=a.fpd_min_samples,
+                 fpd_max_samples=a.fpd_max_samples, kpd_batch_size=a.kpd_batch_size)
+    result = evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir, **sizes)
     if a.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -62,7 +64,16 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         val, err = result[key], result.get(f"{key}_err", float("nan"))
         fl, fl_err = result[f"{key}_floor"], result.get(f"{key}_floor_err", float("nan"))
         print(f"{key:<14}{val:>13.4g} ± {err:<7.2g}{fl:>15.4g} ± {fl_err:<7.2g}")
-    print(f"n_real={int(result['n_real'])} n_gen={int(result['n_gen'])}")
+    r = result
+    print(f"convention: {r['convention']} (z = pT_rel as given; the values compare with papers that use "
+          f"jetnet, at their sample sizes)")
+    print(f"jets: real {r['n_real']} (floor: two halves of {r['n_floor']}), generated {r['n_gen']}")
+    print(f"subsamples with replacement: W1 {r['w1_num_batches']} × {r['w1_eval_samples']} jets; "
+          f"FPD {r['fpd_num_points']} sizes {r['fpd_min_samples']}–{r['fpd_max_samples']} × "
+          f"{r['fpd_num_batches']}; KPD {r['kpd_num_batches']} × {r['kpd_batch_size']}")
+    if r["small_sample"]:
+        print("note: fewer jets than the largest subsample (jetnet recommends 50,000): every value and "
+              "floor carries the sets' finite-sample effect; compare a value with its floor")
     return 0
 
 
@@ -144,7 +155,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--real", required=True)
     e.add_argument("--generated", required=True)
     e.add_argument("--json", action="store_true")
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--seed", type=int, default=42, help="subsample seed (42: jetnet's default)")
+    e.add_argument("--w1-samples", type=int, default=50_000, metavar="N",
+                   help="jets per W1 subsample (default 50000, jetnet's)")
+    e.add_argument("--fpd-min-samples", type=int, default=20_000, metavar="N",
+                   help="smallest FPD subsample (default 20000, jetnet's)")
+    e.add_argument("--fpd-max-samples", type=int, default=50_000, metavar="N",
+                   help="largest FPD subsample (default 50000, jetnet's)")
+    e.add_argument("--kpd-batch-size", type=int, default=5000, metavar="N",
+                   help="jets per KPD batch (default 5000, jetnet's)")
     e.add_argument("--plots", default=None, metavar="DIR", help="write real-vs-generated PNGs here")
     e.add_argument("--log-dir", default=None, help="also write the plots to TensorBoard here")
     e.set_defaults(func=cmd_evaluate)

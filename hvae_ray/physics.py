@@ -7,20 +7,24 @@ When ``mask`` is None a particle is padding iff all three of its features are ex
 convention). All returned observables are dimensionless (relative to the jet pT).
 
 Metrics follow Kansal et al., "Evaluating generative models in high energy physics",
-PRD 107, 076017 (2023), arXiv:2211.10295, and the conventions of the ``jetnet`` library:
+PRD 107, 076017 (2023), arXiv:2211.10295, and are computed exactly as the ``jetnet`` library 0.2.5
+computes them (``CONVENTION``), so that our numbers are the numbers papers quote:
 
 - W1m, W1p, W1efp: 1-Wasserstein distances of the jet mass, of the particle features and of five
-  energy flow polynomials, averaged over random subsamples drawn with replacement.
+  energy flow polynomials, averaged over subsamples drawn with replacement at jetnet's sizes.
 - FPD: Fréchet distance between Gaussian fits of the 36 EFPs with d ≤ 4, extrapolated to infinite
-  sample size through a linear fit in 1/N.
+  sample size through a linear fit in 1/N; seeds and draws as jetnet's.
 - KPD: unbiased quadratic-time MMD² with the polynomial kernel k(x, y) = (x·y/dim + 1)⁴.
 
 Energy flow polynomials follow Komiske, Metodiev and Thaler, "Energy flow polynomials: a complete
-linear basis for jet substructure", JHEP 04 (2018) 013, arXiv:1712.07124.
+linear basis for jet substructure", JHEP 04 (2018) 013, arXiv:1712.07124, with jetnet's choices:
+hadronic measure, β = 1, and energy fractions z_i = pT_rel,i *as given* (not renormalised over the
+kept particles), in energyflow's column order. ``tests/test_jetnet_parity.py`` holds every function
+here to jetnet's own numbers on the same jets (``benchmarks/jetnet_parity.py`` makes that fixture).
 
 Every metric is quoted together with a floor: the same metric between two disjoint halves of the real
 set (``evaluate_generation``). Values of all metrics grow as the samples shrink, so compare a model's
-numbers with the floor computed at the same sample size, not with published values at 50k jets.
+numbers with the floor, and with published values only at the paper's sample sizes (50k jets).
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ from scipy.stats import wasserstein_distance
 __all__ = [
     "EFP_D4_GRAPHS",
     "PRIME_EFP_N4_D4",
+    "CONVENTION",
+    "PARTICLE_FEATURE_NAMES",
     "FPDResult",
+    "fpd_batch_sizes",
     "jet_mass",
     "efps",
     "w1m",
@@ -57,75 +64,50 @@ Graph = tuple[Edge, ...]
 # EFP graphs
 # ----------------------------------------------------------------------------------------------
 
-#: All connected multigraphs (no self-loops) with d ≤ 4 edges, up to isomorphism, by d:
-#: 1 (the one-vertex graph, d = 0), 1, 2, 5 and 12. Vertices are 0..n-1.
-_CONNECTED_D4: tuple[Graph, ...] = (
-    # d = 0: a single vertex, EFP = Σ z_i = 1
+#: The 36 EFP graphs of energyflow's ``EFPSet('d<=4')`` in energyflow's own column order (the order of
+#: ``EFPSet('d<=4').graphs()`` in energyflow 1.4, which jetnet 0.2.5 uses): the feature set of FPD and
+#: KPD for jets (Kansal et al., arXiv:2211.10295; ``jetnet.evaluation.get_fpd_kpd_jet_features``).
+#: Every loopless multigraph with d ≤ 4 edges up to isomorphism, connected or not; by d = 0..4:
+#: 1 + 1 + 3 + 8 + 23 = 36 (connected: 1, 1, 2, 5, 12; disjoint unions: 0, 0, 1, 3, 11). Column k of
+#: ``efps(..., graphs=EFP_D4_GRAPHS)`` is column k of jetnet's features. The d = 0 graph (one vertex)
+#: is Σ_i z_i, the summed pT_rel of the kept particles (below 1 when particles were dropped).
+EFP_D4_GRAPHS: tuple[Graph, ...] = (
     (),
-    # d = 1
     ((0, 1),),
-    # d = 2
     ((0, 1), (0, 1)),
-    ((0, 1), (0, 2)),
-    # d = 3
     ((0, 1), (0, 1), (0, 1)),
-    ((0, 1), (0, 1), (0, 2)),
-    ((0, 1), (0, 2), (1, 2)),  # triangle
-    ((0, 1), (0, 2), (0, 3)),  # star
-    ((0, 1), (1, 2), (2, 3)),  # path
-    # d = 4, n = 2
     ((0, 1), (0, 1), (0, 1), (0, 1)),
-    # d = 4, n = 3
-    ((0, 1), (0, 1), (0, 1), (0, 2)),
+    ((0, 1), (0, 2)),
+    ((0, 1), (0, 2), (0, 2)),
+    ((0, 1), (0, 2), (0, 2), (0, 2)),
     ((0, 1), (0, 1), (0, 2), (0, 2)),
-    ((0, 1), (0, 1), (0, 2), (1, 2)),
-    # d = 4, n = 4 (the five prime n = 4, d = 4 graphs)
+    ((0, 1), (0, 2), (1, 2)),
+    ((0, 1), (0, 2), (0, 2), (1, 2)),
+    ((0, 1), (0, 2), (0, 3)),
     ((0, 1), (0, 2), (0, 2), (0, 3)),
+    ((0, 1), (0, 2), (1, 3)),
     ((0, 1), (0, 2), (0, 2), (1, 3)),
     ((0, 1), (0, 1), (0, 2), (1, 3)),
     ((0, 1), (0, 2), (1, 2), (0, 3)),
     ((0, 1), (0, 2), (1, 3), (2, 3)),
-    # d = 4, n = 5 (trees)
     ((0, 1), (0, 2), (0, 3), (0, 4)),
-    ((0, 1), (1, 2), (2, 3), (3, 4)),
-    ((0, 1), (0, 2), (0, 3), (3, 4)),
-)
-
-
-def _shift(graph: Graph, offset: int) -> Graph:
-    return tuple((a + offset, b + offset) for a, b in graph)
-
-
-def _disjoint_union(*graphs: Graph) -> Graph:
-    out: list[Edge] = []
-    offset = 0
-    for g in graphs:
-        out.extend(_shift(g, offset))
-        offset += 1 + max((max(e) for e in g), default=0)
-    return tuple(out)
-
-
-def _composites_d4() -> tuple[Graph, ...]:
-    """Disjoint unions of ≥ 2 connected graphs with ≥ 1 edge each and ≤ 4 edges in total."""
-    nonempty = [g for g in _CONNECTED_D4 if g]
-    out = []
-    for k in (2, 3, 4):
-        for combo in itertools.combinations_with_replacement(range(len(nonempty)), k):
-            parts = [nonempty[i] for i in combo]
-            if sum(len(p) for p in parts) <= 4:
-                out.append(_disjoint_union(*parts))
-    return tuple(out)
-
-
-#: The 36 EFP graphs of energyflow's ``EFPSet('d<=4')``, the feature set of FPD/KPD for jets
-#: (Kansal et al., arXiv:2211.10295; ``jetnet.evaluation.get_fpd_kpd_jet_features``): every
-#: multigraph with d ≤ 4 edges up to isomorphism, connected or not. Counted by d = 0, 1, 2, 3, 4:
-#: 1 + 1 + 3 + 8 + 23 = 36 (connected: 1, 1, 2, 5, 12; composites: 0, 0, 1, 3, 11). The d = 0 graph
-#: (one vertex, no edge) is part of energyflow's set; with normalised z its EFP is Σ z_i = 1 for
-#: every jet, so it is a constant feature that adds nothing to FPD or KPD but keeps the count at 36.
-#: Order: connected graphs by d, then composites by d; FPD and KPD do not depend on feature order.
-EFP_D4_GRAPHS: tuple[Graph, ...] = tuple(
-    sorted(_CONNECTED_D4, key=len) + sorted(_composites_d4(), key=len)
+    ((0, 1), (0, 2), (0, 3), (1, 4)),
+    ((0, 1), (0, 2), (1, 3), (2, 4)),
+    ((0, 1), (2, 3)),
+    ((0, 1), (2, 3), (2, 3)),
+    ((0, 1), (2, 3), (2, 3), (2, 3)),
+    ((0, 1), (0, 1), (2, 3), (2, 3)),
+    ((0, 1), (2, 3), (2, 4)),
+    ((0, 1), (0, 1), (2, 3), (2, 4)),
+    ((0, 1), (2, 3), (2, 4), (2, 4)),
+    ((0, 1), (2, 3), (2, 4), (3, 4)),
+    ((0, 1), (2, 3), (4, 5)),
+    ((0, 1), (2, 3), (2, 4), (2, 5)),
+    ((0, 1), (2, 3), (2, 4), (3, 5)),
+    ((0, 1), (0, 2), (3, 4), (3, 5)),
+    ((0, 1), (2, 3), (4, 5), (4, 5)),
+    ((0, 1), (2, 3), (4, 5), (4, 6)),
+    ((0, 1), (2, 3), (4, 5), (6, 7)),
 )
 
 #: The five prime EFPs with n = 4 vertices and d = 4 edges used for W1efp (energyflow selection
@@ -255,22 +237,26 @@ def efps(
     graphs: Sequence[Sequence[tuple[int, int]]] = EFP_D4_GRAPHS,
     chunk_size: int = 2048,
 ) -> np.ndarray:
-    """Energy flow polynomials (Komiske, Metodiev, Thaler, arXiv:1712.07124) of each jet.
+    """Energy flow polynomials (Komiske, Metodiev, Thaler, arXiv:1712.07124) of each jet, as jetnet.
 
     For a multigraph G with edges (k, l) on vertices 1..n,
     EFP_G = Σ_{i1..in} z_{i1} ··· z_{in} Π_{(k,l)∈G} θ_{ik il},
-    with the hadronic measure at β = 1: z_i = pT_i / Σ_j pT_j and θ_ij = sqrt(Δη_ij² + Δφ_ij²)
-    (Δφ wrapped into [−π, π]). Padded particles have z = 0. Connected graphs are contracted with
-    einsum over the particle indices (vectorised over jets, in chunks of ``chunk_size`` jets to bound
-    memory); a disconnected graph is the product of the EFPs of its connected components, each
-    component computed once per call. Vertices that appear in no edge would contribute Σ z = 1 and
-    are ignored; the empty graph ``()`` (one vertex, d = 0) gives 1 for every non-empty jet.
+    with the hadronic measure at β = 1, θ_ij = sqrt(Δη_ij² + Δφ_ij²) (Δφ wrapped into [−π, π]) and
+    the energy fractions **z_i = pT_rel,i as given**, not renormalised to Σ z = 1 over the kept
+    particles. This is jetnet 0.2.5's convention (``jetnet.utils.efps``: energyflow's ``EFPSet`` with
+    ``measure="hadr", beta=1, normed=None, coords="ptyphim"``): a jet cut to its 30 hardest particles
+    keeps Σ z < 1, and each n-vertex EFP carries that factor n times. Padded particles have z = 0.
+
+    Connected graphs are contracted with einsum over the particle indices (vectorised over jets, in
+    chunks of ``chunk_size`` jets to bound memory); a disconnected graph is the product of the EFPs of
+    its connected components, each computed once per call. The one-vertex graph ``()`` (d = 0) is Σ z.
 
     particles: (N, P, 3) = (η_rel, φ_rel, pT_rel); mask: (N, P) bool or None.
-    graphs: sequence of edge lists, e.g. ``EFP_D4_GRAPHS`` (36, the default) or ``PRIME_EFP_N4_D4``.
-    Returns (N, len(graphs)) float64, dimensionless; all d ≥ 1 EFPs are 0 for a one-particle jet.
+    graphs: sequence of edge lists, e.g. ``EFP_D4_GRAPHS`` (36, the default, energyflow's column order)
+    or ``PRIME_EFP_N4_D4``. Returns (N, len(graphs)) float64, dimensionless; every d ≥ 1 EFP is 0 for a
+    one-particle jet.
     """
-    x, m = _as_particles(particles, mask)
+    x, _ = _as_particles(particles, mask)
     graphs = [tuple((int(a), int(b)) for a, b in g) for g in graphs]
     decomposed = [[_canonical(c) for c in _components(g)] for g in graphs]
     unique = sorted({c for comps in decomposed for c in comps}, key=lambda g: (len(g), g))
@@ -280,9 +266,7 @@ def efps(
     max_w = max((max(_multiplicities(c).values(), default=1) for c in unique), default=1)
     for start in range(0, n_jets, chunk_size):
         sl = slice(start, start + chunk_size)
-        pt = x[sl, :, 2]
-        total = pt.sum(axis=1, keepdims=True)
-        z = np.divide(pt, total, out=np.zeros_like(pt), where=total > 0)
+        z = x[sl, :, 2]  # pT_rel as given (jetnet's convention), 0 for padding
         deta = x[sl, :, None, 0] - x[sl, None, :, 0]
         dphi = _wrap_phi(x[sl, :, None, 1] - x[sl, None, :, 1])
         theta = np.sqrt(deta**2 + dphi**2)
@@ -293,8 +277,8 @@ def efps(
             values[sl, i] = _connected_efp(c, z, theta_pow)
     out = np.ones((n_jets, len(graphs)))
     for k, comps in enumerate(decomposed):
-        if not comps:  # no edges, the d = 0 graph: Σ z = 1 exactly (0 for an empty jet)
-            out[:, k] = m.any(axis=1)
+        if not comps:  # no edges: the one-vertex graph, Σ_i z_i
+            out[:, k] = x[:, :, 2].sum(axis=1)
         for c in comps:
             out[:, k] *= values[:, col[c]]
     return out
@@ -310,22 +294,40 @@ def _multiplicities(graph: Graph) -> dict[Edge, int]:
 # ----------------------------------------------------------------------------------------------
 # W1 metrics
 # ----------------------------------------------------------------------------------------------
+#
+# Batching as jetnet 0.2.5 (``jetnet.evaluation.w1m``/``w1p``/``w1efp``): ``num_batches`` times, draw
+# ``num_eval_samples`` jets *with replacement* from each set (not capped at the set sizes; the
+# generator's ``choice(n, size)`` draws the same indices as ``integers(0, n, size)``), first the real
+# then the generated indices, and take scipy's ``wasserstein_distance``; report mean and std over the
+# batches. jetnet draws from an unseeded module-level generator; here it is ``default_rng(seed)``, so
+# a jetnet run whose generator is seeded alike draws the very same jets.
+
+#: The convention every metric here follows, stated in ``evaluate_generation``'s output.
+CONVENTION = "jetnet-0.2.5"
+
+#: Per-particle features of W1p, in the order of the (N, P, 3) arrays.
+PARTICLE_FEATURE_NAMES = ("etarel", "phirel", "ptrel")
+
+
+def _draws(rng: np.random.Generator, n1: int, n2: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of one batch: ``size`` jets with replacement from each set, real first (as jetnet)."""
+    if n1 < 1 or n2 < 1:
+        raise ValueError("W1 needs at least one jet in each sample")
+    if size < 1:
+        raise ValueError(f"num_eval_samples must be ≥ 1, got {size}")
+    return rng.integers(0, n1, size=size), rng.integers(0, n2, size=size)
 
 
 def _w1_feature_batches(
     x1: np.ndarray, x2: np.ndarray, num_eval_samples: int, num_batches: int, rng: np.random.Generator
 ) -> np.ndarray:
-    """W1 per feature column between subsamples (with replacement) of two per-jet feature sets.
+    """W1 per feature column between with-replacement subsamples of two per-jet feature sets.
 
     x1: (N1, F), x2: (N2, F). Returns (num_batches, F).
     """
-    k = int(min(num_eval_samples, len(x1), len(x2)))
-    if k < 1:
-        raise ValueError("W1 needs at least one jet in each sample")
     out = np.empty((num_batches, x1.shape[1]))
     for b in range(num_batches):
-        i1 = rng.integers(0, len(x1), size=k)
-        i2 = rng.integers(0, len(x2), size=k)
+        i1, i2 = _draws(rng, len(x1), len(x2), num_eval_samples)
         for f in range(x1.shape[1]):
             out[b, f] = wasserstein_distance(x1[i1, f], x2[i2, f])
     return out
@@ -336,14 +338,10 @@ def _w1_particle_batches(
     num_eval_samples: int, num_batches: int, rng: np.random.Generator,
 ) -> np.ndarray:
     """W1 per particle feature between the real particles of jet subsamples. Returns (num_batches, 3)."""
-    k = int(min(num_eval_samples, len(p1), len(p2)))
-    if k < 1:
-        raise ValueError("W1 needs at least one jet in each sample")
     nf = p1.shape[2]
     out = np.empty((num_batches, nf))
     for b in range(num_batches):
-        i1 = rng.integers(0, len(p1), size=k)
-        i2 = rng.integers(0, len(p2), size=k)
+        i1, i2 = _draws(rng, len(p1), len(p2), num_eval_samples)
         a = p1[i1][m1[i1]]
         c = p2[i2][m2[i2]]
         if len(a) == 0 or len(c) == 0:
@@ -364,15 +362,15 @@ def w1m(
     gen: np.ndarray,
     num_eval_samples: int = 50_000,
     num_batches: int = 5,
-    seed: int = 0,
+    seed: int = 42,
     *,
     real_mask: np.ndarray | None = None,
     gen_mask: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """W1 between the relative jet-mass distributions (W1m; Kansal et al., arXiv:2106.11535).
 
-    ``num_batches`` times, draw ``num_eval_samples`` jets with replacement from each set (capped at the
-    smaller set size) and take scipy's ``wasserstein_distance`` of the masses; return mean and std.
+    ``num_batches`` times, draw ``num_eval_samples`` jets with replacement from each set (jetnet's
+    batching, see above) and take the W1 of their masses; return mean and std over the batches.
 
     real, gen: (N1, P, 3), (N2, P', 3) = (η_rel, φ_rel, pT_rel); masks (N, P) bool or None.
     Returns (mean, std), in units of the jet pT (dimensionless). Seeded: ``numpy.random.default_rng(seed)``.
@@ -388,16 +386,16 @@ def w1p(
     gen: np.ndarray,
     num_eval_samples: int = 50_000,
     num_batches: int = 5,
-    seed: int = 0,
+    seed: int = 42,
     *,
     real_mask: np.ndarray | None = None,
     gen_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """W1 per particle feature (η_rel, φ_rel, pT_rel) between all real particles of jet subsamples (W1p).
 
-    ``num_batches`` times, draw ``num_eval_samples`` jets with replacement from each set (capped at the
-    smaller set size), pool their particles leaving out padding (outside the mask, or all three features
-    exactly 0 as jetnet's ``exclude_zeros``), and take W1 per feature (Kansal et al., arXiv:2106.11535).
+    ``num_batches`` times, draw ``num_eval_samples`` jets with replacement from each set, pool their
+    particles leaving out padding (outside the mask, or all three features exactly 0 as jetnet's
+    ``exclude_zeros``), and take W1 per feature (Kansal et al., arXiv:2106.11535).
 
     real, gen: (N1, P, 3), (N2, P', 3); masks (N, P) bool or None.
     Returns (means (3,), stds (3,)) in the features' units (η: none, φ: rad, pT: fraction of jet pT).
@@ -414,18 +412,19 @@ def w1efp(
     gen: np.ndarray,
     num_eval_samples: int = 50_000,
     num_batches: int = 5,
-    seed: int = 0,
+    seed: int = 42,
     *,
     real_mask: np.ndarray | None = None,
     gen_mask: np.ndarray | None = None,
     graphs: Sequence[Sequence[tuple[int, int]]] = PRIME_EFP_N4_D4,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """W1 per EFP between subsamples of jets (W1efp; Kansal et al., arXiv:2106.11535).
+    """W1 per EFP between with-replacement subsamples of jets (W1efp; Kansal et al., arXiv:2106.11535).
 
-    By default the five prime EFPs with n = 4, d = 4 (``PRIME_EFP_N4_D4``), hadronic measure, β = 1.
+    By default the five prime EFPs with n = 4, d = 4 (``PRIME_EFP_N4_D4``), with ``efps``' jetnet
+    convention (hadronic measure, β = 1, z = pT_rel as given).
 
     real, gen: (N1, P, 3), (N2, P', 3); masks (N, P) bool or None.
-    Returns (means (G,), stds (G,)), dimensionless; the notes quote their mean as W1efp.
+    Returns (means (G,), stds (G,)), dimensionless; the field quotes their mean as W1efp.
     """
     er = efps(real, real_mask, graphs)
     eg = efps(gen, gen_mask, graphs)
@@ -444,7 +443,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 
     d² = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), with the matrix square root from
     ``scipy.linalg.sqrtm``; if it is not finite (near-singular product) ``eps`` is added to both
-    diagonals, and a small imaginary part from rounding is discarded.
+    diagonals, and a small imaginary part from rounding is discarded (as jetnet).
 
     mu: (F,), sigma: (F, F) (scalars are accepted for F = 1). Returns a float in the features' units².
     """
@@ -470,22 +469,29 @@ def _normalise(real: np.ndarray, gen: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return real / scale, gen / scale
 
 
-class FPDResult(tuple):
-    """``(value, error)`` of FPD, with the batch sizes used and whether they were reduced.
+def _as_feature_pair(real_features, gen_features, normalise: bool) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(real_features, dtype=np.float64)
+    y = np.asarray(gen_features, dtype=np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"features must be (N, F) with equal F, got {x.shape} and {y.shape}")
+    if len(x) < 1 or len(y) < 1:
+        raise ValueError("need at least one jet in each sample")
+    return _normalise(x, y) if normalise else (x, y)
 
-    Unpacks as a 2-tuple; ``batch_sizes`` is the (num_points,) int array of sample sizes the Fréchet
-    distance was measured at, ``reduced`` is True when fewer jets than ``min_samples`` were available
-    and the sizes were shrunk (the value then carries a larger finite-sample effect and error).
+
+class FPDResult(tuple):
+    """``(value, error)`` of FPD, with the batch sizes the Fréchet distance was measured at.
+
+    Unpacks as a 2-tuple; ``batch_sizes`` is the (num_points,) int array of subsample sizes.
     """
 
-    def __new__(cls, value: float, error: float, batch_sizes: np.ndarray = (), reduced: bool = False):
+    def __new__(cls, value: float, error: float, batch_sizes: np.ndarray = ()):
         obj = super().__new__(cls, (float(value), float(error)))
         obj.batch_sizes = np.asarray(batch_sizes, dtype=np.int64)
-        obj.reduced = bool(reduced)
         return obj
 
     def __getnewargs__(self):
-        return (self[0], self[1], self.batch_sizes, self.reduced)
+        return (self[0], self[1], self.batch_sizes)
 
     @property
     def value(self) -> float:
@@ -496,16 +502,16 @@ class FPDResult(tuple):
         return self[1]
 
 
-def _fpd_sizes(n_avail: int, min_samples: int, max_samples: int) -> tuple[int, int, bool]:
-    """Cap the FPD batch-size range at the available jets (see ``fpd``)."""
-    if min_samples < 2 or max_samples < min_samples:
-        raise ValueError(f"need 2 ≤ min_samples ≤ max_samples, got {min_samples}, {max_samples}")
-    hi = min(max_samples, n_avail)
-    lo = min(min_samples, hi)
-    reduced = n_avail < min_samples
-    if reduced:
-        lo = max(2, int(round(hi * min_samples / max_samples)))
-    return lo, hi, reduced
+def fpd_batch_sizes(min_samples: int = 20_000, max_samples: int = 50_000, num_points: int = 10) -> np.ndarray:
+    """The FPD subsample sizes: ``num_points`` sizes evenly spaced in 1/N, truncated to int (as jetnet)."""
+    if min_samples < 2 or max_samples < min_samples or num_points < 1:
+        raise ValueError(f"need 2 ≤ min_samples ≤ max_samples and num_points ≥ 1, "
+                         f"got {min_samples}, {max_samples}, {num_points}")
+    return (1.0 / np.linspace(1.0 / min_samples, 1.0 / max_samples, num_points)).astype(np.int32)
+
+
+def _linear(t, intercept, slope):
+    return intercept + slope * t
 
 
 def fpd(
@@ -515,35 +521,27 @@ def fpd(
     max_samples: int = 50_000,
     num_batches: int = 20,
     num_points: int = 10,
-    seed: int = 0,
+    seed: int = 42,
     normalise: bool = True,
 ) -> FPDResult:
     """Fréchet physics distance (Kansal et al., arXiv:2211.10295), extrapolated to infinite samples.
 
+    As ``jetnet.evaluation.fpd`` (0.2.5), draw for draw:
+
     1. Divide each feature of both sets by its largest |value| in the real set.
-    2. At ``num_points`` batch sizes N spaced evenly in 1/N between ``min_samples`` and
-       ``max_samples``, draw ``num_batches`` pairs of subsamples (with replacement), compute the Fréchet
-       distance of their Gaussian fits (mean, covariance) and average.
-    3. Fit FD(N) = a + b/N (a, b ≥ 0, as jetnet) and return a with its fit uncertainty.
+    2. At the ``num_points`` sizes of ``fpd_batch_sizes`` (evenly spaced in 1/N), draw ``num_batches``
+       pairs of subsamples with replacement (from ``default_rng(seed)``, real then generated, sizes
+       not capped at the set sizes), take the Fréchet distance of their Gaussian fits and average.
+    3. Fit FD(N) = a + b/N with a, b ≥ 0 and return a with its fit uncertainty.
 
-    Sample-size caps: ``max_samples`` is capped at the smaller set size, ``min_samples`` at the result.
-    With fewer jets than ``min_samples`` the sizes run from ``round(n · min_samples / max_samples)``
-    (the defaults' ratio, 0.4) to the available n, and the result's ``reduced`` flag is True.
-
-    real_features, gen_features: (N1, F), (N2, F), e.g. ``efps(..., graphs=EFP_D4_GRAPHS)``.
-    Returns ``FPDResult`` = (value, error), dimensionless (normalised features), plus
-    ``.batch_sizes`` and ``.reduced``. Seeded: ``numpy.random.default_rng(seed)``.
+    With sets smaller than ``max_samples`` the value includes the sets' own finite-sample effect;
+    jetnet recommends 50,000 jets. real_features, gen_features: (N1, F), (N2, F), e.g.
+    ``efps(..., graphs=EFP_D4_GRAPHS)``. Returns ``FPDResult`` = (value, error), dimensionless.
     """
-    x = np.asarray(real_features, dtype=np.float64)
-    y = np.asarray(gen_features, dtype=np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"features must be (N, F) with equal F, got {x.shape} and {y.shape}")
-    if normalise:
-        x, y = _normalise(x, y)
-    lo, hi, reduced = _fpd_sizes(min(len(x), len(y)), min_samples, max_samples)
-    sizes = (1.0 / np.linspace(1.0 / lo, 1.0 / hi, num_points)).astype(np.int64)
+    x, y = _as_feature_pair(real_features, gen_features, normalise)
+    sizes = fpd_batch_sizes(min_samples, max_samples, num_points)
     rng = np.random.default_rng(seed)
-    vals = np.empty(num_points)
+    vals = np.empty(len(sizes))
     for p, n in enumerate(sizes):
         batch = np.empty(num_batches)
         for b in range(num_batches):
@@ -554,12 +552,11 @@ def fpd(
         vals[p] = batch.mean()
     inv = 1.0 / sizes
     if np.ptp(inv) == 0:  # a single size: no extrapolation possible
-        return FPDResult(vals.mean(), vals.std(), sizes, reduced)
+        return FPDResult(vals.mean(), vals.std(), sizes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        params, cov = curve_fit(lambda t, a, b: a + b * t, inv, vals,
-                                p0=(max(vals.min(), 0.0), 0.0), bounds=([0, 0], [np.inf, np.inf]))
-    return FPDResult(params[0], np.sqrt(max(cov[0, 0], 0.0)), sizes, reduced)
+        params, cov = curve_fit(_linear, inv, vals, bounds=([0, 0], [np.inf, np.inf]))
+    return FPDResult(params[0], np.sqrt(max(cov[0, 0], 0.0)), sizes)
 
 
 def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int, block: int = 1024) -> float:
@@ -567,7 +564,15 @@ def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int, block: int = 102
     dim = a.shape[1]
     total = 0.0
     for s in range(0, len(a), block):
-        total += float((((a[s:s + block] @ b.T) / dim + 1.0) ** degree).sum())
+        k = a[s:s + block] @ b.T
+        k /= dim
+        k += 1.0
+        if degree == 4:  # two squarings: several times faster than a float power
+            np.square(k, out=k)
+            np.square(k, out=k)
+        else:
+            np.power(k, degree, out=k)
+        total += float(k.sum())
     return total
 
 
@@ -593,33 +598,27 @@ def kpd(
     gen_features: np.ndarray,
     num_batches: int = 10,
     batch_size: int = 5000,
-    seed: int = 0,
+    seed: int = 42,
     normalise: bool = True,
 ) -> tuple[float, float]:
-    """Kernel physics distance (Kansal et al., arXiv:2211.10295).
+    """Kernel physics distance (Kansal et al., arXiv:2211.10295), as ``jetnet.evaluation.kpd`` (0.2.5).
 
-    Features of both sets are divided by their largest |value| in the real set; ``num_batches`` times
-    ``batch_size`` jets are drawn with replacement from each set (capped at the smaller set size, at
-    least 2) and the unbiased MMD² with the polynomial kernel k(x, y) = (x·y/dim + 1)⁴ is computed.
+    Features of both sets are divided by their largest |value| in the real set. Batch i draws
+    ``batch_size`` jets with replacement from each set with ``default_rng(seed + 1000 i)`` (jetnet's
+    seeding, real then generated, not capped at the set sizes) and takes the unbiased MMD² with the
+    polynomial kernel k(x, y) = (x·y/dim + 1)⁴.
 
     real_features, gen_features: (N1, F), (N2, F). Returns (median, error), dimensionless, with the
-    error half the 16.275–83.725 percentile range of the batch values (the jetnet convention, ±1σ for
-    a Gaussian spread). Seeded: ``numpy.random.default_rng(seed)``.
+    error half the 16.275–83.725 percentile range of the batch values (jetnet's, ±1σ for a Gaussian).
     """
-    x = np.asarray(real_features, dtype=np.float64)
-    y = np.asarray(gen_features, dtype=np.float64)
-    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"features must be (N, F) with equal F, got {x.shape} and {y.shape}")
-    if normalise:
-        x, y = _normalise(x, y)
-    k = int(min(batch_size, len(x), len(y)))
-    if k < 2:
-        raise ValueError("KPD needs at least 2 jets in each sample")
-    rng = np.random.default_rng(seed)
-    vals = np.array([
-        mmd_poly_unbiased(x[rng.integers(0, len(x), size=k)], y[rng.integers(0, len(y), size=k)])
-        for _ in range(num_batches)
-    ])
+    x, y = _as_feature_pair(real_features, gen_features, normalise)
+    if batch_size < 2:
+        raise ValueError(f"KPD needs batch_size ≥ 2, got {batch_size}")
+    vals = np.empty(num_batches)
+    for i in range(num_batches):
+        rng = np.random.default_rng(seed + i * 1000)
+        vals[i] = mmd_poly_unbiased(x[rng.integers(0, len(x), size=batch_size)],
+                                    y[rng.integers(0, len(y), size=batch_size)])
     lo, hi = np.percentile(vals, [16.275, 83.725])
     return float(np.median(vals)), float((hi - lo) / 2.0)
 
@@ -628,10 +627,8 @@ def kpd(
 # all metrics with their floors
 # ----------------------------------------------------------------------------------------------
 
-_PARTICLE_NAMES = ("etarel", "phirel", "ptrel")
 
-
-def _put(out: dict[str, float], key: str, batches: np.ndarray, floor: np.ndarray) -> None:
+def _put(out: dict, key: str, batches: np.ndarray, floor: np.ndarray) -> None:
     """Store mean/std of per-batch values (B,) for a metric and its floor."""
     out[key] = float(batches.mean())
     out[f"{key}_err"] = float(batches.std())
@@ -639,12 +636,35 @@ def _put(out: dict[str, float], key: str, batches: np.ndarray, floor: np.ndarray
     out[f"{key}_floor_err"] = float(floor.std())
 
 
+def _sample_sizes(n_real: int, n_gen: int, num_eval_samples: int, num_batches: int, fpd_min: int,
+                  fpd_max: int, fpd_batches: int, fpd_points: int, kpd_batches: int,
+                  kpd_size: int) -> dict:
+    """The bookkeeping keys of ``evaluate_generation``: set sizes and every subsample size used."""
+    fpd_batch_sizes(fpd_min, fpd_max, fpd_points)  # checks the range before any work
+    return {
+        "convention": CONVENTION,
+        "n_real": n_real,
+        "n_gen": n_gen,
+        "n_floor": n_real // 2,
+        "w1_eval_samples": num_eval_samples,
+        "w1_num_batches": num_batches,
+        "fpd_min_samples": fpd_min,
+        "fpd_max_samples": fpd_max,
+        "fpd_num_points": fpd_points,
+        "fpd_num_batches": fpd_batches,
+        "kpd_batch_size": kpd_size,
+        "kpd_num_batches": kpd_batches,
+        # jetnet recommends ≥ 50k jets: smaller sets add their own finite-sample effect to every value
+        "small_sample": int(min(n_gen, n_real // 2) < max(num_eval_samples, fpd_max)),
+    }
+
+
 def evaluate_generation(
     real_particles: np.ndarray,
     real_mask: np.ndarray | None,
     gen_particles: np.ndarray,
     gen_mask: np.ndarray | None,
-    seed: int = 0,
+    seed: int = 42,
     num_eval_samples: int = 50_000,
     num_batches: int = 5,
     fpd_min_samples: int = 20_000,
@@ -653,97 +673,81 @@ def evaluate_generation(
     fpd_num_points: int = 10,
     kpd_num_batches: int = 10,
     kpd_batch_size: int = 5000,
-) -> dict[str, float]:
-    """All generation metrics of the notes, each with its real-vs-real floor.
+) -> dict:
+    """All generation metrics of the field, as jetnet 0.2.5 computes them, each with a floor.
 
-    The real set is split at random (seeded) into two disjoint halves A and B of ``n_real // 2`` jets;
-    the floor of a metric is its value between A and B. The generated set is compared with the whole
-    real set, but every sample size (W1 subsample size, FPD batch sizes, KPD batch size) is capped at
-    ``min(n_real // 2, n_gen)`` so that the value and its floor are measured at the same size. The
-    defaults are the field's (50k W1 subsamples, FPD 20k–50k, KPD 5k); with fewer jets the sizes
-    shrink, ``small_sample`` is 1, and all values and floors grow (finite-sample bias): compare values
-    with the floor, never with published numbers at other sizes.
+    **Values** are jetnet's: ``w1m``, ``w1p``, ``w1efp`` of the generated set against the whole real
+    set, and ``fpd``, ``kpd`` on the 36 d ≤ 4 EFPs, with jetnet's defaults and batching (subsamples
+    drawn with replacement at the requested sizes, whatever the set sizes) and jetnet's seeds (W1m,
+    W1p, W1efp each from ``default_rng(seed)``, FPD with ``seed``, KPD with ``seed + 1000 i``). With
+    the default ``seed = 42`` FPD and KPD equal jetnet's default call on the same arrays; W1 values
+    equal jetnet's whenever its module generator is seeded with ``seed`` before each metric. These are
+    the numbers to compare with papers that quote jetnet (MPGAN, iGAPT, EPiC), at the paper's sample
+    sizes: the values grow as the sets shrink below the recommended 50,000 jets (``small_sample``).
+
+    **Floors**: the same metric with the same subsample sizes and seeds between two disjoint halves
+    of the real set (split by ``default_rng(seed).permutation``): what a perfect generator would
+    score against a real set of half the size. A value is meaningful only well above its floor.
 
     real_particles, gen_particles: (N, P, 3) = (η_rel, φ_rel, pT_rel); masks (N, P) bool or None.
     Needs at least 4 real and 2 generated jets.
 
-    Returns a dict of floats. For each metric M below: ``M`` (value), ``M_err`` (its spread: std over
-    batches for W1, fit uncertainty for FPD, half 16–84 % range for KPD), ``M_floor`` and
-    ``M_floor_err``. Metrics:
-      - ``w1m``: W1 of the relative jet mass m/pT_jet;
-      - ``w1p_etarel``, ``w1p_phirel``, ``w1p_ptrel`` and their mean ``w1p_mean`` (its error is the
-        std over batches of the per-batch mean);
-      - ``w1efp_0`` … ``w1efp_4`` (the graphs of ``PRIME_EFP_N4_D4``, in order) and ``w1efp_mean``;
-      - ``fpd``: Fréchet physics distance on the 36 EFPs with d ≤ 4;
-      - ``kpd``: kernel physics distance on the same features.
-    Bookkeeping keys: ``n_real``, ``n_gen``, ``eval_samples`` (W1 subsample size), ``fpd_min_samples``,
-    ``fpd_max_samples`` (batch-size range used), ``kpd_batch_size``, ``small_sample`` (1.0 when any of
-    these is below the requested size, else 0.0).
+    Returns a dict. For each metric M: ``M`` (value), ``M_err`` (std over batches for W1, the fit
+    uncertainty for FPD, half the 16–84 % range for KPD), ``M_floor`` and ``M_floor_err``; metrics
+    ``w1m``; ``w1p_etarel``, ``w1p_phirel``, ``w1p_ptrel`` and their mean ``w1p_mean`` (its error is
+    the std of the per-batch mean); ``w1efp_0`` … ``w1efp_4`` (``PRIME_EFP_N4_D4`` in order) and
+    ``w1efp_mean``; ``fpd``; ``kpd``. Bookkeeping: ``convention`` (the string ``CONVENTION``),
+    ``n_real``, ``n_gen``, ``n_floor`` (jets per half), ``w1_eval_samples``, ``w1_num_batches``,
+    ``fpd_min_samples``, ``fpd_max_samples``, ``fpd_num_points``, ``fpd_num_batches``,
+    ``kpd_batch_size``, ``kpd_num_batches`` and ``small_sample`` (1 when the generated set or a real
+    half is smaller than the largest subsample, else 0).
     """
     xr, mr = _as_particles(real_particles, real_mask)
     xg, mg = _as_particles(gen_particles, gen_mask)
     n_real, n_gen = len(xr), len(xg)
     if n_real < 4 or n_gen < 2:
         raise ValueError(f"need at least 4 real and 2 generated jets, got {n_real} and {n_gen}")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(n_real)
+    out: dict = _sample_sizes(n_real, n_gen, num_eval_samples, num_batches, fpd_min_samples,
+                              fpd_max_samples, fpd_num_batches, fpd_num_points, kpd_num_batches,
+                              kpd_batch_size)
+    perm = np.random.default_rng(seed).permutation(n_real)
     half = n_real // 2
     ia, ib = perm[:half], perm[half:2 * half]
-    n_cmp = min(half, n_gen)
-
-    eval_samples = min(num_eval_samples, n_cmp)
-    fpd_lo, fpd_hi, fpd_reduced = _fpd_sizes(n_cmp, fpd_min_samples, fpd_max_samples)
-    kpd_size = max(2, min(kpd_batch_size, n_cmp))
-    out: dict[str, float] = {
-        "n_real": float(n_real),
-        "n_gen": float(n_gen),
-        "eval_samples": float(eval_samples),
-        "fpd_min_samples": float(fpd_lo),
-        "fpd_max_samples": float(fpd_hi),
-        "kpd_batch_size": float(kpd_size),
-        "small_sample": float(eval_samples < num_eval_samples or fpd_reduced or fpd_hi < fpd_max_samples
-                              or kpd_size < kpd_batch_size),
-    }
 
     # per-jet features, computed once
     graphs = tuple(EFP_D4_GRAPHS) + tuple(PRIME_EFP_N4_D4)
     n_d4 = len(EFP_D4_GRAPHS)
-    efp_r = efps(xr, mr, graphs)
-    efp_g = efps(xg, mg, graphs)
-    mass_r = jet_mass(xr, mr)[:, None]
-    mass_g = jet_mass(xg, mg)[:, None]
+    efp_r, efp_g = efps(xr, mr, graphs), efps(xg, mg, graphs)
+    mass_r, mass_g = jet_mass(xr, mr)[:, None], jet_mass(xg, mg)[:, None]
     vr, vg = _valid_particles(xr, mr), _valid_particles(xg, mg)
 
-    def w1_pair(fr: np.ndarray, fg: np.ndarray, sub_seed: int) -> tuple[np.ndarray, np.ndarray]:
-        val = _w1_feature_batches(fr, fg, eval_samples, num_batches, np.random.default_rng(sub_seed))
-        flo = _w1_feature_batches(fr[ia], fr[ib], eval_samples, num_batches,
-                                  np.random.default_rng(sub_seed))
-        return val, flo
+    def w1_pair(fr: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        args = (num_eval_samples, num_batches)
+        return (_w1_feature_batches(fr, fg, *args, np.random.default_rng(seed)),
+                _w1_feature_batches(fr[ia], fr[ib], *args, np.random.default_rng(seed)))
 
-    seeds = np.random.default_rng(seed).integers(0, 2**31 - 1, size=5)
-
-    val, flo = w1_pair(mass_r, mass_g, int(seeds[0]))
+    val, flo = w1_pair(mass_r, mass_g)
     _put(out, "w1m", val[:, 0], flo[:, 0])
 
-    val = _w1_particle_batches(xr, vr, xg, vg, eval_samples, num_batches, np.random.default_rng(seeds[1]))
-    flo = _w1_particle_batches(xr[ia], vr[ia], xr[ib], vr[ib], eval_samples, num_batches,
-                               np.random.default_rng(seeds[1]))
-    for f, name in enumerate(_PARTICLE_NAMES):
+    args = (num_eval_samples, num_batches)
+    val = _w1_particle_batches(xr, vr, xg, vg, *args, np.random.default_rng(seed))
+    flo = _w1_particle_batches(xr[ia], vr[ia], xr[ib], vr[ib], *args, np.random.default_rng(seed))
+    for f, name in enumerate(PARTICLE_FEATURE_NAMES):
         _put(out, f"w1p_{name}", val[:, f], flo[:, f])
     _put(out, "w1p_mean", val.mean(axis=1), flo.mean(axis=1))
 
-    val, flo = w1_pair(efp_r[:, n_d4:], efp_g[:, n_d4:], int(seeds[2]))
+    val, flo = w1_pair(efp_r[:, n_d4:], efp_g[:, n_d4:])
     for f in range(val.shape[1]):
         _put(out, f"w1efp_{f}", val[:, f], flo[:, f])
     _put(out, "w1efp_mean", val.mean(axis=1), flo.mean(axis=1))
 
     feat_r, feat_g = efp_r[:, :n_d4], efp_g[:, :n_d4]
-    fpd_args = dict(min_samples=fpd_lo, max_samples=fpd_hi, num_batches=fpd_num_batches,
-                    num_points=fpd_num_points, seed=int(seeds[3]))
+    fpd_args = dict(min_samples=fpd_min_samples, max_samples=fpd_max_samples,
+                    num_batches=fpd_num_batches, num_points=fpd_num_points, seed=seed)
     out["fpd"], out["fpd_err"] = fpd(feat_r, feat_g, **fpd_args)
     out["fpd_floor"], out["fpd_floor_err"] = fpd(feat_r[ia], feat_r[ib], **fpd_args)
 
-    kpd_args = dict(num_batches=kpd_num_batches, batch_size=kpd_size, seed=int(seeds[4]))
+    kpd_args = dict(num_batches=kpd_num_batches, batch_size=kpd_batch_size, seed=seed)
     out["kpd"], out["kpd_err"] = kpd(feat_r, feat_g, **kpd_args)
     out["kpd_floor"], out["kpd_floor_err"] = kpd(feat_r[ia], feat_r[ib], **kpd_args)
     return out

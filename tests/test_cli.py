@@ -92,6 +92,11 @@ def test_train_prints_a_summary(data_file, tmp_path, capsys):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+# subsample sizes below jetnet's defaults, to keep the tests quick
+QUICK = ["--w1-samples", "2000", "--fpd-min-samples", "1000", "--fpd-max-samples", "3000",
+         "--kpd-batch-size", "500"]
+
+
 def test_sample_then_evaluate(trained, data_file, tmp_path, capsys):
     gen = tmp_path / "gen.npz"
     rc = main(["sample", "--checkpoint", str(trained / "best"), "--n-jets", "50", "--out", str(gen),
@@ -109,10 +114,11 @@ def test_sample_then_evaluate(trained, data_file, tmp_path, capsys):
     assert (np.abs(real[:, 1]) <= math.pi).all()              # φ_rel wrapped
     capsys.readouterr()
 
-    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen), "--json"])
+    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen), "--json", *QUICK])
     out = capsys.readouterr().out
     assert rc == 0
     result = json.loads(out)
+    assert result["convention"] == "jetnet-0.2.5" and result["w1_eval_samples"] == 2000
     for key in ("w1m", "w1m_floor", "w1p_mean", "fpd", "kpd"):
         assert key in result
         assert math.isfinite(result[key]), key
@@ -134,15 +140,30 @@ def test_evaluate_table_output(data_file, tmp_path, capsys):
     particles, mask = random_particles(30, seed=9)
     gen = tmp_path / "gen.npz"
     np.savez(gen, particle_features=np.concatenate([particles, mask[..., None]], axis=-1))
-    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen)])
+    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen), *QUICK])
     out = capsys.readouterr().out
     assert rc == 0
     lines = out.splitlines()
     assert "real-vs-real floor" in lines[0]
-    rows = {line.split()[0] for line in lines[1:-1]}
-    assert {"w1m", "w1p_mean", "fpd", "kpd"} <= rows
-    counts = dict(item.split("=") for item in lines[-1].split())
-    assert float(counts["n_real"]) == 40 and float(counts["n_gen"]) == 30
+    rows = {line.split()[0] for line in lines[1:] if "±" in line}
+    assert {"w1m", "w1p_mean", "w1efp_mean", "fpd", "kpd"} <= rows
+    assert any(line.startswith("convention: jetnet-0.2.5") for line in lines)
+    assert "jets: real 40 (floor: two halves of 20), generated 30" in lines
+    assert ("subsamples with replacement: W1 5 × 2000 jets; FPD 10 sizes 1000–3000 × 20; "
+            "KPD 10 × 500") in lines
+    assert lines[-1].startswith("note: fewer jets than the largest subsample")
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--w1-samples", "0"], "num_eval_samples must be an integer ≥ 1, got 0"),
+    (["--kpd-batch-size", "1"], "kpd_batch_size must be an integer ≥ 2, got 1"),
+    (["--fpd-min-samples", "5000", "--fpd-max-samples", "100"], "fpd_min_samples (5000) exceeds"),
+])
+def test_evaluate_bad_sizes_one_line_before_reading(flags, problem, tmp_path, capsys):
+    missing = tmp_path / "nope.npz"  # never read: the sizes are checked first
+    rc = main(["evaluate", "--real", str(missing), "--generated", str(missing), *flags])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1 and problem in err, err
 
 
 # ---------------------------------------------------------------------------------------------------------

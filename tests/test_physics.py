@@ -139,12 +139,22 @@ def test_efps_shape_and_single_particle():
     assert ph.efps(x, mask).shape == (7, 36)
     single = ph.efps(one_jet([(0.2, -0.1, 0.9)]))[0]
     for g, v in zip(ph.EFP_D4_GRAPHS, single, strict=True):
-        assert v == (1.0 if len(g) == 0 else 0.0)
+        assert v == (0.9 if len(g) == 0 else 0.0)  # the one-vertex EFP is Σ pT_rel as given
+
+
+def test_efps_take_pt_rel_as_given():
+    """jetnet's convention: z = pT_rel, so an n-vertex EFP scales as (pT_rel scale)^n."""
+    x, mask = toy_jets(25, 8)
+    ref = ph.efps(x, mask)
+    half = x.copy()
+    half[..., 2] *= 0.5
+    n_vertices = np.array([1 + max((max(e) for e in g), default=0) for g in ph.EFP_D4_GRAPHS])
+    np.testing.assert_allclose(ph.efps(half, mask), ref * 0.5 ** n_vertices, rtol=1e-12)
 
 
 def test_efp_one_edge_two_particles():
     (e1, f1, p1), (e2, f2, p2) = (0.1, 0.2, 0.7), (-0.2, -0.2, 0.2)
-    z1, z2 = p1 / (p1 + p2), p2 / (p1 + p2)
+    z1, z2 = p1, p2  # pT_rel as given, not renormalised (Σ = 0.9 here)
     theta = np.hypot(e1 - e2, f1 - f2)
     v = ph.efps(one_jet([(e1, f1, p1), (e2, f2, p2)]), graphs=[((0, 1),), ((0, 1), (0, 1))])[0]
     assert v[0] == pytest.approx(2 * z1 * z2 * theta, rel=1e-12)
@@ -154,10 +164,11 @@ def test_efp_one_edge_two_particles():
 def test_efps_match_brute_force_sums():
     rows = [(0.1, 0.05, 0.5), (-0.2, 0.1, 0.3), (0.05, -0.3, 0.2)]
     x = one_jet(rows)
-    z = np.array([r[2] for r in rows]) / sum(r[2] for r in rows)
+    x[0, :3, 2] *= 0.9  # kept particles carry 90 % of the jet pT
+    z = x[0, :3, 2]
     d = np.array([[np.hypot(a[0] - b[0], a[1] - b[1]) for b in rows] for a in rows])
     ours = ph.efps(x)[0]
-    expected = [brute_force_efp(g, z, d) if g else 1.0 for g in ph.EFP_D4_GRAPHS]
+    expected = [brute_force_efp(g, z, d) if g else z.sum() for g in ph.EFP_D4_GRAPHS]
     np.testing.assert_allclose(ours, expected, rtol=1e-12, atol=1e-15)
 
 
@@ -230,13 +241,18 @@ def test_w1p_ignores_padding():
     np.testing.assert_allclose(means, 0.0, atol=1e-15)
 
 
-def test_w1_caps_sample_size_and_is_seeded():
+def test_w1_draws_with_replacement_beyond_the_set_size_and_is_seeded():
     x, mask = toy_jets(60, 6)
     y, ymask = toy_jets(80, 7)
     a = ph.w1efp(x, y, num_eval_samples=10_000, seed=2, real_mask=mask, gen_mask=ymask)
     b = ph.w1efp(x, y, num_eval_samples=10_000, seed=2, real_mask=mask, gen_mask=ymask)
     assert a[0].shape == (5,) and a[1].shape == (5,)
     np.testing.assert_array_equal(a[0], b[0])
+    # 10,000 draws from 60 and 80 jets (jetnet's batching): W1 of the two empirical sets, up to noise
+    er, eg = ph.efps(x, mask, ph.PRIME_EFP_N4_D4), ph.efps(y, ymask, ph.PRIME_EFP_N4_D4)
+    from scipy.stats import wasserstein_distance
+    exact = [wasserstein_distance(er[:, f], eg[:, f]) for f in range(5)]
+    np.testing.assert_allclose(a[0], exact, rtol=0.15)
 
 
 # ------------------------------------------------------------------------------ Fréchet / FPD
@@ -262,7 +278,7 @@ def test_fpd_same_distribution_is_zero_within_error():
     y = rng.multivariate_normal(np.zeros(3), cov, size=6000)
     res = ph.fpd(x, y, min_samples=1000, max_samples=3000, num_batches=5, seed=0)
     value, err = res
-    assert not res.reduced and res.batch_sizes.min() >= 1000 and res.batch_sizes.max() <= 3000
+    assert res.batch_sizes.min() == 1000 and res.batch_sizes.max() == 3000
     assert value <= 3 * err + 1e-4
 
 
@@ -277,11 +293,12 @@ def test_fpd_of_shifted_sample_matches_analytic():
     assert value == pytest.approx(expected, rel=0.1, abs=3 * err)
 
 
-def test_fpd_with_few_samples_is_flagged():
+def test_fpd_sizes_are_jetnets_whatever_the_set_sizes():
     rng = np.random.default_rng(3)
     res = ph.fpd(rng.normal(size=(300, 2)), rng.normal(size=(400, 2)), num_batches=2)
-    assert res.reduced
-    assert res.batch_sizes.max() == 300 and res.batch_sizes.min() == 120
+    expected = (1 / np.linspace(1 / 20_000, 1 / 50_000, 10)).astype(np.int32)
+    np.testing.assert_array_equal(res.batch_sizes, expected)
+    assert res.batch_sizes[0] == 20_000 and res.batch_sizes[-1] == 49_999  # jetnet truncates 1/(1/N)
     assert np.isfinite(res.value) and np.isfinite(res.error)
 
 
@@ -313,6 +330,9 @@ def test_mmd_poly_matches_direct_formula():
 
 
 METRICS = ("w1m", "w1p_mean", "w1p_etarel", "w1efp_mean", "fpd", "kpd")
+# subsample sizes smaller than jetnet's defaults, to keep these tests quick
+SMALL = dict(num_eval_samples=2000, fpd_min_samples=1000, fpd_max_samples=3000, fpd_num_batches=5,
+             kpd_batch_size=500)
 
 
 @pytest.fixture(scope="module")
@@ -323,12 +343,15 @@ def real_jets():
 def test_evaluate_generation_real_vs_real(real_jets):
     x, mask = real_jets
     y, ymask = toy_jets(500, 11)
-    out = ph.evaluate_generation(x, mask, y, ymask, seed=0)
-    assert out["n_real"] == 1000 and out["n_gen"] == 500
-    assert out["eval_samples"] == 500 and out["small_sample"] == 1.0
+    out = ph.evaluate_generation(x, mask, y, ymask, seed=0, **SMALL)
+    assert out["n_real"] == 1000 and out["n_gen"] == 500 and out["n_floor"] == 500
+    assert out["convention"] == "jetnet-0.2.5" and out["small_sample"] == 1
+    assert (out["w1_eval_samples"], out["fpd_min_samples"], out["fpd_max_samples"],
+            out["kpd_batch_size"]) == (2000, 1000, 3000, 500)
     for key in ("w1p_etarel", "w1p_phirel", "w1p_ptrel", "w1efp_0", "w1efp_4", "fpd_floor_err"):
         assert key in out
-    assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
+    values = [v for k, v in out.items() if k != "convention"]
+    assert all(isinstance(v, (int, float)) and np.isfinite(v) for v in values)
     for m in METRICS:
         tol = 4 * (out[f"{m}_err"] + out[f"{m}_floor_err"])
         assert out[m] <= max(3 * out[f"{m}_floor"], out[f"{m}_floor"] + tol), m
@@ -337,7 +360,7 @@ def test_evaluate_generation_real_vs_real(real_jets):
 def test_evaluate_generation_broken_generator(real_jets):
     x, mask = real_jets
     y, ymask = toy_jets(500, 12, eta_scale=3.0)
-    out = ph.evaluate_generation(x, mask, y, ymask, seed=0)
+    out = ph.evaluate_generation(x, mask, y, ymask, seed=0, **SMALL)
     for m in METRICS:
         assert out[m] > 5 * out[f"{m}_floor"], m
         # KPD's spread is large for heavy-tailed features (quartic kernel): 2 "sigma" is plenty here
