@@ -1,4 +1,8 @@
-"""Command line: parse, call the Python API, print. Known input errors → one line and exit code 2."""
+"""hvae-ray: train HyperVAEs on particle jets, sweep their hyperparameters on Ray, sample and evaluate jets.
+
+Each command is a thin layer over ``hvae_ray.api`` and the sweep modules; a known input error prints one
+line and exits with code 2.
+"""
 
 from __future__ import annotations
 
@@ -19,11 +23,9 @@ def _overrides(pairs: list[str] | None) -> dict:
 def cmd_generate(a: argparse.Namespace) -> int:
     from hvae_ray.data.generate import generate_jets
     from hvae_ray.data.io import save_parquet
-    from hvae_ray.errors import DataError
+    from hvae_ray.outputs import check_output_file
 
-    out = Path(a.out)
-    if out.exists() and not a.force:  # check before spending minutes generating
-        raise DataError(f"{out}: already exists; not overwriting it (use --force)")
+    out = check_output_file(a.out, overwrite=a.force, suffix=".parquet")  # before minutes of work
     sample = generate_jets(a.flavor, a.n_jets, a.seed, workers=a.workers, progress=not a.quiet)
     save_parquet(sample, out, metadata={"flavor": a.flavor, "seed": str(a.seed)}, overwrite=a.force)
     print(f"wrote {len(sample)} {a.flavor} jets to {out}")
@@ -45,7 +47,9 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     from hvae_ray.api import sample
 
-    out = sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device)
+    _at_least_one(a.n_jets, "--n-jets")
+    out = sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device, overwrite=a.force,
+                 progress=not a.quiet)
     print(f"wrote {a.n_jets} jets to {out}")
     return 0
 
@@ -55,7 +59,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     sizes = dict(num_eval_samples=a.w1_samples, fpd_min_samples=a.fpd_min_samples,
                  fpd_max_samples=a.fpd_max_samples, kpd_batch_size=a.kpd_batch_size)
-    result = evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir, **sizes)
+    result = evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir,
+                      overwrite=a.force, **sizes)
     if a.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -99,6 +104,7 @@ def cmd_sweep_resume(a: argparse.Namespace) -> int:
 def cmd_trials(a: argparse.Namespace) -> int:
     from hvae_ray import trials
 
+    _at_least_one(a.top, "--top")
     table = trials.load_trials(a.experiment_dir)
     if a.best:
         print(trials.best_config_yaml(table, a.experiment_dir, metric=a.sort), end="")
@@ -113,48 +119,62 @@ def cmd_trials(a: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hvae-ray", description=__doc__.splitlines()[0])
-    from hvae_ray import __version__
+def _at_least_one(value: int | None, flag: str) -> None:
+    from hvae_ray.errors import ConfigError
 
-    p.add_argument("--version", action="version", version=f"hvae-ray {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} must be >= 1, got {value}")
+
+
+def _add_data(sub) -> None:
+    from hvae_ray.data.generate import FLAVORS
 
     data = sub.add_parser("data", help="make jet datasets").add_subparsers(dest="data_command", required=True)
     g = data.add_parser("generate", help="generate jets with Pythia 8 + FastJet (JetNet recipe) into Parquet")
-    g.add_argument("--flavor", required=True, choices=["q", "g", "t", "w", "z"])
-    g.add_argument("--n-jets", type=int, required=True)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--flavor", required=True, choices=FLAVORS, help="the jet's initiating particle")
+    g.add_argument("--n-jets", type=int, required=True, help="number of jets to keep")
+    g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     g.add_argument("--out", required=True, help="output .parquet file")
     g.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     g.add_argument("--force", action="store_true", help="overwrite an existing output file")
-    g.add_argument("--quiet", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
     g.set_defaults(func=cmd_generate)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="train a HyperVAE")
     t.add_argument("--config", default=None, help="config YAML (default: the built-in defaults)")
     t.add_argument("--data-path", default=None,
-                   help=".parquet / .npz / .h5 / PyG .pt (default: a generated sample of 1000 q jets, cached)")
-    t.add_argument("--save-dir", default="runs/train")
+                   help="jets (.parquet, .npz, .h5, .pt); default: 1000 q jets generated once and cached")
+    t.add_argument("--save-dir", default="runs/train",
+                   help="checkpoints go to SAVE_DIR/{last,best} (default: runs/train)")
     t.add_argument("--log-dir", default=None, help="TensorBoard directory (default: SAVE_DIR/tb)")
-    t.add_argument("--save-test-indices", action="store_true")
+    t.add_argument("--save-test-indices", action="store_true",
+                   help="also write the test split's jet indices to SAVE_DIR/test_indices.npy")
     t.add_argument("--resume", action="store_true", help="continue from SAVE_DIR/last")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (dotted)")
-    t.add_argument("--quiet", action="store_true")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
+
+def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="generate jets from a trained model")
-    s.add_argument("--checkpoint", required=True)
-    s.add_argument("--n-jets", type=int, required=True)
+    s.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/train/best")
+    s.add_argument("--n-jets", type=int, required=True,
+                   help="jets to generate (streamed to disk in chunks)")
     s.add_argument("--out", required=True, help="output .npz (particle_features [N, 30, 4])")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
 
-    e = sub.add_parser("evaluate", help="generation metrics of generated vs real jets")
-    e.add_argument("--real", required=True)
-    e.add_argument("--generated", required=True)
-    e.add_argument("--json", action="store_true")
+
+def _add_evaluate(sub) -> None:
+    e = sub.add_parser("evaluate", help="generation metrics of generated vs real jets, as jetnet 0.2.5")
+    e.add_argument("--real", required=True, help="real jets (.parquet, .npz, .h5, .pt)")
+    e.add_argument("--generated", required=True, help="generated jets, e.g. the .npz of `sample`")
+    e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     e.add_argument("--seed", type=int, default=42, help="subsample seed (42: jetnet's default)")
     e.add_argument("--w1-samples", type=int, default=50_000, metavar="N",
                    help="jets per W1 subsample (default 50000, jetnet's)")
@@ -165,30 +185,45 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--kpd-batch-size", type=int, default=5000, metavar="N",
                    help="jets per KPD batch (default 5000, jetnet's)")
     e.add_argument("--plots", default=None, metavar="DIR", help="write real-vs-generated PNGs here")
+    e.add_argument("--force", action="store_true", help="replace plots already in DIR")
     e.add_argument("--log-dir", default=None, help="also write the plots to TensorBoard here")
     e.set_defaults(func=cmd_evaluate)
 
+
+def _add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="hyperparameter sweeps on Ray").add_subparsers(dest="sweep_command",
-                                                                                     required=True)
+                                                                                      required=True)
     r = sw.add_parser("run", help="run a sweep file")
-    r.add_argument("sweep")
+    r.add_argument("sweep", help="sweep YAML, e.g. sweeps/quickstart.yaml")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key (dotted)")
-    r.add_argument("--name", default=None)
-    r.add_argument("--storage", default=None)
+    r.add_argument("--name", default=None, help="experiment name (default: the file's name and a timestamp)")
+    r.add_argument("--storage", default=None, help="folder (or shared mount) for experiments (default: the sweep file's storage, runs/sweeps)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
     r.set_defaults(func=cmd_sweep_run)
     rs = sw.add_parser("resume", help="resume an interrupted sweep")
-    rs.add_argument("experiment_dir")
-    rs.add_argument("--address", default=None)
+    rs.add_argument("experiment_dir", help="the folder `sweep run` printed")
+    rs.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
     rs.set_defaults(func=cmd_sweep_resume)
 
+
+def _add_trials(sub) -> None:
     tr = sub.add_parser("trials", help="the trial table of a sweep")
-    tr.add_argument("experiment_dir")
+    tr.add_argument("experiment_dir", help="the folder `sweep run` printed")
     tr.add_argument("--sort", default=None, help="metric to sort by (default: the sweep's metric)")
-    tr.add_argument("--top", type=int, default=None)
+    tr.add_argument("--top", type=int, default=None, help="show only the N best trials")
     tr.add_argument("--export", default=None, metavar="FILE", help=".parquet or .csv")
     tr.add_argument("--best", action="store_true", help="print the best trial's config as YAML")
     tr.set_defaults(func=cmd_trials)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from hvae_ray import __version__
+
+    p = argparse.ArgumentParser(prog="hvae-ray", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"hvae-ray {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_data, _add_train, _add_sample, _add_evaluate, _add_sweep, _add_trials):
+        add(sub)
     return p
 
 

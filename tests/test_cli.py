@@ -344,3 +344,68 @@ def test_errors_through_the_real_entry_point(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [f"hvae-ray: error: {missing}: no such file"]
     assert proc.stdout == ""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Output paths are checked before the work
+
+
+def test_outputs_that_cannot_be_written_are_one_line_before_the_work(trained, data_file, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cases = [
+        (["train", "--data-path", str(data_file), "--save-dir", "/proc/nope", "--quiet"], "/proc/nope"),
+        (["sample", "--checkpoint", str(trained / "best"), "--n-jets", "5", "--out", "/proc/nope/g.npz"],
+         "/proc/nope"),
+        (["sample", "--checkpoint", str(trained / "best"), "--n-jets", "5",
+          "--out", str(blocker / "g.npz")], str(blocker)),
+        (["evaluate", "--real", str(data_file), "--generated", str(data_file), "--plots", "/proc/nope/p"],
+         "/proc/nope"),
+        (["data", "generate", "--flavor", "q", "--n-jets", "5", "--out", "/proc/nope/q.parquet"],
+         "/proc/nope"),
+    ]
+    for argv, where in cases:
+        rc = main(argv)
+        line = one_line_error(capsys, rc)
+        assert where in line and "cannot" in line, line
+    assert blocker.read_text() == "not a folder"
+
+
+def test_sample_refuses_what_the_disk_cannot_hold(trained, tmp_path, capsys):
+    out = tmp_path / "huge.npz"
+    rc = main(["sample", "--checkpoint", str(trained / "best"), "--n-jets", str(10**12), "--out", str(out)])
+    line = one_line_error(capsys, rc)
+    assert "needs up to" in line and "TB" in line and "free" in line, line
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_sample_streams_chunks_seeded(trained, tmp_path, monkeypatch):
+    import hvae_ray.api as api
+
+    args = ["sample", "--checkpoint", str(trained / "best"), "--n-jets", "70", "--device", "cpu", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "one.npz")]) == 0
+    monkeypatch.setattr(api, "SAMPLE_CHUNK", 32)  # 70 jets in chunks of 32, 32 and 6
+    assert main([*args, "--out", str(tmp_path / "a.npz")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b.npz")]) == 0
+    one, a, b = (np.load(tmp_path / f"{x}.npz")["particle_features"] for x in ("one", "a", "b"))
+    assert a.shape == (70, 30, 4) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a[:32], one[:32])  # the first chunk uses the seed itself
+    assert not np.array_equal(a[32:64], one[32:64])  # later chunks draw from their own seeds
+    assert (a[..., 3].sum(axis=1) >= 1).all()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.npz", "b.npz", "one.npz"]  # no temp files left
+
+
+def test_evaluate_plots_are_not_replaced_unless_forced(data_file, tmp_path, capsys):
+    plots = tmp_path / "plots"
+    args = ["evaluate", "--real", str(data_file), "--generated", str(data_file), "--plots", str(plots), *QUICK]
+    assert main(args) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in plots.iterdir()}
+    assert set(before) == {"mass.png", "ptrel.png", "etarel.png", "phirel.png", "multiplicity.png"}
+    rc = main(args)
+    line = one_line_error(capsys, rc)
+    assert "already exists" in line and "--force" in line
+    assert {p.name: p.read_bytes() for p in plots.iterdir()} == before
+    assert main([*args, "--force", "--json"]) == 0
+    assert "fpd" in json.loads(capsys.readouterr().out)
