@@ -215,12 +215,17 @@ def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        text = path.read_text()
+        raw = yaml.safe_load(text)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read {what} file ({e.__class__.__name__})") from e
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
+        tabs = [i + 1 for i, row in enumerate(text.splitlines()) if "\t" in row[:len(row) - len(row.lstrip())]]
+        if tabs:  # YAML forbids tabs in indentation; say so rather than leave the user guessing
+            raise ConfigError(f"{path}: not valid YAML{line}: a tab in the indentation of line {tabs[0]} "
+                              "(YAML indents with spaces)") from e
         raise ConfigError(f"{path}: not valid YAML{line}") from e
     if raw is None:
         raw = {}

@@ -298,3 +298,12 @@ def test_binary_config_file(tmp_path):
     with pytest.raises(ConfigError) as excinfo:
         load_config(path)
     assert str(path) in str(excinfo.value)
+
+
+def test_a_tab_in_the_indentation_is_named(tmp_path):
+    path = tmp_path / "tabs.yaml"
+    path.write_text("model:\n\thidden_dim: 32\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    msg = str(info.value)
+    assert "a tab in the indentation of line 2" in msg and "spaces" in msg and "\n" not in msg

@@ -87,7 +87,7 @@ class SweepSpec:
     search_space: dict[str, dict[str, Any]]
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     num_samples: int = 1
-    max_concurrent_trials: int = 0
+    max_concurrent_trials: int | None = None  # None: no limit, as many trials as the resources hold
     # Trials launched ahead of a free CPU/GPU share ("auto": max_concurrent_trials when trials use GPU
     # shares, else 0); see :meth:`tune_concurrency`.
     standby_trials: int | str = "auto"
@@ -130,7 +130,7 @@ class SweepSpec:
         a standby trial's start-up competes with training for the same cores)."""
         if self.standby_trials != "auto":
             return int(self.standby_trials)
-        return self.max_concurrent_trials if self.resources.uses_gpu else 0
+        return (self.max_concurrent_trials or 0) if self.resources.uses_gpu else 0
 
     def tune_concurrency(self) -> int | None:
         """Trials Ray Tune runs at once: ``max_concurrent_trials`` plus the standby trials (None: no limit).
@@ -143,7 +143,7 @@ class SweepSpec:
         holds more trials than ``max_concurrent_trials``, standby trials train too: ``standby_trials: 0``
         makes ``max_concurrent_trials`` a hard cap.
         """
-        if not self.max_concurrent_trials:
+        if self.max_concurrent_trials is None:
             return None
         return self.max_concurrent_trials + self.standby()
 
@@ -333,12 +333,15 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     spec = SweepSpec(name=str(raw.get("name") or (Path(where).stem if where else "sweep")), source=where,
                      base=base, search_space=space, scheduler=sched, resources=res, data=data,
                      description=str(raw.get("description") or ""))
-    for key, typ, low in (("num_samples", int, 1), ("max_concurrent_trials", int, 0), ("seed", int, 0),
+    for key, typ, low in (("num_samples", int, 1), ("max_concurrent_trials", int, 1), ("seed", int, 0),
                           ("max_failures", int, 0)):
         if key in raw:
             v = raw[key]
+            if key == "max_concurrent_trials" and v is None:
+                continue  # null: no limit
             if not isinstance(v, typ) or isinstance(v, bool) or v < low:
-                raise ConfigError(f"{where}: '{key}' must be an integer >= {low}, got {v!r}")
+                hint = " (null or leaving it out means no limit)" if key == "max_concurrent_trials" else ""
+                raise ConfigError(f"{where}: '{key}' must be an integer >= {low}{hint}, got {v!r}")
             setattr(spec, key, v)
     if "standby_trials" in raw:
         v = raw["standby_trials"]

@@ -70,7 +70,10 @@ def test_standby_trials_queue_ahead_of_gpu_shares_only():
     assert gpu.standby() == 4 and gpu.tune_concurrency() == 8
     assert load_sweep(qs, {"resources.gpu_fraction": 0.25, "standby_trials": 0}).tune_concurrency() == 4
     assert load_sweep(qs, {"standby_trials": 2}).tune_concurrency() == 6
-    assert load_sweep(qs, {"max_concurrent_trials": 0, "standby_trials": 2}).tune_concurrency() is None
+    assert load_sweep(qs, {"max_concurrent_trials": None, "standby_trials": 2}).tune_concurrency() is None
+    with pytest.raises(ConfigError, match=r"'max_concurrent_trials' must be an integer >= 1 \(null or leaving "
+                                          r"it out means no limit\), got 0"):
+        load_sweep(qs, {"max_concurrent_trials": 0})
 
 
 def test_gpu_shares_are_sized_for_the_largest_searched_model():
