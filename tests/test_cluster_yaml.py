@@ -1,7 +1,9 @@
-"""Checks of the AWS cluster launcher config at the repository root (cluster.yaml).
+"""Checks of the cluster launcher configs at the repository root: cluster.yaml (AWS) and
+cluster-local.yaml (Ray's local provider, machines reached over SSH).
 
 Runs Ray's own config preparation and schema validation, the steps `ray up` takes before it talks to
-AWS, so these tests need neither cloud credentials nor network access (they fail if anything tries).
+AWS or to the machines, so these tests need neither cloud credentials nor network access (they fail
+if anything tries). tests/test_cluster_local.py brings cluster-local.yaml up for real.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import re
 import socket
 from pathlib import Path
 
+import click
 import jsonschema
 import pytest
 import yaml
@@ -18,6 +21,7 @@ from ray.autoscaler._private.util import prepare_config, validate_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"
+CLUSTER_LOCAL_YAML = REPO_ROOT / "cluster-local.yaml"
 
 # EC2 families whose instances carry NVIDIA GPUs.
 GPU_FAMILIES = ("g4dn", "g5", "g6", "g6e", "gr6", "p3", "p4d", "p4de", "p5", "p5e", "p5en")
@@ -86,7 +90,7 @@ def _node_commands(prepared: dict) -> dict[str, list[str]]:
 
 def _mount_index(commands: list[str]) -> int:
     """Index of the command that mounts the shared filesystem (NFS v4.1) at SHARED_MOUNT."""
-    pattern = re.compile(r"sudo mount -t nfs4 -o (\S+)\s+\S+:/\s+" + re.escape(SHARED_MOUNT) + r"(?:\s|$)")
+    pattern = re.compile(r"sudo mount -t nfs4 -o (\S+)\s+\S+:/\s+" + re.escape(SHARED_MOUNT) + r"(?:[\s;]|$)")
     hits = [(i, m) for i, c in enumerate(commands) for m in [pattern.search(c)] if m]
     assert len(hits) == 1, f"expected one NFS mount of {SHARED_MOUNT}, found {len(hits)}"
     i, m = hits[0]
@@ -228,4 +232,99 @@ def test_validator_rejects_broken_copies(config, path, value):
 def test_validator_rejects_unknown_head_node_type(config):
     config["head_node_type"] = "head.missing"
     with pytest.raises(ValueError, match="head_node_type"):
+        validate_config(prepare_config(config))
+
+
+def _yaml_lines(path: Path) -> str:
+    """The file without its comments."""
+    return "\n".join(line.split(" #", 1)[0] for line in path.read_text().splitlines()
+                     if not line.lstrip().startswith("#"))
+
+
+def test_aws_needs_only_the_region_and_the_file_system_id(prepared):
+    text = _yaml_lines(CLUSTER_YAML)
+    # The EFS id is the only placeholder left in the settings ...
+    assert re.findall(r"\S*CHANGE-ME\S*", text) == ["fs-CHANGE-ME.efs.$region.amazonaws.com:/"]
+    # ... and the region is written once: the EFS name takes the node's own region, and the image is
+    # found in whichever region the nodes launch.
+    regions = re.findall(r"\b(?:us|eu|ap|sa|ca|me|af|il|mx)-[a-z]+-\d[a-z]?\b", text)
+    assert regions == ["us-west-2"], regions
+    assert "availability_zone" not in prepared["provider"]
+    images = {t["node_config"]["ImageId"] for t in prepared["available_node_types"].values()}
+    assert len(images) == 1 and next(iter(images)).startswith("resolve:ssm:/aws/service/"), images
+
+
+@pytest.fixture
+def prepared_local() -> dict:
+    with CLUSTER_LOCAL_YAML.open() as f:
+        prepared = prepare_config(yaml.safe_load(f))
+    validate_config(prepared)
+    return prepared
+
+
+def test_ray_validator_accepts_cluster_local_yaml(prepared_local):
+    provider = prepared_local["provider"]
+    assert provider["type"] == "local"
+    assert provider["head_ip"] and provider["worker_ips"]
+    assert prepared_local["auth"]["ssh_user"] and prepared_local["auth"]["ssh_private_key"]
+    # Ray keeps every listed machine in the cluster (no on-demand start with this provider).
+    node_type = prepared_local["available_node_types"][prepared_local["head_node_type"]]
+    assert node_type["min_workers"] == node_type["max_workers"] == len(provider["worker_ips"])
+
+
+def test_cluster_local_sets_up_nodes_like_the_aws_file(prepared_local, prepared):
+    setup = prepared_local["setup_commands"]
+    project = [i for i, c in enumerate(setup) if re.search(r"pip install -e ~/hvae-ray\b", c)]
+    torch = [i for i, c in enumerate(setup) if "pip install" in c and "torch==" in c]
+    venv = [i for i, c in enumerate(setup) if "-m venv ~/hvae-venv" in c]
+    assert venv and torch and project and venv[0] < max(torch) < min(project), setup
+    # The same Ray and the same project source as the AWS file.
+    ray_pin = [re.search(r"ray\[[^]]*\]==[\d.]+", c).group() for c in setup if "pip install \"ray[" in c]
+    aws_pin = [re.search(r"ray\[[^]]*\]==[\d.]+", c).group() for c in prepared["setup_commands"]
+               if "pip install \"ray[" in c]
+    assert ray_pin and ray_pin == aws_pin
+    mounts = {remote.rstrip("/"): local for remote, local in prepared_local["file_mounts"].items()}
+    assert (REPO_ROOT / mounts["~/hvae-ray"]).resolve() == REPO_ROOT
+    assert (REPO_ROOT / mounts["~/hvae-ray/sweeps"]).resolve() == REPO_ROOT / "sweeps"
+    assert ".gitignore" in prepared_local["rsync_filter"]
+
+
+def test_cluster_local_storage_and_cache_are_on_the_shared_directory(prepared_local):
+    setup = prepared_local["setup_commands"]
+    shared = _exported(setup, "HVAE_RAY_SHARED")
+    assert Path(shared).is_absolute(), shared
+    assert _exported(setup, "HVAE_RAY_STORAGE") == "$HVAE_RAY_SHARED/experiments"
+    assert _exported(setup, "HVAE_RAY_CACHE") == "$HVAE_RAY_SHARED/cache"
+    # A machine without the shared directory stops the setup before anything is written to it.
+    check = next(i for i, c in enumerate(setup) if 'test -d "$HVAE_RAY_SHARED"' in c)
+    assert "exit 1" in setup[check]
+    first_write = next(i for i, c in enumerate(setup) if "mkdir -p \"$HVAE_RAY_STORAGE\"" in c)
+    assert check < first_write
+    for kind in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in prepared_local[kind] if "ray start" in c)
+        assert start.index("source ~/.hvae-ray.env") < start.index("ray start"), kind
+    head = next(c for c in prepared_local["head_start_ray_commands"] if "ray start" in c)
+    assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head and "--include-dashboard=true" in head
+
+
+def _misspell_worker_ips(config: dict) -> None:
+    config["provider"]["worker_ip"] = config["provider"].pop("worker_ips")
+
+
+def _add_head_node(config: dict) -> None:
+    config["head_node"] = {"InstanceType": "m5.xlarge"}
+
+
+@pytest.mark.parametrize(
+    ("breaks", "match"),
+    [
+        (_misspell_worker_ips, "worker_ips"),  # the machines are not named: Ray refuses to start
+        (_add_head_node, "not supported for on-premise clusters"),  # a cloud-only field
+    ],
+)
+def test_validator_rejects_broken_local_copies(breaks, match):
+    with CLUSTER_LOCAL_YAML.open() as f:
+        config = yaml.safe_load(f)
+    breaks(config)
+    with pytest.raises(click.ClickException, match=match):
         validate_config(prepare_config(config))
