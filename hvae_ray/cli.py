@@ -85,9 +85,24 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 def cmd_sweep_run(a: argparse.Namespace) -> int:
     from hvae_ray.sweep.tune import run_sweep
 
-    res = run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address)
+    res = run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address,
+                    on_start=_announce_sweep)
+    return _report_sweep(res)
+
+
+def _announce_sweep(experiment_dir: Path) -> None:
+    print(f"experiment: {experiment_dir}\nwatch it:   tensorboard --logdir {experiment_dir}", flush=True)
+
+
+def _report_sweep(res) -> int:
+    """The sweep's end: its trials, and 130 with the resume command when it was interrupted."""
     print(f"experiment: {res.experiment_dir}")
     print(f"trials: {res.summary()}")
+    if res.interrupted:
+        for kind, ids in res.outcome().items():
+            print(f"  {kind}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
+        print(f"interrupted; continue with: hvae-ray sweep resume {res.experiment_dir}")
+        return 130
     print(f"inspect: hvae-ray trials {res.experiment_dir}")
     return 0
 
@@ -95,10 +110,7 @@ def cmd_sweep_run(a: argparse.Namespace) -> int:
 def cmd_sweep_resume(a: argparse.Namespace) -> int:
     from hvae_ray.sweep.tune import resume_sweep
 
-    res = resume_sweep(a.experiment_dir, address=a.address)
-    print(f"experiment: {res.experiment_dir}")
-    print(f"trials: {res.summary()}")
-    return 0
+    return _report_sweep(resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep))
 
 
 def cmd_trials(a: argparse.Namespace) -> int:
@@ -115,7 +127,8 @@ def cmd_trials(a: argparse.Namespace) -> int:
     if a.export:
         path = trials.export(table, a.export)
         print(f"wrote {table.num_rows} trials to {path}")
-    print(trials.format_table(table))
+    columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
+    print(trials.format_table(table, columns=columns, metric=trials.sweep_metric(a.experiment_dir)))
     return 0
 
 
@@ -209,7 +222,10 @@ def _add_sweep(sub) -> None:
 def _add_trials(sub) -> None:
     tr = sub.add_parser("trials", help="the trial table of a sweep")
     tr.add_argument("experiment_dir", help="the folder `sweep run` printed")
-    tr.add_argument("--sort", default=None, help="metric to sort by (default: the sweep's metric)")
+    tr.add_argument("--sort", default=None,
+                    help="a metric (its best value) or any column the table shows (default: the sweep's metric)")
+    tr.add_argument("--columns", default=None, metavar="A,B,...",
+                    help="columns to show, comma-separated (names as in the header or the export)")
     tr.add_argument("--top", type=int, default=None, help="show only the N best trials")
     tr.add_argument("--export", default=None, metavar="FILE", help=".parquet or .csv")
     tr.add_argument("--best", action="store_true", help="print the best trial's config as YAML")

@@ -1,9 +1,12 @@
 """Trial tables: an experiment directory → one ``pyarrow.Table`` row per trial; sort, export, best config.
 
-Columns: trial_id, status, one ``param.<key>`` column per searched config key, ``last_<m>`` and
-``best_<m>`` for the tracked metrics, epochs, wall_time_s, best_checkpoint, error, node_id, trial_dir.
-status is one of: completed (ran to max_t), early_stopped (stopped by ASHA), diverged (NaN loss or KL
-runaway), error, running, pending.
+Columns: trial_id, status, one ``param.<key>`` column per searched config key; for each tracked metric
+m: ``best_<m>`` (its best value over the epochs, on its own), ``last_<m>`` (the last epoch's) and
+``<m>_at_best`` (at the trial's best epoch by the sweep's metric, e.g. the KL of the model it kept);
+best_epoch (0-based, the TensorBoard step of that epoch), epochs (a count), wall_time_s,
+best_checkpoint, error, node_id, trial_dir. status is one of: completed (ran to max_t),
+early_stopped (stopped by ASHA), diverged (NaN loss or KL runaway), error, running, unfinished,
+pending. Every column name is what ``sort_trials`` and the table's header take.
 """
 
 from __future__ import annotations
@@ -108,6 +111,8 @@ def load_trials(experiment_dir: str | Path) -> pa.Table:
             row[f"best_{m}"] = (min(vals) if mode == "min" or m != metric else max(vals)) if vals else None
         scored = [r for r in results if _finite(r.get(metric)) is not None]
         best_row = (min if mode == "min" else max)(scored, key=lambda r: r[metric]) if scored else {}
+        for m in METRICS:
+            row[f"{m}_at_best"] = _finite(best_row.get(m))
         row["best_epoch"] = int(best_row["epoch"]) if "epoch" in best_row else None
         row["epochs"] = int(max((r.get("epochs_done", 0) for r in results), default=0))
         row["wall_time_s"] = _finite(last.get("time_total_s"))
@@ -131,7 +136,10 @@ def load_trials(experiment_dir: str | Path) -> pa.Table:
             status = "diverged"
         elif tune_status == "ERROR" or (error and tune_status != "TERMINATED"):
             status = "error"
-        elif tune_status in ("RUNNING", "PAUSED") or (not tune_status and results and row["epochs"] < max_t):
+        elif tune_status in ("RUNNING", "PAUSED") or (tune_status in ("", "PENDING") and results
+                                                       and row["epochs"] < max_t):
+            # PENDING with results: Tune sets a trial that was training when the run was interrupted
+            # back to PENDING, for resume
             status = "running" if tune_status == "RUNNING" else "unfinished"
         elif tune_status == "PENDING" or not results:
             status = "pending"
@@ -150,7 +158,7 @@ def load_trials(experiment_dir: str | Path) -> pa.Table:
 def _column_order(keys: list[str]) -> list[str]:
     cols = ["trial_id", "status", *(f"param.{k}" for k in keys)]
     for m in METRICS:
-        cols += [f"best_{m}", f"last_{m}"]
+        cols += [f"best_{m}", f"last_{m}", f"{m}_at_best"]
     return cols + ["best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "node_id", "trial_dir"]
 
 
@@ -171,7 +179,8 @@ def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
                     r[f"param.{k}"] = str(r[f"param.{k}"])
         fields.append(pa.field(f"param.{k}", typ))
     for m in METRICS:
-        fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"last_{m}", pa.float64())]
+        fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"last_{m}", pa.float64()),
+                   pa.field(f"{m}_at_best", pa.float64())]
     fields += [pa.field("best_epoch", pa.int64()), pa.field("epochs", pa.int64()),
                pa.field("wall_time_s", pa.float64()), pa.field("best_checkpoint", pa.string()),
                pa.field("error", pa.string()), pa.field("node_id", pa.string()),
@@ -179,20 +188,44 @@ def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
     return pa.schema(fields, metadata={"format": "hvae-ray trials v1"})
 
 
-def _metric_and_mode(experiment_dir: str | Path, metric: str | None) -> tuple[str, str]:
+def _sort_column(table: pa.Table, experiment_dir: str | Path, metric: str | None) -> tuple[str, str, str]:
+    """(column, the sweep metric it belongs to or "", mode) for a sort key: any numeric column name the
+    table shows (``best_val_w1m``, ``last_val_kl``, ``val_kl_at_best``, ``epochs``, ``param.<key>``, or a
+    searched key without ``param.``), or a bare metric name, meaning its best value."""
     spec = _sweep_state(Path(experiment_dir).resolve())["spec"]
-    chosen = metric or spec["scheduler"]["metric"]
-    if chosen not in METRICS:
-        raise ConfigError(f"--sort: unknown metric '{chosen}' (one of {', '.join(METRICS)})")
-    mode = spec["scheduler"]["mode"] if chosen == spec["scheduler"]["metric"] else "min"
-    return chosen, mode
+    sweep_metric, sweep_mode = spec["scheduler"]["metric"], spec["scheduler"]["mode"]
+    chosen = metric or sweep_metric
+    names = set(table.column_names)
+    if chosen in METRICS:
+        column = f"best_{chosen}"
+    elif chosen in names:
+        column = chosen
+    elif f"param.{chosen}" in names:
+        column = f"param.{chosen}"
+    else:
+        column = None
+    numeric = column is not None and (pa.types.is_integer(table.schema.field(column).type)
+                                      or pa.types.is_floating(table.schema.field(column).type))
+    if not numeric:
+        shown = sorted(n for n in names if pa.types.is_floating(table.schema.field(n).type)
+                       or pa.types.is_integer(table.schema.field(n).type))
+        raise ConfigError(f"sort: unknown metric or column '{chosen}' (a metric: {', '.join(METRICS)}; "
+                          f"or a column: {', '.join(shown)})")
+    base = next((m for m in METRICS if column in (f"best_{m}", f"last_{m}", f"{m}_at_best")), "")
+    mode = sweep_mode if base == sweep_metric else "min"
+    return column, base, mode
+
+
+def sweep_metric(experiment_dir: str | Path) -> str:
+    """The metric the sweep ranks its trials by (its scheduler's)."""
+    return _sweep_state(Path(experiment_dir).resolve())["spec"]["scheduler"]["metric"]
 
 
 def sort_trials(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> pa.Table:
-    """Rows ordered by the best value of ``metric`` (default: the sweep's metric); trials without it last."""
-    chosen, mode = _metric_and_mode(experiment_dir, metric)
-    order = "ascending" if mode == "min" else "descending"
-    return table.sort_by([(f"best_{chosen}", order)])
+    """Rows ordered by ``metric`` (default: the sweep's metric): a metric name sorts by its best value,
+    a column name (as the table shows it) by that column; trials without a value last."""
+    column, _, mode = _sort_column(table, experiment_dir, metric)
+    return table.sort_by([(column, "ascending" if mode == "min" else "descending")])
 
 
 def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> str:
@@ -202,16 +235,16 @@ def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | 
     from hvae_ray.sweep.spec import from_raw
 
     ranked = sort_trials(table, experiment_dir, metric)
-    chosen, _ = _metric_and_mode(experiment_dir, metric)
-    if ranked.num_rows == 0 or ranked.column(f"best_{chosen}")[0].as_py() is None:
-        raise DataError(f"{experiment_dir}: no trial has reported {chosen} yet")
+    column, _, _ = _sort_column(table, experiment_dir, metric)
+    if ranked.num_rows == 0 or ranked.column(column)[0].as_py() is None:
+        raise DataError(f"{experiment_dir}: no trial has reported {column} yet")
     best = ranked.slice(0, 1).to_pylist()[0]
     state = _sweep_state(Path(experiment_dir).resolve())
     spec = from_raw(state["raw"], state["source"])
     params = json.loads((Path(best["trial_dir"]) / "params.json").read_text())
     cfg = spec.trial_config(params)
     header = (f"# best trial {best['trial_id']} of {Path(experiment_dir).name}: "
-              f"best {chosen} = {best[f'best_{chosen}']:.6g} after {best['epochs']} epochs\n")
+              f"{column} = {best[column]:.6g} after {best['epochs']} epochs\n")
     return header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
@@ -236,12 +269,38 @@ def export(table: pa.Table, path: str | Path, overwrite: bool = False) -> Path:
     return path
 
 
-def format_table(table: pa.Table, max_width: int = 14) -> str:
-    """A plain-text table for the terminal: id, status, parameters, key metrics, epochs, time, error."""
+#: The columns ``format_table`` shows by default, around the searched parameters.
+DEFAULT_COLUMNS = ("trial_id", "status", "<params>", "best_<metric>", "best_val_w1m", "val_kl_at_best",
+                   "last_val_kl", "best_epoch", "epochs", "wall_time_s", "error")
+
+
+def table_columns(table: pa.Table, metric: str, columns: list[str] | None = None) -> list[str]:
+    """The columns to print: ``columns`` as given (checked against the table), else the defaults with
+    the searched parameters and the sweep's metric filled in."""
+    if columns:
+        unknown = [c for c in columns if c not in table.column_names and f"param.{c}" not in table.column_names]
+        if unknown:
+            raise ConfigError(f"columns: unknown column '{unknown[0]}' (one of {', '.join(table.column_names)})")
+        return [c if c in table.column_names else f"param.{c}" for c in columns]
     params = [c for c in table.column_names if c.startswith("param.")]
-    cols = ["trial_id", "status", *params, "best_val_objective", "best_val_w1m", "last_val_kl", "epochs",
-            "wall_time_s", "error"]
-    heads = [c.removeprefix("param.").split(".")[-1] if c.startswith("param.") else c for c in cols]
+    out: list[str] = []
+    for c in DEFAULT_COLUMNS:
+        if c == "<params>":
+            out += params
+        elif c == "best_<metric>":
+            out.append(f"best_{metric}")
+        elif c not in out:
+            out.append(c)
+    return list(dict.fromkeys(out))
+
+
+def format_table(table: pa.Table, columns: list[str] | None = None, metric: str = "val_objective",
+                 max_width: int = 14) -> str:
+    """A plain-text table for the terminal. Headers are the columns' whole names (``param.`` left off
+    the searched keys), so every header is a name ``sort_trials`` takes; values are cut to ``max_width``
+    (60 for ``error``)."""
+    cols = table_columns(table, metric, columns)
+    heads = [c.removeprefix("param.") for c in cols]
 
     def fmt(v: Any) -> str:
         if v is None:
@@ -251,7 +310,7 @@ def format_table(table: pa.Table, max_width: int = 14) -> str:
         return str(v)
 
     rows = [[fmt(r[c]) for c in cols] for r in table.to_pylist()]
-    widths = [min(max([len(h)] + [len(r[i]) for r in rows]), max_width if c != "error" else 60)
+    widths = [max([len(h)] + [min(len(r[i]), 60 if c == "error" else max_width) for r in rows])
               for i, (h, c) in enumerate(zip(heads, cols))]
-    line = lambda vals: "  ".join(v[:w].ljust(w) for v, w in zip(vals, widths))  # noqa: E731
+    line = lambda vals: "  ".join(v[:w].ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     return "\n".join([line(heads), line(["-" * w for w in widths]), *(line(r) for r in rows)])

@@ -175,7 +175,7 @@ def test_sort_and_top(exp, with_tune_state):
     assert ranked.column("trial_id").to_pylist()[4] == "t_wait"
     by_w1m = trials.sort_trials(table, exp, "val_w1m").column("trial_id").to_pylist()
     assert by_w1m[0] == "t_done"
-    with pytest.raises(ConfigError, match="unknown metric 'val_w1mm'"):
+    with pytest.raises(ConfigError, match="unknown metric or column 'val_w1mm'"):
         trials.sort_trials(table, exp, "val_w1mm")
 
 
@@ -194,7 +194,7 @@ def test_cli_sort_top_and_export(exp, with_tune_state, capsys, tmp_path):
 
 def test_best_config(exp, with_tune_state):
     text = trials.best_config_yaml(trials.load_trials(exp), exp)
-    assert text.startswith("# best trial t_done of fake: best val_objective = 3 after 3 epochs\n")
+    assert text.startswith("# best trial t_done of fake: best_val_objective = 3 after 3 epochs\n")
     cfg = from_dict(yaml.safe_load(text), "best")
     assert cfg.kl_max_weight == 1e-4 and cfg.batch_size == 16
     assert cfg.model.hidden_dim == 16 and cfg.epochs == MAX_T
@@ -205,7 +205,7 @@ def test_best_config_needs_a_reported_metric(tmp_path):
     exp.mkdir()
     (exp / SWEEP_FILE).write_text(json.dumps(_state(exp, RAW), default=str))
     _trial(exp, "w", {"kl_max_weight": 1e-4, "batch_size": 8}, None)
-    with pytest.raises(DataError, match="no trial has reported val_objective yet"):
+    with pytest.raises(DataError, match="no trial has reported best_val_objective yet"):
         trials.best_config_yaml(trials.load_trials(exp), exp)
 
 
@@ -242,3 +242,47 @@ def test_not_an_experiment_directory(tmp_path):
     (tmp_path / SWEEP_FILE).write_text("{not json")
     with pytest.raises(DataError, match="unreadable sweep state"):
         trials.load_trials(tmp_path)
+
+
+def test_kl_at_the_best_epoch_and_sorting_by_shown_names(tmp_path, monkeypatch, capsys):
+    """best_val_kl is the lowest KL of any epoch; val_kl_at_best is the KL of the epoch the trial kept."""
+    monkeypatch.setattr(trials, "_tune_statuses", lambda exp: {})
+    exp = tmp_path / "kl"
+    exp.mkdir()
+    (exp / SWEEP_FILE).write_text(json.dumps(_state(exp, RAW), default=str))
+    # best objective at epoch 2, where the KL (2.5) is not the lowest (0.5 at epoch 0)
+    _trial(exp, "a", {"kl_max_weight": 1e-4, "batch_size": 8}, [_row(0, 4.0), _row(1, 3.0), _row(2, 2.0)])
+    _trial(exp, "b", {"kl_max_weight": 1e-3, "batch_size": 16},
+           [_row(0, 3.5, val_kl=9.0), _row(1, 2.5, val_kl=0.2)])
+    table = trials.load_trials(exp)
+    rows = _by_id(table)
+    assert rows["a"]["best_val_kl"] == 0.5 and rows["a"]["val_kl_at_best"] == 2.5
+    assert rows["b"]["best_val_kl"] == 0.2 and rows["b"]["val_kl_at_best"] == 0.2
+    # every header the table prints is a name --sort takes
+    text = trials.format_table(table, metric="val_objective")
+    heads = text.splitlines()[0].split()
+    assert {"kl_max_weight", "batch_size", "best_val_objective", "val_kl_at_best", "last_val_kl"} <= set(heads)
+    for head in heads:
+        if head not in ("trial_id", "status", "error"):
+            trials.sort_trials(table, exp, head)
+    assert trials.sort_trials(table, exp, "val_kl_at_best").column("trial_id").to_pylist() == ["b", "a"]
+    assert trials.sort_trials(table, exp, "last_val_kl").column("trial_id").to_pylist() == ["b", "a"]
+    assert trials.sort_trials(table, exp, "batch_size").column("trial_id").to_pylist() == ["a", "b"]
+    # --columns picks the columns, by the names shown; unknown names and --top < 1 are one-line errors
+    assert cli_main(["trials", str(exp), "--columns", "trial_id,val_kl_at_best,batch_size",
+                     "--sort", "val_kl_at_best"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["trial_id", "val_kl_at_best", "batch_size"]
+    assert [ln.split() for ln in lines[2:]] == [["b", "0.2", "16"], ["a", "2.5", "8"]]
+    for argv, problem in ((["--columns", "trial_id,nope"], "unknown column 'nope'"),
+                          (["--sort", "nope"], "unknown metric or column 'nope'"),
+                          (["--top", "-1"], "--top must be >= 1, got -1")):
+        assert cli_main(["trials", str(exp), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert problem in err and len(err.splitlines()) == 1, err
+
+
+def test_headers_are_whole_names(exp, with_tune_state):
+    text = trials.format_table(trials.load_trials(exp), metric="val_objective")
+    heads = text.splitlines()[0].split()
+    assert "best_val_objective" in heads and "wall_time_s" in heads

@@ -147,6 +147,14 @@ class SweepSpec:
             return None
         return self.max_concurrent_trials + self.standby()
 
+    def expected_trials(self) -> int:
+        """Trials the sweep runs in all: ``num_samples`` times every combination of its grid keys."""
+        n = self.num_samples
+        for dist in self.search_space.values():
+            if "grid" in dist:
+                n *= len(dist["grid"])
+        return n
+
     def tune_search_space(self) -> dict[str, Any]:
         """{dotted key: ray.tune domain}."""
         from ray import tune

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,38 @@ from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
 from hvae_ray.trials import SWEEP_FILE, _sweep_state
 
 
+#: Trial-table statuses by what they mean for the sweep as a whole.
+FINISHED = ("completed", "early_stopped", "diverged", "error")
+INTERRUPTED = ("running", "unfinished")
+
+
 @dataclass
 class SweepResult:
+    """The experiment directory, Tune's results, and how many trials the sweep asked for."""
+
     experiment_dir: Path
     results: Any  # ray.tune.ResultGrid
+    expected_trials: int | None = None
+
+    def outcome(self) -> dict[str, list[str]]:
+        """Trial ids that finished (any end: completed, stopped, diverged, failed), were interrupted
+        mid-training, or never started (``pending``, or not yet created: numbered ``#k``)."""
+        from hvae_ray.trials import load_trials
+
+        table = load_trials(self.experiment_dir)
+        out: dict[str, list[str]] = {"finished": [], "interrupted": [], "never started": []}
+        for tid, status in zip(table.column("trial_id").to_pylist(), table.column("status").to_pylist()):
+            kind = "finished" if status in FINISHED else "interrupted" if status in INTERRUPTED else "never started"
+            out[kind].append(tid)
+        missing = (self.expected_trials or 0) - table.num_rows
+        out["never started"] += [f"#{table.num_rows + i + 1}" for i in range(max(missing, 0))]
+        return out
+
+    @property
+    def interrupted(self) -> bool:
+        """True when some trial did not finish: the run was stopped (Ctrl+C) before its end."""
+        o = self.outcome()
+        return bool(o["interrupted"] or o["never started"])
 
     def summary(self) -> str:
         from hvae_ray.trials import load_trials
@@ -33,7 +62,9 @@ class SweepResult:
         counts: dict[str, int] = {}
         for s in table.column("status").to_pylist():
             counts[s] = counts.get(s, 0) + 1
-        return ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        missing = (self.expected_trials or 0) - table.num_rows
+        return text + (f", {missing} not started" if missing > 0 else "")
 
 
 def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
@@ -142,8 +173,10 @@ def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
 
 def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
     import ray.tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    _no_tune_tensorboard()
     sched = spec.scheduler
     asha = ASHAScheduler(time_attr="epochs_done", max_t=sched.max_t, grace_period=sched.grace_period,
                          reduction_factor=sched.reduction_factor)
@@ -156,8 +189,16 @@ def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
                                         trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
+                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
                                       stop={"diverged": 1.0}, verbose=1),
     )
+
+
+def _no_tune_tensorboard() -> None:
+    """Keep Tune's own TensorBoard logger out: it would write a second run per trial (``ray/tune/*``
+    scalars and an empty HParams session) beside the trial's own ``tensorboard/`` run. Tune's JSON and
+    CSV logs stay (the trial table reads them); they are passed to the run explicitly."""
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
 def _trainable(sweep: dict[str, Any]):
@@ -174,9 +215,12 @@ def _trial_dirname(trial) -> str:
 
 
 def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, name: str | None = None,
-              storage: str | None = None, address: str | None = None) -> SweepResult:
+              storage: str | None = None, address: str | None = None,
+              on_start: Callable[[Path], None] | None = None) -> SweepResult:
     """Run a sweep file. ``overrides`` are dotted keys of the sweep file (``config.epochs``,
-    ``num_samples``, ``scheduler.max_t``, ...). Returns the experiment directory and Tune's results."""
+    ``num_samples``, ``scheduler.max_t``, ...). ``on_start(experiment_dir)`` is called once the
+    experiment directory exists, before the first trial. Returns the experiment directory and Tune's
+    results."""
     spec = load_sweep(sweep, overrides)
     storage = storage or spec.storage
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -188,11 +232,14 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     _ray_init(address)
+    if on_start is not None:
+        on_start(Path(sweep_state["experiment_dir"]))
     results = _tuner(spec, sweep_state).fit()
-    return SweepResult(Path(sweep_state["experiment_dir"]), results)
+    return SweepResult(Path(sweep_state["experiment_dir"]), results, spec.expected_trials())
 
 
-def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> SweepResult:
+def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
+                 on_start: Callable[[Path], None] | None = None) -> SweepResult:
     """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from their
     last checkpoint (their Ray Train runs restore from ``_train/<trial_id>``), errored ones retry."""
     import ray.tune
@@ -203,7 +250,10 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None) -> S
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
     _ray_init(address)
+    _no_tune_tensorboard()
+    if on_start is not None:
+        on_start(exp)
     tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(sweep_state), resume_unfinished=True,
                                    resume_errored=True, restart_errored=False,
                                    param_space=spec.tune_search_space())
-    return SweepResult(exp, tuner.fit())
+    return SweepResult(exp, tuner.fit(), spec.expected_trials())

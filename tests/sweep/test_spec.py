@@ -226,3 +226,13 @@ def test_cli_trials_on_a_directory_that_is_no_experiment(tmp_path):
     assert "not an hvae-ray experiment directory" in line
     line = _one_error_line(_cli("sweep", "resume", str(tmp_path)))
     assert "not an hvae-ray experiment directory" in line
+
+
+def test_expected_trials_count_grid_combinations():
+    qs = REPO / "sweeps" / "quickstart.yaml"
+    spec = load_sweep(qs, {"num_samples": 3, "search_space": {"batch_size": {"grid": [4, 8]},
+                                                              "model.hidden_dim": {"grid": [16, 32, 64]},
+                                                              "kl_max_weight": {"loguniform": [1e-4, 1e-2]}}})
+    assert spec.expected_trials() == 3 * 2 * 3
+    no_grid = load_sweep(qs, {"num_samples": 5, "search_space": {"kl_max_weight": {"loguniform": [1e-4, 1e-2]}}})
+    assert no_grid.expected_trials() == 5

@@ -117,6 +117,8 @@ def test_each_trial_worker_held_a_quarter_gpu(asha8, ray_local):
 def test_tensorboard_tags_and_hparams(asha8):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    event_dirs = {p.parent for p in asha8.exp.rglob("events.out.tfevents.*")}
+    assert event_dirs == {Path(r["trial_dir"]) / "tensorboard" for r in asha8.table.to_pylist()}  # one run each
     for row in asha8.table.to_pylist():
         tb_dir = Path(row["trial_dir"]) / "tensorboard"
         assert list(tb_dir.glob("events.out.tfevents.*")), tb_dir
@@ -459,6 +461,11 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
 
     fast, slow = trial_of(16), trial_of(1)
     fast_id, slow_id = fast.name.removeprefix("trial_"), slow.name.removeprefix("trial_")
+    if sig == signal.SIGINT:  # Ctrl+C: exit 130, what finished and what did not, and how to resume
+        assert proc.returncode == 130, out[-3000:]
+        assert f"  finished: 1 ({fast_id})" in out and f"  interrupted: 1 ({slow_id})" in out, out[-3000:]
+        assert "  never started: 0" in out, out[-3000:]
+        assert f"interrupted; continue with: hvae-ray sweep resume {exp.resolve()}" in out, out[-3000:]
     fast_before = (fast / "result.json").read_text()
     slow_before = _rows(slow / "result.json")
     assert slow_before and max(r["epochs_done"] for r in slow_before) < RESUME_T, out[-3000:]
@@ -472,7 +479,7 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
     assert last_before <= last_checkpoint < RESUME_T - 1
 
     result = hvae_ray.resume_sweep(exp)
-    assert not result.results.errors
+    assert not result.results.errors and not result.interrupted
     table = {r["trial_id"]: r for r in hvae_ray.load_trials(exp).to_pylist()}
     assert {k: r["status"] for k, r in table.items()} == {fast_id: "completed", slow_id: "completed"}
     # the finished trial was not run again: its results are exactly as before
