@@ -87,7 +87,8 @@ def worker(a: argparse.Namespace) -> dict:
         torch.cuda.synchronize()
     res["prepare_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    trainer = engine.Trainer(cfg, splits, dev, cuda_graphs=not a.no_graphs)
+    trainer = engine.Trainer(cfg, splits, dev, cuda_graphs=not a.no_graphs, compile_model=a.compile)
+    res["compiled"] = a.compile
     res["trainer_s"] = time.perf_counter() - t
     res["step_mode"] = trainer.step_mode
     res["n_train"] = trainer.n_train
@@ -123,23 +124,30 @@ def worker(a: argparse.Namespace) -> dict:
 
 
 def graph_check(cfg, splits, dev) -> dict:
-    """Train one epoch from the same start with the captured step and eagerly: how far apart they end."""
+    """The captured step against the eager one from the same start (dropout off, fp32): the losses of the
+    first optimiser step (before any update) and the weights after it, then after two epochs."""
     import torch
 
     from hvae_ray import engine
 
-    out = {}
-    trainers = {}
-    for name, graphs in (("graph", True), ("eager", False)):
-        t = engine.Trainer(cfg, splits, dev, cuda_graphs=graphs)
-        t.train_epoch(0)
-        out[f"{name}_train_total"] = t.train_epoch(1)["train_total"]
-        trainers[name] = t
-    pa = dict(trainers["graph"].model.named_parameters())
-    diff = max((p.detach() - pa[k].detach()).abs().max().item()
-               for k, p in trainers["eager"].model.named_parameters())
-    scale = max(p.detach().abs().max().item() for p in trainers["eager"].model.parameters())
-    out.update(max_abs_weight_diff=diff, max_abs_weight=scale)
+    cfg = cfg.with_overrides({"model.dropout": 0.0, "mixed_precision": False})  # leave out dropout and bf16
+    out: dict = {"dropout": 0.0, "mixed_precision": False}
+    one = cfg.batch_size * cfg.gradient_accumulation_steps
+    first = engine.Splits(splits.train[:one], splits.val[:8], splits.test, splits.normaliser, splits.sample,
+                          splits.knn)
+    for label, sp, epochs in (("one_step", first, 1), ("two_epochs", splits, 2)):
+        trainers, totals = {}, {}
+        for name, graphs in (("graph", True), ("eager", False)):
+            t = engine.Trainer(cfg, sp, dev, cuda_graphs=graphs)
+            for e in range(epochs):
+                totals[name] = t.train_epoch(e)["train_total"]
+            trainers[name] = t
+        pa = dict(trainers["graph"].model.named_parameters())
+        diff = max((p.detach() - pa[k].detach()).abs().max().item()
+                   for k, p in trainers["eager"].model.named_parameters())
+        out[label] = {"graph_train_total": totals["graph"], "eager_train_total": totals["eager"],
+                      "max_abs_weight_diff": diff, "step_modes": [trainers[n].step_mode for n in trainers]}
+    out["max_abs_weight"] = max(p.detach().abs().max().item() for p in trainers["eager"].model.parameters())
     torch.cuda.synchronize()
     return out
 
@@ -203,23 +211,27 @@ def gpu_runs(args) -> dict:
     results: dict = {"runs": []}
     for spec in args.batches.split(","):
         b, acc = parse_batch(spec)
-        for eng in args.engines.split(","):
+        variants = args.engines.split(",") + (["dense+compile"] if spec in args.compiled.split(",") else [])
+        for eng in variants:
             if eng == "pyg" and b * acc > args.pyg_max_batch:
                 continue
             steps = args.pyg_steps if eng == "pyg" else args.steps
-            if eng == "dense" and b >= 2048:
+            if eng != "pyg" and b >= 2048:
                 steps = max(10, args.steps // 4)
             label = f"{eng} {b}x{acc}"
             say(f"start {label} ({steps} steps per epoch)")
-            extra = ["--engine", eng, "--batch", str(b), "--accum", str(acc), "--steps", str(steps),
-                     "--epochs", str(args.epochs), "--device", "cuda"]
+            extra = ["--engine", eng.split("+")[0], "--batch", str(b), "--accum", str(acc), "--steps", str(steps),
+                     "--epochs", str(args.epochs), "--device", "cuda"] + (["--compile"] if "+compile" in eng else [])
             if eng == "dense" and spec in args.check.split(","):
                 extra.append("--graph-check")
             r = collect(launch(args, extra), label, args.worker_timeout)
-            r.setdefault("engine", eng)
+            r["engine"] = eng
             r.setdefault("batch_size", b)
             r.setdefault("accum", acc)
             results["runs"].append(r)
+            if args.out:  # what is done so far survives a run stopped at its limit
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+                (Path(args.out) / "results.partial.json").write_text(json.dumps(results, indent=2))
             if "error" in r:
                 say(f"done  {label}: FAILED: {r['error']}")
             else:
@@ -263,15 +275,16 @@ def gpu_table(results: dict) -> str:
     for r in results["runs"]:
         rows.setdefault((r["batch_size"], r["accum"]), {})[r["engine"]] = r
     lines = ["| batch × accum | PyG jets/s | dense jets/s | speed-up | PyG peak reserved | dense peak reserved "
-             "| dense process (NVML) | dense ms/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| dense process (NVML) | dense ms/step | dense + torch.compile jets/s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (b, acc), e in rows.items():
         p, d = e.get("pyg", {}), e.get("dense", {})
         ok_p, ok_d = "jets_per_s" in p, "jets_per_s" in d
         speed = f"{d['jets_per_s'] / p['jets_per_s']:.1f}×" if ok_p and ok_d else "n/a"
         lines.append(f"| {b} × {acc} | {fmt(p.get('jets_per_s'))} | {fmt(d.get('jets_per_s'))} | {speed} | "
                      f"{fmt(p.get('peak_reserved_mib'))} MiB | {fmt(d.get('peak_reserved_mib'))} MiB | "
-                     f"{fmt(d.get('process_mib'))} MiB | {fmt(d.get('ms_per_step'), 2)} |")
+                     f"{fmt(d.get('process_mib'))} MiB | {fmt(d.get('ms_per_step'), 2)} | "
+                     f"{fmt(e.get('dense+compile', {}).get('jets_per_s'))} |")
     pk = results.get("packing")
     if pk:
         single = rows.get((8, 4), {}).get("dense", {}).get("jets_per_s")
@@ -293,6 +306,7 @@ def main() -> None:
     p.add_argument("--pyg-steps", type=int, default=30, help="PyG optimiser steps per epoch")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up epoch")
     p.add_argument("--check", default="8x4,128", help="settings where the captured step is checked against eager")
+    p.add_argument("--compiled", default="512", help="settings also run with torch.compile (dense engine)")
     p.add_argument("--pack", type=int, default=4, help="dense processes packed on the GPU (0: skip)")
     p.add_argument("--worker-timeout", type=float, default=240)
     p.add_argument("--cpu", action="store_true", help="the CPU comparison instead")
@@ -306,6 +320,7 @@ def main() -> None:
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     p.add_argument("--no-graphs", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--graph-check", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--cpu-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:

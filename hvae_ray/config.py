@@ -72,6 +72,7 @@ class Config:
     device: str = "auto"
     num_workers: int = 0
     engine: str = "dense"
+    compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hvae_ray.config import ModelConfig
@@ -68,10 +69,16 @@ class Encoder(nn.Module):
     def forward(self, batch: DenseBatch) -> tuple[torch.Tensor, torch.Tensor]:
         m = batch.mask[..., None]  # (B, P, 1)
         h = self.node_in(batch.x)  # (B, P, H)
-        e = self.edge_in(batch.edges)  # (B, P, P, H)
         he = self.hyper_in(batch.hyperedges)  # (B, P, H)
+        # The edge embedding ends in a linear layer and each block's first use of it is linear, so the two
+        # are applied as one product, W_e·(W₂u + b₂) = (W_e W₂)u + W_e b₂: the (B, P, P, H) embedding itself
+        # is never built, only its hidden layer u.
+        lin2 = self.edge_in[-1]
+        u = self.edge_in[:-1](batch.edges)  # (B, P, P, H)
         for block in self.blocks:
-            h = block(h, e, batch.pair_mask, he, batch.incidence)
+            w_e = block.pair.edge_weight()  # (H, H)
+            e = F.linear(u, w_e @ lin2.weight, w_e @ lin2.bias)  # (B, P, P, H) = W_e · edge_in(edges)
+            h = block(h, e, batch.pair_mask, he, batch.incidence, projected=True)
         count = m.sum(dim=1)  # (B, 1)
         mean = (h * m).sum(dim=1) / count.clamp(min=1)
         peak = h.masked_fill(~m, torch.finfo(h.dtype).min).amax(dim=1) * (count > 0)  # an empty jet pools to 0
@@ -98,11 +105,19 @@ class Decoder(nn.Module):
         s = self.mixer(s)
         p = self.particle_out(s)  # (B, P, 4)
         edges = None
-        if with_edges:  # (B, P, P, 2H) is the largest activation; sampling jets does not need it
-            # Symmetric pair representation: edge features of (i, j) and (j, i) are equal.
-            pair = torch.cat([s[:, :, None] + s[:, None, :], s[:, :, None] * s[:, None, :]], dim=-1)
-            edges = self.edge_out(pair)  # (B, P, P, 4)
+        if with_edges:  # the (B, P, P, H) pair activations are the largest; sampling jets does not need them
+            edges = self._edges(s)  # (B, P, P, 4)
         return Decoded(particles=p[..., :3], exist_logits=p[..., 3], edges=edges, hyperedges=self.hyper_out(s))
+
+    def _edges(self, s: torch.Tensor) -> torch.Tensor:
+        """``edge_out`` of the symmetric pair representation [s_i + s_j, s_i ⊙ s_j] (edge features of (i, j)
+        and (j, i) are equal). Its first layer is applied by parts, W·[s_i + s_j, s_i ⊙ s_j] =
+        W_a s_i + W_a s_j + W_b (s_i ⊙ s_j), so the (B, P, P, 2H) concatenation is never built."""
+        first = self.edge_out[0]
+        w_a, w_b = first.weight.split(s.shape[-1], dim=1)  # (H, H) each
+        a = F.linear(s, w_a)  # (B, P, H)
+        hidden = F.linear(s[:, :, None] * s[:, None, :], w_b, first.bias) + a[:, :, None] + a[:, None, :]
+        return self.edge_out[1:](hidden)  # (B, P, P, 4)
 
 
 class HyperVAE(nn.Module):

@@ -48,14 +48,22 @@ class PairConv(nn.Module):
         super().__init__()
         self.msg = mlp([3 * hidden, hidden, hidden], dropout)
 
+    def edge_weight(self) -> torch.Tensor:
+        """W_e (H, H): the part of the first layer that multiplies the edge features."""
+        h = self.msg[0].weight.shape[0]
+        return self.msg[0].weight[:, 2 * h :]
+
     def forward(self, h: torch.Tensor, e: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
         """h (B, P, H), e (B, P, P, H) with edge j→i at [j, i], pair_mask (B, P, P) → (B, P, H)."""
+        return self.forward_projected(h, F.linear(e, self.edge_weight()), pair_mask)
+
+    def forward_projected(self, h: torch.Tensor, e_proj: torch.Tensor, pair_mask: torch.Tensor) -> torch.Tensor:
+        """As :meth:`forward` with W_e·e already applied: e_proj (B, P, P, H), edge j→i at [j, i]."""
         first, last = self.msg[0], self.msg[-1]
-        w_i, w_j, w_e = first.weight.split(h.shape[-1], dim=1)  # (H, H) each
+        w_i, w_j, _ = first.weight.split(h.shape[-1], dim=1)  # (H, H) each
         target = F.linear(h, w_i, first.bias)  # (B, P, H), node i receives
         source = F.linear(h, w_j)  # (B, P, H), node j sends
-        pre = target[:, :, None] + source[:, None, :] + F.linear(e, w_e).transpose(1, 2)  # (B, i, j, H)
-        hidden = pre
+        hidden = target[:, :, None] + source[:, None, :] + e_proj.transpose(1, 2)  # (B, i, j, H)
         for layer in self.msg[1:-1]:  # SiLU (and dropout)
             hidden = layer(hidden)
         m = pair_mask.transpose(1, 2).to(hidden.dtype)  # (B, i, j): j → i is an edge
@@ -118,6 +126,9 @@ class EncoderBlock(nn.Module):
         self.norm2 = nn.LayerNorm(hidden)
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, pair_mask: torch.Tensor, he: torch.Tensor,
-                incidence: torch.Tensor) -> torch.Tensor:
-        h = self.norm1(h + self.pair(h, e, pair_mask))  # (B, P, H)
+                incidence: torch.Tensor, projected: bool = False) -> torch.Tensor:
+        """h (B, P, H), e (B, P, P, H) (already multiplied by ``pair.edge_weight()`` when ``projected``),
+        pair_mask (B, P, P), he (B, P, H), incidence (B, P, P) → (B, P, H)."""
+        pair = self.pair.forward_projected(h, e, pair_mask) if projected else self.pair(h, e, pair_mask)
+        h = self.norm1(h + pair)  # (B, P, H)
         return self.norm2(h + self.hyper(h, he, incidence))
