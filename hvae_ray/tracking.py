@@ -25,8 +25,23 @@ for _c in COMPONENTS:
     TAGS[f"train_{_c}"] = f"Loss/train_{_c}"
     TAGS[f"val_{_c}"] = f"Loss/val_{_c}"
 
-# Metric columns of TensorBoard's HParams tab (values read from these scalar tags of each run).
-HPARAM_METRICS = ("Loss/val_objective", "Loss/val_recon", "Loss/val_kl", "Metrics/val_w1m")
+# Best-so-far scalars, written beside the per-epoch ones: the lowest value up to each epoch, and the KL
+# of the best epoch by val_objective (the model a trial keeps).
+BEST_TAGS: dict[str, str] = {
+    "val_objective": "Best/val_objective",
+    "val_recon": "Best/val_recon",
+    "val_w1m": "Best/val_w1m",
+}
+KL_AT_BEST_TAG = "Best/val_kl_at_best"
+
+# Metric columns of TensorBoard's HParams tab (values read from these scalar tags of each run): the
+# last value next to the best so far.
+HPARAM_METRICS = ("Loss/val_objective", "Best/val_objective", "Loss/val_recon", "Best/val_recon",
+                  "Loss/val_kl", KL_AT_BEST_TAG, "Metrics/val_w1m", "Best/val_w1m")
+
+# Session statuses of the HParams tab, by how a run ended (its ``outcome`` hparam says it in words).
+SESSION_STATUS = {"completed": "STATUS_SUCCESS", "early_stopped": "STATUS_UNKNOWN",
+                  "diverged": "STATUS_FAILURE", "error": "STATUS_FAILURE", "running": "STATUS_RUNNING"}
 
 REQUIRED_TAGS = ("Loss/train_total", "Loss/train_kl", "KL/weight", "Loss/val_total", "Loss/val_kl",
                  *(f"Loss/{s}_{c}" for s in ("train", "val") for c in COMPONENTS))
@@ -39,13 +54,39 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
+        self.best = self._previous_bests()  # a resumed run continues its best-so-far curves
         self.writer = SummaryWriter(str(self.log_dir))
 
+    def _previous_bests(self) -> dict[str, float]:
+        if not any(self.log_dir.glob("events.out.tfevents.*")):
+            return {}
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(self.log_dir), size_guidance={"scalars": 0})
+        acc.Reload()
+        tags = set(acc.Tags().get("scalars", []))
+        best = {key: min(e.value for e in acc.Scalars(tag)) for key, tag in BEST_TAGS.items() if tag in tags}
+        if KL_AT_BEST_TAG in tags:
+            best["kl_at_best"] = acc.Scalars(KL_AT_BEST_TAG)[-1].value
+        return best
+
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
-        for key, tag in TAGS.items():
+        def finite(key: str) -> float | None:
             value = metrics.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+        for key, tag in TAGS.items():
+            if (value := finite(key)) is not None:
                 self.writer.add_scalar(tag, value, epoch)
+        for key, tag in BEST_TAGS.items():
+            if (value := finite(key)) is None:
+                continue
+            if key == "val_objective" and value < self.best.get(key, math.inf) and finite("val_kl") is not None:
+                self.best["kl_at_best"] = finite("val_kl")
+            self.best[key] = min(value, self.best.get(key, math.inf))
+            self.writer.add_scalar(tag, self.best[key], epoch)
+        if "kl_at_best" in self.best and finite("val_objective") is not None:
+            self.writer.add_scalar(KL_AT_BEST_TAG, self.best["kl_at_best"], epoch)
         self.writer.flush()
 
     def log_figures(self, figures: dict[str, Any], step: int, prefix: str = "Distributions") -> None:
@@ -53,16 +94,27 @@ class TensorBoardLogger:
             self.writer.add_figure(f"{prefix}/{name}", fig, step, close=False)
         self.writer.flush()
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], outcome: str = "completed") -> None:
         """HParams summary in this run's own directory, so `tensorboard --logdir EXPERIMENT` lists every
-        run in the HParams tab. ``metrics`` names the scalar tags shown as metric columns."""
+        run in the HParams tab. ``metrics`` names the scalar tags shown as metric columns. ``outcome``
+        (a key of ``SESSION_STATUS``) sets the session's status; ``running`` writes no session end.
+        TensorBoard keeps the first summary of each HParams tag in a run: write a session once."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, sei = hparams_summary(clean, dict(metrics))
+        exp, ssi, _ = hparams_summary(clean, dict(metrics))
         fw = self.writer._get_file_writer()
-        for s in (exp, ssi, sei):
+        for s in (exp, ssi):
             fw.add_summary(s)
+        if outcome != "running":
+            end = plugin_data_pb2.HParamsPluginData(
+                session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(SESSION_STATUS[outcome])),
+                version=0)
+            meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
+                                                                          content=end.SerializeToString()))
+            fw.add_summary(Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=meta)]))
         self.writer.flush()
 
     def close(self) -> None:

@@ -11,10 +11,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-from tensorboard.plugins.hparams import plugin_data_pb2  # noqa: E402
+from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
 from hvae_ray.config import COMPONENTS  # noqa: E402
-from hvae_ray.tracking import HPARAM_METRICS, REQUIRED_TAGS, TAGS, TensorBoardLogger  # noqa: E402
+from hvae_ray.tracking import (  # noqa: E402
+    BEST_TAGS,
+    HPARAM_METRICS,
+    KL_AT_BEST_TAG,
+    REQUIRED_TAGS,
+    TAGS,
+    TensorBoardLogger,
+)
 
 
 def read(log_dir) -> EventAccumulator:
@@ -28,7 +35,7 @@ def test_required_tags_are_all_written_by_the_engine_metrics():
     assert len(set(TAGS.values())) == len(TAGS)          # one tag per metric key
     for c in COMPONENTS:
         assert TAGS[f"train_{c}"] == f"Loss/train_{c}" and TAGS[f"val_{c}"] == f"Loss/val_{c}"
-    assert set(HPARAM_METRICS) <= set(TAGS.values())
+    assert set(HPARAM_METRICS) <= set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG}
 
 
 def test_log_epoch_writes_each_metric_under_its_tag(tmp_path):
@@ -38,7 +45,7 @@ def test_log_epoch_writes_each_metric_under_its_tag(tmp_path):
                                                                                          "unrelated": 1.0})
     logger.close()
     acc = read(tmp_path)
-    assert set(acc.Tags()["scalars"]) == set(TAGS.values())
+    assert set(acc.Tags()["scalars"]) == set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG}
     for i, tag in enumerate(TAGS.values()):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [0, 1, 2]
@@ -52,7 +59,7 @@ def test_non_finite_and_non_numeric_values_are_skipped(tmp_path):
     logger.log_epoch(1, {"train_total": 1.5, "train_kl": math.nan})
     logger.close()
     acc = read(tmp_path)
-    assert set(acc.Tags()["scalars"]) == {"Loss/train_kl", "KL/weight", "Loss/train_total"}
+    assert set(acc.Tags()["scalars"]) == {"Loss/train_kl", "KL/weight", "Loss/train_total"}  # no Best/*: no val
     assert [(e.step, e.value) for e in acc.Scalars("Loss/train_kl")] == [(0, 2.5)]
     assert [(e.step, e.value) for e in acc.Scalars("Loss/train_total")] == [(1, 1.5)]
     assert acc.Scalars("KL/weight")[0].value == pytest.approx(1e-5)
@@ -76,6 +83,8 @@ def test_log_hparams_writes_a_readable_hparams_summary(tmp_path):
 
     content = read(tmp_path).PluginTagToContent("hparams")
     assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(content)
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == api_pb2.STATUS_SUCCESS  # the default outcome: completed
 
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
     assert {h.name for h in exp.hparam_infos} == set(hparams)
@@ -111,3 +120,44 @@ def test_log_figures_writes_images_under_the_prefix(tmp_path):
     assert acc.Tags()["images"] == ["Evaluate/mass"]
     img = acc.Images("Evaluate/mass")[0]
     assert img.step == 7 and img.encoded_image_string.startswith(b"\x89PNG")
+
+
+def test_best_so_far_scalars_and_the_kl_at_the_best_epoch(tmp_path):
+    objective = [5.0, 3.0, 4.0, 2.5, 2.7]
+    kl = [1.0, 8.0, 2.0, 6.0, 0.5]
+    logger = TensorBoardLogger(tmp_path)
+    for epoch in range(3):
+        logger.log_epoch(epoch, {"val_objective": objective[epoch], "val_kl": kl[epoch], "val_w1m": 0.1 * epoch})
+    logger.close()
+    logger = TensorBoardLogger(tmp_path)  # a resumed run goes on from the bests on disk
+    for epoch in range(3, 5):
+        logger.log_epoch(epoch, {"val_objective": objective[epoch], "val_kl": kl[epoch], "val_w1m": 0.1 * epoch})
+    logger.close()
+    acc = read(tmp_path)
+    best = [e.value for e in sorted(acc.Scalars("Best/val_objective"), key=lambda e: e.step)]
+    assert best == pytest.approx([5.0, 3.0, 3.0, 2.5, 2.5])
+    at_best = [e.value for e in sorted(acc.Scalars(KL_AT_BEST_TAG), key=lambda e: e.step)]
+    assert at_best == pytest.approx([1.0, 8.0, 8.0, 6.0, 6.0])  # not the lowest KL (0.5)
+    assert [e.value for e in acc.Scalars("Best/val_w1m")] == pytest.approx([0.0] * 5)
+
+
+@pytest.mark.parametrize("outcome, status", [("early_stopped", api_pb2.STATUS_UNKNOWN),
+                                             ("diverged", api_pb2.STATUS_FAILURE),
+                                             ("completed", api_pb2.STATUS_SUCCESS)])
+def test_the_session_states_how_the_run_ended(tmp_path, outcome, status):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams({"lr": 1e-3, "outcome": outcome}, dict.fromkeys(HPARAM_METRICS, 0.0), outcome=outcome)
+    logger.close()
+    content = read(tmp_path).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.hparams["outcome"].string_value == outcome
+    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
+    assert end.session_end_info.status == status
+
+
+def test_a_running_session_has_no_end(tmp_path):
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams({"lr": 1e-3}, dict.fromkeys(HPARAM_METRICS, 0.0), outcome="running")
+    logger.close()
+    content = read(tmp_path).PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in content and "_hparams_/session_end_info" not in content

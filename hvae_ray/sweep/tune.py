@@ -81,20 +81,8 @@ def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
     loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"], "tb_dir": str(tb_dir),
             "work_dir": str(trial_dir / "engine"), "gpu_share": sweep["gpu_share"],
             "card_bytes": sweep["card_bytes"], "context_bytes": sweep.get("context_bytes")}
-    _write_hparams(tb_dir, sampled)
     make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id(),
                  score=(spec.scheduler.metric, spec.scheduler.mode)).fit()
-
-
-def _write_hparams(tb_dir: Path, sampled: dict[str, Any]) -> None:
-    """HParams summary with the trial's searched values, written when the trial starts: TensorBoard's
-    HParams tab reads the metric columns from the trial's own scalars, so it stays current while the
-    trial trains and is there for trials that ASHA stops."""
-    from hvae_ray.tracking import HPARAM_METRICS, TensorBoardLogger
-
-    tb = TensorBoardLogger(tb_dir)
-    tb.log_hparams(sampled, {tag: 0.0 for tag in HPARAM_METRICS})
-    tb.close()
 
 
 def storage_root(storage: str) -> Path:
@@ -176,6 +164,8 @@ def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    from hvae_ray.sweep.hparams import TrialOutcomeCallback
+
     _no_tune_tensorboard()
     sched = spec.scheduler
     asha = ASHAScheduler(time_attr="epochs_done", max_t=sched.max_t, grace_period=sched.grace_period,
@@ -189,7 +179,8 @@ def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
                                         trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
-                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback()],
+                                      callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
+                                                 TrialOutcomeCallback(sweep)],
                                       stop={"diverged": 1.0}, verbose=1),
     )
 

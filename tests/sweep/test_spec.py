@@ -236,3 +236,20 @@ def test_expected_trials_count_grid_combinations():
     assert spec.expected_trials() == 3 * 2 * 3
     no_grid = load_sweep(qs, {"num_samples": 5, "search_space": {"kl_max_weight": {"loguniform": [1e-4, 1e-2]}}})
     assert no_grid.expected_trials() == 5
+
+
+def test_trial_hparams_are_the_searched_keys_and_what_differs_from_the_base():
+    from hvae_ray.sweep.hparams import outcome_of, trial_hparams
+
+    spec = load_sweep(REPO / "sweeps" / "quickstart.yaml",
+                      {"search_space": {"kl_max_weight": {"loguniform": [1e-4, 1e-2]},
+                                        "model.hidden_dim": {"choice": [16, 32]}}})
+    base = spec.base.flat()
+    same_as_base = {"kl_max_weight": 1e-3, "model.hidden_dim": base["model.hidden_dim"]}
+    hp = trial_hparams(spec, same_as_base)
+    assert hp == same_as_base  # a searched key is shown even where it equals the base value
+    assert "seed" not in hp and "batch_size" not in hp  # equal in every trial: left out
+    assert outcome_of({"epochs_done": 3, "diverged": 0.0}, max_t=3) == "completed"
+    assert outcome_of({"epochs_done": 1, "diverged": 0.0}, max_t=3) == "early_stopped"
+    assert outcome_of({"epochs_done": 1, "diverged": 1.0}, max_t=3) == "diverged"
+    assert outcome_of(None, max_t=3, errored=True) == "error"

@@ -137,12 +137,29 @@ def test_tensorboard_tags_and_hparams(asha8):
         assert row["epochs"] <= len(steps) <= MAX_T
         hparams = acc.PluginTagToContent("hparams")
         assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
-        from tensorboard.plugins.hparams import plugin_data_pb2
+        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+
+        from hvae_ray.tracking import SESSION_STATUS
 
         start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
         logged = {k: v.number_value for k, v in start.session_start_info.hparams.items()}
         for key in SEARCHED:
             assert logged[key] == pytest.approx(row[f"param.{key}"])
+        # the session says how the trial ended, in the table's words and as the session's status
+        assert start.session_start_info.hparams["outcome"].string_value == row["status"]
+        assert row["status"] in ("completed", "early_stopped")
+        end = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_end_info"])
+        assert end.session_end_info.status == api_pb2.Status.Value(SESSION_STATUS[row["status"]])
+        # best-so-far metrics beside the last ones
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
+        assert {"Best/val_objective", "Best/val_w1m", "Best/val_kl_at_best"} <= {m.name.tag for m in
+                                                                               experiment.metric_infos}
+        best = sorted(acc.Scalars("Best/val_objective"), key=lambda e: e.step)
+        last = sorted(acc.Scalars("Loss/val_objective"), key=lambda e: e.step)
+        assert best[-1].value == pytest.approx(min(e.value for e in last), rel=1e-6)
+        assert best[-1].value <= row["best_val_objective"] * (1 + 1e-6)
+    statuses = {r["status"] for r in asha8.table.to_pylist()}
+    assert statuses == {"completed", "early_stopped"}  # both kinds of session status were checked
 
 
 def test_trial_table_contents(asha8):

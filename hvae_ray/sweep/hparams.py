@@ -1,0 +1,70 @@
+"""The HParams view of a sweep: each trial's session lists what sets it apart, and says how it ended.
+
+The sweep's driver writes a trial's HParams session into the trial's own TensorBoard run when Tune
+ends the trial (run to the end, stopped by ASHA, diverged or failed): the searched keys, every
+effective config key that differs from the base config, ``outcome`` in the trial table's words, and
+the session status (completed → success, diverged or error → failure, early-stopped → unknown).
+TensorBoard keeps the first HParams summary of a run, so the session is written once, at the end: a
+trial still training shows in the Scalars tab, and in the HParams tab once it has ended.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from hvae_ray.sweep.spec import SweepSpec, from_raw
+from hvae_ray.tracking import HPARAM_METRICS, TensorBoardLogger
+
+__all__ = ["trial_hparams", "write_trial_hparams", "TrialOutcomeCallback"]
+
+
+def trial_hparams(spec: SweepSpec, sampled: dict[str, Any]) -> dict[str, Any]:
+    """The searched keys and every effective config key that differs from the sweep's base config
+    (a trial's config is the base with its sampled values applied), dotted, as TensorBoard shows them."""
+    effective = spec.trial_config(sampled).flat()
+    base = spec.base.flat()
+    return {k: v for k, v in effective.items() if k in sampled or base.get(k) != v}
+
+
+def write_trial_hparams(tb_dir: str | Path, hparams: dict[str, Any], outcome: str) -> None:
+    tb = TensorBoardLogger(tb_dir)
+    tb.log_hparams({**hparams, "outcome": outcome}, dict.fromkeys(HPARAM_METRICS, 0.0), outcome=outcome)
+    tb.close()
+
+
+def outcome_of(last_result: dict[str, Any] | None, max_t: int, errored: bool = False) -> str:
+    """How a trial ended, in the trial table's words."""
+    if errored:
+        return "error"
+    last = last_result or {}
+    if last.get("diverged") == 1.0:
+        return "diverged"
+    return "completed" if last.get("epochs_done", 0) >= max_t else "early_stopped"
+
+
+class TrialOutcomeCallback(Callback):
+    """Runs in the sweep's driver: completes a trial's HParams session when Tune ends the trial."""
+
+    def __init__(self, sweep: dict[str, Any]):
+        self.experiment_dir = sweep["experiment_dir"]
+        self.raw, self.source = sweep["raw"], sweep["source"]
+        self._spec: SweepSpec | None = None
+
+    def _write(self, trial, errored: bool) -> None:
+        if self._spec is None:
+            self._spec = from_raw(self.raw, self.source)
+        tb_dir = Path(self.experiment_dir) / f"trial_{trial.trial_id}" / "tensorboard"
+        if not tb_dir.is_dir():  # the trial never started
+            return
+        sampled = {k: v for k, v in trial.config.items() if k in self._spec.search_space}
+        outcome = outcome_of(trial.last_result, self._spec.scheduler.max_t, errored)
+        write_trial_hparams(tb_dir, trial_hparams(self._spec, sampled), outcome)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        self._write(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._write(trial, errored=True)
