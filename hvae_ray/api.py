@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,3 @@ def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_d
             tb.log_figures(figs, 0, prefix="Evaluate")
             tb.close()
     return result
-
-
-def format_metrics(result: dict[str, float]) -> str:
-    return json.dumps(result, indent=2, sort_keys=False)

@@ -210,7 +210,8 @@ def _add_sweep(sub) -> None:
     r.add_argument("sweep", help="sweep YAML, e.g. sweeps/quickstart.yaml")
     r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a sweep key (dotted)")
     r.add_argument("--name", default=None, help="experiment name (default: the file's name and a timestamp)")
-    r.add_argument("--storage", default=None, help="folder (or shared mount) for experiments (default: the sweep file's storage, runs/sweeps)")
+    r.add_argument("--storage", default=None,
+                   help="folder (or shared mount) for experiments (default: the sweep file's storage, runs/sweeps)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
     r.set_defaults(func=cmd_sweep_run)
     rs = sw.add_parser("resume", help="resume an interrupted sweep")

@@ -139,8 +139,8 @@ def _as_particles(particles: np.ndarray, mask: np.ndarray | None) -> tuple[np.nd
     return x, m
 
 
-def _wrap_phi(dphi: np.ndarray) -> np.ndarray:
-    """Wrap an angle difference into [−π, π]."""
+def _abs_dphi(dphi: np.ndarray) -> np.ndarray:
+    """|Δφ| of an angle difference, wrapped into [0, π] (energyflow's: π − ||Δφ| − π|, mod 2π)."""
     return np.pi - np.abs(np.abs(dphi) % (2 * np.pi) - np.pi)
 
 
@@ -268,7 +268,7 @@ def efps(
         sl = slice(start, start + chunk_size)
         z = x[sl, :, 2]  # pT_rel as given (jetnet's convention), 0 for padding
         deta = x[sl, :, None, 0] - x[sl, None, :, 0]
-        dphi = _wrap_phi(x[sl, :, None, 1] - x[sl, None, :, 1])
+        dphi = _abs_dphi(x[sl, :, None, 1] - x[sl, None, :, 1])
         theta = np.sqrt(deta**2 + dphi**2)
         theta_pow = {1: theta}
         for w in range(2, max_w + 1):

@@ -21,7 +21,6 @@ from hvae_ray.errors import ConfigError, HvaeError
 from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
 from hvae_ray.trials import SWEEP_FILE, _sweep_state
 
-
 #: Trial-table statuses by what they mean for the sweep as a whole.
 FINISHED = ("completed", "early_stopped", "diverged", "error")
 INTERRUPTED = ("running", "unfinished")
