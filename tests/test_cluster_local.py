@@ -29,6 +29,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -98,8 +99,9 @@ def _local_copy(dest: Path, *, user: str, key: str, shared: Path, name: str) -> 
 
 
 def _ray(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(["ray", *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    ray = Path(sys.executable).with_name("ray")  # Ray's CLI of this environment, activated or not
+    return subprocess.run([str(ray) if ray.exists() else "ray", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def _exec(config: Path, command: str, *, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
