@@ -236,7 +236,9 @@ def epoch_order(n: int, cfg: Config, epoch: int, rank: int = 0, world: int = 1) 
     are disjoint. Both are exactly the orders of :func:`train_loader`.
     """
     if world == 1:
-        return torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        torch.empty((), dtype=torch.int64).random_(generator=gen)  # a DataLoader draws its workers' seed first
+        return torch.randperm(n, generator=gen)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
     total = math.ceil(n / world) * world
     order = torch.cat([order, order[: total - n]]) if total > n else order

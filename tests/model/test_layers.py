@@ -165,3 +165,28 @@ def test_padding_jets_change_nothing(batch):
                        for t in (d.x, d.mask, d.edges, d.pair_mask, d.hyperedges, d.incidence, d.weight)))
     with torch.no_grad():
         torch.testing.assert_close(loss(padded), loss(d), **TOL)
+
+
+def test_decoder_pair_head_by_parts_equals_the_concatenated_form():
+    _, dense = models()
+    z = torch.randn(3, 4)
+    with torch.no_grad():
+        s = dense.decoder.mixer(dense.decoder.z_in(z)[:, None, :] + dense.decoder.slots[None])
+        pair = torch.cat([s[:, :, None] + s[:, None, :], s[:, :, None] * s[:, None, :]], dim=-1)  # (B, P, P, 2H)
+        torch.testing.assert_close(dense.decode(z).edges, dense.decoder.edge_out(pair), **TOL)
+
+
+def test_folded_edge_embedding_equals_embedding_then_block(batch):
+    """The encoder applies edge_in's last layer and each block's W_e as one product."""
+    _, dense = models()
+    d = dense_from_pyg(batch)
+    enc = dense.encoder
+    with torch.no_grad():
+        h, he, e = enc.node_in(d.x), enc.hyper_in(d.hyperedges), enc.edge_in(d.edges)
+        for block in enc.blocks:
+            h = block(h, e, d.pair_mask, he, d.incidence)
+        m = d.mask[..., None]
+        pooled = torch.cat([(h * m).sum(1) / m.sum(1).clamp(min=1),
+                            h.masked_fill(~m, -torch.inf).amax(1)], dim=-1)
+        mu, _ = enc.head(pooled).chunk(2, dim=-1)
+        torch.testing.assert_close(enc(d)[0], mu, **TOL)
