@@ -305,6 +305,10 @@ def test_cluster_local_storage_and_cache_are_on_the_shared_directory(prepared_lo
         assert start.index("source ~/.hvae-ray.env") < start.index("ray start"), kind
     head = next(c for c in prepared_local["head_start_ray_commands"] if "ray start" in c)
     assert "--autoscaling-config=~/ray_bootstrap_config.yaml" in head and "--include-dashboard=true" in head
+    # Ray's token authentication, with one token on the share that the head makes before Ray starts.
+    assert _exported(setup, "RAY_AUTH_MODE") == "token"
+    assert _exported(setup, "RAY_AUTH_TOKEN_PATH").startswith("$HVAE_RAY_SHARED/")
+    assert any('> "$RAY_AUTH_TOKEN_PATH"' in c and "umask 077" in c for c in prepared_local["head_setup_commands"])
 
 
 def _misspell_worker_ips(config: dict) -> None:
