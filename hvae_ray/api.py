@@ -55,29 +55,64 @@ def train(config: Config | str | Path | None = None, data_path: str | Path | Non
 SAMPLE_CHUNK = 65_536
 
 
+#: Where ``sample`` draws latent codes from: N(0, 1), or the mixture fitted by ``fit_prior``.
+PRIORS = ("standard", "fitted")
+
+
+def _checkpoint_dir(checkpoint: str | Path) -> Path:
+    path = Path(checkpoint)
+    return path if path.is_dir() else path.parent
+
+
 def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
-           device: str = "auto", overwrite: bool = False, progress: bool = False) -> Path:
+           device: str = "auto", overwrite: bool = False, progress: bool = False, prior: str = "standard",
+           posterior_of: str | Path | None = None) -> Path:
     """Generate ``n_jets`` jets and write JetNet-layout ``particle_features`` (N, 30, 4) =
     (η_rel, φ_rel, pT_rel, mask) to ``out`` (.npz).
 
-    Jets are decoded in chunks of ``SAMPLE_CHUNK`` and streamed to disk (memory stays bounded); the
-    first chunk uses ``seed`` itself, chunk k a seed derived from (seed, k). The output path and the
-    free disk space are checked before the model is loaded. A tqdm bar goes to stderr if ``progress``.
+    Codes come from ``prior``: ``standard`` N(0, 1), or ``fitted``, the checkpoint folder's prior of
+    :func:`fit_prior`. With ``posterior_of`` (a jet file) the codes are one draw from q(z | x) of each
+    of its first ``n_jets`` jets instead: the model's reconstructions, which bound what any prior can
+    reach. Jets are decoded in chunks of ``SAMPLE_CHUNK`` and streamed to disk (memory stays bounded);
+    the first chunk uses ``seed`` itself, chunk k a seed derived from (seed, k). The output path, the
+    free disk space and the prior are checked before any jet is decoded. A tqdm bar goes to stderr
+    if ``progress``.
     """
     import zipfile
 
     from hvae_ray.data.jets import MAX_PARTICLES
     from hvae_ray.engine import generate, load_checkpoint, model_from_checkpoint, resolve_device
+    from hvae_ray.latent import decode, encode, load_prior, posterior_codes
     from hvae_ray.outputs import check_free_space, check_output_file
 
     if isinstance(n_jets, bool) or not isinstance(n_jets, int) or n_jets < 1:
         raise ConfigError(f"n_jets must be an integer >= 1, got {n_jets!r}")
+    if prior not in PRIORS:
+        raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     out = check_output_file(out, overwrite=overwrite, suffix=".npz")
     n_bytes = n_jets * MAX_PARTICLES * 4 * 4  # float32 (N, 30, 4)
     check_free_space(out.parent, 2 * n_bytes + 2**20, f"sampling {n_jets} jets")  # array + archive
-    model, normaliser, _ = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
+    model, normaliser, cfg = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
     dev = resolve_device(device)
     model = model.to(dev)
+    if posterior_of is not None:
+        from hvae_ray.data.io import load_jets
+
+        real = load_jets(posterior_of)
+        if n_jets > len(real):
+            raise ConfigError(f"{posterior_of}: holds {len(real)} jets, fewer than the {n_jets} to decode")
+    gmm = load_prior(_checkpoint_dir(checkpoint), cfg.model.latent_dim) if prior == "fitted" else None
+
+    def chunk(k: int, start: int, b: int) -> tuple[np.ndarray, np.ndarray]:
+        chunk_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+        if posterior_of is not None:
+            mu, logvar = encode(model, normaliser, cfg, real.particles[start:start + b], real.mask[start:start + b],
+                                dev)
+            return decode(model, normaliser, posterior_codes(mu, logvar, chunk_seed), dev)
+        if gmm is not None:
+            return decode(model, normaliser, gmm.sample(b, chunk_seed), dev)
+        return generate(model, normaliser, b, seed=chunk_seed, device=dev)
+
     tmp_npy = out.with_name(f".{out.name}.particle_features.npy")
     tmp_npz = out.with_name(out.name + ".tmp.npz")
     try:
@@ -88,8 +123,7 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
         with tqdm(total=n_jets, unit="jet", desc="sampling", disable=not progress, leave=False) as bar:
             for k, start in enumerate(range(0, n_jets, SAMPLE_CHUNK)):
                 b = min(SAMPLE_CHUNK, n_jets - start)
-                chunk_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-                particles, mask = generate(model, normaliser, b, seed=chunk_seed, device=dev)
+                particles, mask = chunk(k, start, b)
                 arr[start:start + b, :, :3] = particles
                 arr[start:start + b, :, 3] = mask
                 bar.update(b)
@@ -102,6 +136,34 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
         tmp_npy.unlink(missing_ok=True)
         tmp_npz.unlink(missing_ok=True)
     return out
+
+
+def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, components: int = 20,
+              seed: int = 0, device: str = "auto", overwrite: bool = False) -> Path:
+    """Fit a Gaussian-mixture prior to the posterior means of the checkpoint's training jets and write
+    it beside the checkpoint (``prior.pt``), for ``sample(prior="fitted")``.
+
+    ``data_path`` must be the file the model was trained on (default: the default sample, as ``train``):
+    the training split is recomputed from the checkpoint's config (same seed, fractions, max_jets).
+    Ex-post density estimation, Ghosh et al., arXiv:1903.12436.
+    """
+    from hvae_ray.data.io import load_jets
+    from hvae_ray.engine import load_checkpoint, model_from_checkpoint, prepare, resolve_device
+    from hvae_ray.latent import PRIOR_FILE, GaussianMixture, encode, save_prior
+
+    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        raise ConfigError(f"components must be an integer >= 1, got {components!r}")
+    folder = _checkpoint_dir(checkpoint)
+    if (folder / PRIOR_FILE).exists() and not overwrite:
+        raise DataError(f"{folder / PRIOR_FILE}: already exists; not overwriting it")
+    model, normaliser, cfg = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
+    dev = resolve_device(device)
+    splits = prepare(cfg, load_jets(resolve_data(data_path, progress=False)), normaliser)
+    train = splits.sample.subset(splits.train)
+    mu, _ = encode(model.to(dev), normaliser, cfg, train.particles, train.mask, dev)
+    gmm = GaussianMixture.fit(mu, components=components, seed=seed)
+    return save_prior(folder, gmm, {"components": len(gmm.weights), "seed": seed, "n_jets": len(mu),
+                                    "mean_log_likelihood": float(gmm.log_prob(mu).mean())})
 
 
 def _check_metric_sizes(sizes: dict) -> None:

@@ -49,8 +49,18 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     _at_least_one(a.n_jets, "--n-jets")
     out = sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device, overwrite=a.force,
-                 progress=not a.quiet)
+                 progress=not a.quiet, prior=a.prior, posterior_of=a.posterior)
     print(f"wrote {a.n_jets} jets to {out}")
+    return 0
+
+
+def cmd_prior_fit(a: argparse.Namespace) -> int:
+    from hvae_ray.api import fit_prior
+
+    _at_least_one(a.components, "--components")
+    path = fit_prior(a.checkpoint, a.data_path, components=a.components, seed=a.seed, device=a.device,
+                     overwrite=a.force)
+    print(f"wrote {path}; sample from it with: hvae-ray sample --checkpoint {a.checkpoint} --prior fitted ...")
     return 0
 
 
@@ -178,9 +188,28 @@ def _add_sample(sub) -> None:
     s.add_argument("--out", required=True, help="output .npz (particle_features [N, 30, 4])")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    s.add_argument("--prior", choices=("standard", "fitted"), default="standard",
+                   help="codes from N(0, 1) (default) or from the prior of `prior fit` in the checkpoint folder")
+    s.add_argument("--posterior", default=None, metavar="JETS",
+                   help="decode one draw of q(z|x) of each of the first N jets of this file instead "
+                        "(the model's reconstructions: the bound for any prior)")
     s.add_argument("--force", action="store_true", help="overwrite an existing output file")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.set_defaults(func=cmd_sample)
+
+
+def _add_prior(sub) -> None:
+    pr = sub.add_parser("prior", help="latent priors of a trained model").add_subparsers(dest="prior_command",
+                                                                                         required=True)
+    f = pr.add_parser("fit", help="fit a Gaussian mixture to the training jets' posterior means")
+    f.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/train/best")
+    f.add_argument("--data-path", default=None,
+                   help="the jets the model was trained on (default: the default sample, as train)")
+    f.add_argument("--components", type=int, default=20, help="mixture components (default 20)")
+    f.add_argument("--seed", type=int, default=0, help="fit seed (default 0)")
+    f.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
+    f.add_argument("--force", action="store_true", help="replace an existing prior")
+    f.set_defaults(func=cmd_prior_fit)
 
 
 def _add_evaluate(sub) -> None:
@@ -239,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hvae-ray", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"hvae-ray {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_data, _add_train, _add_sample, _add_evaluate, _add_sweep, _add_trials):
+    for add in (_add_data, _add_train, _add_sample, _add_prior, _add_evaluate, _add_sweep, _add_trials):
         add(sub)
     return p
 
