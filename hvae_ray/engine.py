@@ -445,6 +445,7 @@ class Trainer:
             self._rows = self._step(self._pos, self._valid)
         torch.set_rng_state(rng_cpu)
         torch.cuda.set_rng_state(rng_cuda, dev)
+        torch.cuda.empty_cache()  # the warm-up's blocks, cached for the side stream, are not used again
         self._graph = graph
         log.info("training step captured in a CUDA graph in %.2f s", time.perf_counter() - t0)
 

@@ -111,13 +111,33 @@ class Decoder(nn.Module):
 
     def _edges(self, s: torch.Tensor) -> torch.Tensor:
         """``edge_out`` of the symmetric pair representation [s_i + s_j, s_i ⊙ s_j] (edge features of (i, j)
-        and (j, i) are equal). Its first layer is applied by parts, W·[s_i + s_j, s_i ⊙ s_j] =
-        W_a s_i + W_a s_j + W_b (s_i ⊙ s_j), so the (B, P, P, 2H) concatenation is never built."""
+        and (j, i) are equal), evaluated once per unordered pair i ≤ j and gathered into (B, P, P, 4).
+        Its first layer is applied by parts, W·[s_i + s_j, s_i ⊙ s_j] = W_a s_i + W_a s_j + W_b (s_i ⊙ s_j),
+        so the (B, P, P, 2H) concatenation is never built."""
+        p = s.shape[1]
+        rows, cols, index = _pair_triangle(p, s.device)
         first = self.edge_out[0]
         w_a, w_b = first.weight.split(s.shape[-1], dim=1)  # (H, H) each
         a = F.linear(s, w_a)  # (B, P, H)
-        hidden = F.linear(s[:, :, None] * s[:, None, :], w_b, first.bias) + a[:, :, None] + a[:, None, :]
-        return self.edge_out[1:](hidden)  # (B, P, P, 4)
+        hidden = F.linear(s[:, rows] * s[:, cols], w_b, first.bias) + a[:, rows] + a[:, cols]  # (B, T, H)
+        out = self.edge_out[1:](hidden)  # (B, T, 4), T = P(P+1)/2
+        return out[:, index]  # (B, P, P, 4)
+
+
+_TRIANGLES: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _pair_triangle(p: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, cols) of the P(P+1)/2 pairs i ≤ j, and (P, P) the position of pair (min, max) in them."""
+    key = (p, str(device))
+    if key not in _TRIANGLES:
+        rows, cols = torch.triu_indices(p, p)
+        index = torch.empty(p, p, dtype=torch.long)
+        pos = torch.arange(rows.numel())
+        index[rows, cols] = pos
+        index[cols, rows] = pos
+        _TRIANGLES[key] = (rows.to(device), cols.to(device), index.to(device))
+    return _TRIANGLES[key]
 
 
 class HyperVAE(nn.Module):
