@@ -208,23 +208,13 @@ def generate(model: HyperVAE, normaliser: FeatureNormaliser, n_jets: int, seed: 
     """Sample jets from the prior. Returns particles (N, P, 3) physical (η_rel, φ_rel, pT_rel) and
     mask (N, P): a slot exists where its existence probability exceeds 1/2 (the most likely slot at
     least, so no jet is empty); padded slots are zero."""
+    from hvae_ray.latent import decode
+
     model = getattr(model, "module", model)
-    was_training = model.training
-    model.eval()
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    parts, masks = [], []
-    for s in range(0, n_jets, batch_size):
-        b = min(batch_size, n_jets - s)
-        z = torch.randn(b, model.cfg.latent_dim, generator=gen).to(device)
-        dec = model.decode(z, with_edges=False)
-        logits = dec.exist_logits.float()
-        mask = logits > 0
-        mask[torch.arange(b), logits.argmax(dim=1)] = True
-        p = normaliser.inverse_particles(dec.particles.float()) * mask[..., None]
-        parts.append(p.cpu())
-        masks.append(mask.cpu())
-    model.train(was_training)
-    return torch.cat(parts).numpy(), torch.cat(masks).numpy()
+    z = torch.cat([torch.randn(min(batch_size, n_jets - s), model.cfg.latent_dim, generator=gen)
+                   for s in range(0, n_jets, batch_size)])  # the same draws as batch by batch
+    return decode(model, normaliser, z, device=device, batch_size=batch_size)
 
 
 def epoch_order(n: int, cfg: Config, epoch: int, rank: int = 0, world: int = 1) -> torch.Tensor:
