@@ -32,14 +32,30 @@ def cmd_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _epoch_line(report) -> None:
+    """One line per epoch that stays on screen (the progress bar does not): losses, KL, β, W1m, time."""
+    from tqdm.auto import tqdm
+
+    m = report.metrics
+
+    def f(key: str, fmt: str = ".4g") -> str:
+        v = m.get(key)
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    tqdm.write(f"epoch {report.epoch + 1:>4}  train {f('train_total')}  val {f('val_total')}  "
+               f"kl {f('val_kl')}  β {f('kl_weight', '.2g')}  val_w1m {f('val_w1m')}  "
+               f"{f('epoch_time_s', '.1f')} s" + ("  best" if report.is_best else ""))
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from hvae_ray.api import train
 
     result = train(a.config, a.data_path, save_dir=a.save_dir, log_dir=a.log_dir, resume=a.resume,
-                   save_test_indices=a.save_test_indices, overrides=_overrides(a.set), progress=not a.quiet)
-    keys = ("epochs_run", "train_total", "val_total", "val_kl", "val_objective", "val_w1m", "best_epoch")
+                   save_test_indices=a.save_test_indices, overrides=_overrides(a.set), progress=not a.quiet,
+                   callbacks=() if a.quiet else (_epoch_line,))
+    keys = ("epochs_run", "train_total", "val_total", "val_kl", "val_objective", "val_w1m")
     print(" ".join(f"{k}={result[k]:.5g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
-                   for k in keys))
+                   for k in keys) + f" best_epoch={result['best_epoch'] + 1} (1-based, as epochs_run)")
     print(f"checkpoints: {result['save_dir']}/{{last,best}}  tensorboard: {result['log_dir']}")
     return 0
 

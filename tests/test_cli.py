@@ -92,6 +92,18 @@ def test_train_prints_a_summary(data_file, tmp_path, capsys):
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_train_leaves_one_line_per_epoch(data_file, tmp_path, capsys):
+    rc = main(["train", "--data-path", str(data_file), "--save-dir", str(tmp_path / "r"), *sets(*TINY)])
+    out = capsys.readouterr().out
+    assert rc == 0
+    lines = [ln for ln in out.splitlines() if ln.startswith("epoch ")]
+    assert [ln.split()[1] for ln in lines] == ["1", "2"]  # 1-based, like epochs_run
+    for ln in lines:
+        assert all(f" {k} " in ln for k in ("train", "val", "kl", "β", "val_w1m")), ln
+    assert "best" in lines[0]  # the first epoch is always the best so far
+    assert "epochs_run=2" in out and "(1-based, as epochs_run)" in out
+
+
 # subsample sizes below jetnet's defaults, to keep the tests quick
 QUICK = ["--w1-samples", "2000", "--fpd-min-samples", "1000", "--fpd-max-samples", "3000",
          "--kpd-batch-size", "500"]
