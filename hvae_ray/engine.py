@@ -638,6 +638,7 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
 
     metrics: dict[str, Any] = {}
     epoch = trainer.start_epoch - 1
+    last_figures = -cfg.epochs  # the epoch of the last Distributions/* figures
     threads = torch.get_num_threads()
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         # Small batches on a GPU are launch-bound: CPU thread pools over tiny tensors only add overhead
@@ -669,10 +670,15 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
                     shutil.copyfile(ckpt_dir / CHECKPOINT_FILE, save_dir / "best" / CHECKPOINT_FILE)
             if logger is not None:
                 logger.log_epoch(epoch, metrics)
+                # figures at new best epochs, at most every tenth of the run, so that a trial that Tune
+                # stops before the end (ASHA) has them too
+                if is_best and epoch - last_figures >= max(1, cfg.epochs // 10):
+                    _log_distributions(logger, trainer, splits.sample.subset(splits.val), epoch)
+                    last_figures = epoch
             report = EpochReport(epoch, metrics, ckpt_dir, is_best)
             if any([bool(cb(report)) for cb in callbacks]):
                 break
-        if logger is not None and metrics:
+        if logger is not None and metrics and last_figures != epoch:
             _log_distributions(logger, trainer, splits.sample.subset(splits.val), epoch)
     finally:
         torch.set_num_threads(threads)

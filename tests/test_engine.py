@@ -126,8 +126,14 @@ def test_tensorboard_has_every_required_tag_once_per_epoch(main_run):
     assert weights[-1] == pytest.approx(main_run.cfg.kl_max_weight, rel=1e-6)
     train_total = [e.value for e in acc.Scalars("Loss/train_total")]
     assert train_total == pytest.approx([r.metrics["train_total"] for r in main_run.reports], rel=1e-6)
-    # Real-vs-generated distributions at the end of training.
+    # Real-vs-generated distributions at new best epochs (at most every tenth of the run) and at the end
     assert any(t.startswith("Distributions/") for t in acc.Tags()["images"])
+    steps = sorted({e.step for e in acc.Images("Distributions/mass")})
+    best_epochs = [r.epoch for r in main_run.reports if r.is_best]
+    assert steps[0] == 0 and steps[-1] == MAIN_EPOCHS - 1
+    assert set(steps) <= set(best_epochs) | {MAIN_EPOCHS - 1}
+    gap = max(1, main_run.cfg.epochs // 10)
+    assert all(b - a >= gap for a, b in zip(steps[:-2], steps[1:-1]))
 
 
 # ---------------------------------------------------------------------------------------------------------
