@@ -185,18 +185,16 @@ def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_d
     the sample sizes and ``convention``; optional PNG plots (existing ones replaced only if
     ``overwrite``) and TensorBoard figures. Sizes and output folders are checked before any work."""
     from hvae_ray.data.io import load_jets
+    from hvae_ray.outputs import check_output_dir
     from hvae_ray.physics import evaluate_generation
 
     _check_metric_sizes(metric_kwargs)
     if plots_dir is not None:
-        from hvae_ray.outputs import check_output_dir
         from hvae_ray.plots import FIGURE_KEYS
 
         check_output_dir(plots_dir, "plots folder", files=[f"{k}.png" for k in FIGURE_KEYS],
                          overwrite=overwrite)
     if log_dir is not None:
-        from hvae_ray.outputs import check_output_dir
-
         check_output_dir(log_dir, "TensorBoard folder")
     r, g = load_jets(real), load_jets(generated)
     result = evaluate_generation(r.particles, r.mask, g.particles, g.mask, seed=seed, **metric_kwargs)

@@ -197,6 +197,8 @@ def _add_train(sub) -> None:
 
 
 def _add_sample(sub) -> None:
+    from hvae_ray.api import PRIORS
+
     s = sub.add_parser("sample", help="generate jets from a trained model")
     s.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/train/best")
     s.add_argument("--n-jets", type=int, required=True,
@@ -204,7 +206,7 @@ def _add_sample(sub) -> None:
     s.add_argument("--out", required=True, help="output .npz (particle_features [N, 30, 4])")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    s.add_argument("--prior", choices=("standard", "fitted"), default="standard",
+    s.add_argument("--prior", choices=PRIORS, default="standard",
                    help="codes from N(0, 1) (default) or from the prior of `prior fit` in the checkpoint folder")
     s.add_argument("--posterior", default=None, metavar="JETS",
                    help="decode one draw of q(z|x) of each of the first N jets of this file instead "

@@ -721,15 +721,15 @@ def evaluate_generation(
     mass_r, mass_g = jet_mass(xr, mr)[:, None], jet_mass(xg, mg)[:, None]
     vr, vg = _valid_particles(xr, mr), _valid_particles(xg, mg)
 
+    args = (num_eval_samples, num_batches)
+
     def w1_pair(fr: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        args = (num_eval_samples, num_batches)
         return (_w1_feature_batches(fr, fg, *args, np.random.default_rng(seed)),
                 _w1_feature_batches(fr[ia], fr[ib], *args, np.random.default_rng(seed)))
 
     val, flo = w1_pair(mass_r, mass_g)
     _put(out, "w1m", val[:, 0], flo[:, 0])
 
-    args = (num_eval_samples, num_batches)
     val = _w1_particle_batches(xr, vr, xg, vg, *args, np.random.default_rng(seed))
     flo = _w1_particle_batches(xr[ia], vr[ia], xr[ib], vr[ib], *args, np.random.default_rng(seed))
     for f, name in enumerate(PARTICLE_FEATURE_NAMES):

@@ -204,11 +204,12 @@ def _sort_column(table: pa.Table, experiment_dir: str | Path, metric: str | None
         column = f"param.{chosen}"
     else:
         column = None
-    numeric = column is not None and (pa.types.is_integer(table.schema.field(column).type)
-                                      or pa.types.is_floating(table.schema.field(column).type))
-    if not numeric:
-        shown = sorted(n for n in names if pa.types.is_floating(table.schema.field(n).type)
-                       or pa.types.is_integer(table.schema.field(n).type))
+    def numeric(name: str) -> bool:
+        typ = table.schema.field(name).type
+        return pa.types.is_integer(typ) or pa.types.is_floating(typ)
+
+    if column is None or not numeric(column):
+        shown = sorted(n for n in names if numeric(n))
         raise ConfigError(f"sort: unknown metric or column '{chosen}' (a metric: {', '.join(METRICS)}; "
                           f"or a column: {', '.join(shown)})")
     base = next((m for m in METRICS if column in (f"best_{m}", f"last_{m}", f"{m}_at_best")), "")
@@ -285,13 +286,8 @@ def table_columns(table: pa.Table, metric: str, columns: list[str] | None = None
     params = [c for c in table.column_names if c.startswith("param.")]
     out: list[str] = []
     for c in DEFAULT_COLUMNS:
-        if c == "<params>":
-            out += params
-        elif c == "best_<metric>":
-            out.append(f"best_{metric}")
-        elif c not in out:
-            out.append(c)
-    return list(dict.fromkeys(out))
+        out += params if c == "<params>" else [f"best_{metric}" if c == "best_<metric>" else c]
+    return list(dict.fromkeys(out))  # best_<metric> may be one of the fixed columns too
 
 
 def format_table(table: pa.Table, columns: list[str] | None = None, metric: str = "val_objective",

@@ -14,6 +14,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,27 @@ class SweepResult:
     results: Any  # ray.tune.ResultGrid
     expected_trials: int | None = None
 
+    @cached_property
+    def table(self):
+        """The sweep's trial table (``trials.load_trials``), read once: the sweep has ended."""
+        from hvae_ray.trials import load_trials
+
+        return load_trials(self.experiment_dir)
+
+    @property
+    def not_created(self) -> int:
+        """Trials the sweep asked for that Tune never created (it creates them as slots free up)."""
+        return max((self.expected_trials or 0) - self.table.num_rows, 0)
+
     def outcome(self) -> dict[str, list[str]]:
         """Trial ids that finished (any end: completed, stopped, diverged, failed), were interrupted
         mid-training, or never started (``pending``, or not yet created: numbered ``#k``)."""
-        from hvae_ray.trials import load_trials
-
-        table = load_trials(self.experiment_dir)
+        table = self.table
         out: dict[str, list[str]] = {"finished": [], "interrupted": [], "never started": []}
         for tid, status in zip(table.column("trial_id").to_pylist(), table.column("status").to_pylist()):
             kind = "finished" if status in FINISHED else "interrupted" if status in INTERRUPTED else "never started"
             out[kind].append(tid)
-        missing = (self.expected_trials or 0) - table.num_rows
-        out["never started"] += [f"#{table.num_rows + i + 1}" for i in range(max(missing, 0))]
+        out["never started"] += [f"#{table.num_rows + i + 1}" for i in range(self.not_created)]
         return out
 
     @property
@@ -55,15 +65,11 @@ class SweepResult:
         return bool(o["interrupted"] or o["never started"])
 
     def summary(self) -> str:
-        from hvae_ray.trials import load_trials
-
-        table = load_trials(self.experiment_dir)
         counts: dict[str, int] = {}
-        for s in table.column("status").to_pylist():
+        for s in self.table.column("status").to_pylist():
             counts[s] = counts.get(s, 0) + 1
         text = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-        missing = (self.expected_trials or 0) - table.num_rows
-        return text + (f", {missing} not started" if missing > 0 else "")
+        return text + (f", {self.not_created} not started" if self.not_created else "")
 
 
 def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
