@@ -183,7 +183,7 @@ def worker(a: argparse.Namespace) -> dict:
         return res
 
     # Per-epoch validation and W1m (the rest of an engine epoch), second call timed.
-    for phase, fn in (("evaluate", lambda: run.evaluate(a.epochs)), ("val_w1m", run.val_w1m)):
+    for phase, fn in (("evaluate", lambda: run.evaluate(a.epochs)), ("val_w1m", run.generation_metrics)):
         fn()
         sync()
         t = time.perf_counter()

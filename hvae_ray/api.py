@@ -138,19 +138,24 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
     return out
 
 
-def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, components: int = 20,
-              seed: int = 0, device: str = "auto", overwrite: bool = False) -> Path:
-    """Fit a Gaussian-mixture prior to the posterior means of the checkpoint's training jets and write
-    it beside the checkpoint (``prior.pt``), for ``sample(prior="fitted")``.
+def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, kind: str = "flow",
+              components: int = 20, seed: int = 0, device: str = "auto", overwrite: bool = False) -> Path:
+    """Fit a prior to the latent codes of the checkpoint's training jets and write it beside the
+    checkpoint (``prior.pt``), for ``sample(prior="fitted")``.
 
-    ``data_path`` must be the file the model was trained on (default: the default sample, as ``train``):
-    the training split is recomputed from the checkpoint's config (same seed, fractions, max_jets).
-    Ex-post density estimation, Ghosh et al., arXiv:1903.12436.
+    ``kind`` ``flow``: a RealNVP flow fitted to one posterior draw per training jet; ``gmm``: a
+    ``components``-Gaussian mixture fitted to their posterior means (at most ``PRIOR_FIT_JETS`` jets,
+    a seeded subset). ``data_path`` must be the file the model was trained on (default: the default
+    sample, as ``train``): the training split is recomputed from the checkpoint's config (same seed,
+    fractions, max_jets). Ex-post density estimation, Ghosh et al., arXiv:1903.12436.
     """
     from hvae_ray.data.io import load_jets
     from hvae_ray.engine import load_checkpoint, model_from_checkpoint, prepare, resolve_device
-    from hvae_ray.latent import PRIOR_FILE, GaussianMixture, encode, save_prior
+    from hvae_ray.latent import (PRIOR_FILE, PRIOR_KINDS, FlowPrior, GaussianMixture, encode, posterior_codes,
+                                 save_prior)
 
+    if kind not in PRIOR_KINDS:
+        raise ConfigError(f"kind must be one of {', '.join(PRIOR_KINDS)}, got {kind!r}")
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
         raise ConfigError(f"components must be an integer >= 1, got {components!r}")
     folder = _checkpoint_dir(checkpoint)
@@ -159,11 +164,23 @@ def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, co
     model, normaliser, cfg = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
     dev = resolve_device(device)
     splits = prepare(cfg, load_jets(resolve_data(data_path, progress=False)), normaliser)
-    train = splits.sample.subset(splits.train)
-    mu, _ = encode(model.to(dev), normaliser, cfg, train.particles, train.mask, dev)
-    gmm = GaussianMixture.fit(mu, components=components, seed=seed)
-    return save_prior(folder, gmm, {"components": len(gmm.weights), "seed": seed, "n_jets": len(mu),
-                                    "mean_log_likelihood": float(gmm.log_prob(mu).mean())})
+    index = splits.train
+    if len(index) > PRIOR_FIT_JETS:
+        index = np.sort(np.random.default_rng(seed).choice(index, PRIOR_FIT_JETS, replace=False))
+    train = splits.sample.subset(index)
+    mu, logvar = encode(model.to(dev), normaliser, cfg, train.particles, train.mask, dev)
+    if kind == "flow":
+        prior = FlowPrior.fit(posterior_codes(mu, logvar, seed), seed=seed, device=dev)
+        meta = {"kind": kind, "n_jets": len(mu), "seed": seed}
+    else:
+        prior = GaussianMixture.fit(mu, components=components, seed=seed)
+        meta = {"kind": kind, "components": len(prior.weights), "seed": seed, "n_jets": len(mu)}
+    meta["mean_log_likelihood"] = float(prior.log_prob(mu).mean())
+    return save_prior(folder, prior, meta)
+
+
+#: At most this many training jets' codes are used by ``fit_prior`` (a seeded subset).
+PRIOR_FIT_JETS = 50_000
 
 
 def _check_metric_sizes(sizes: dict) -> None:

@@ -17,7 +17,13 @@ import yaml
 
 from hvae_ray.errors import ConfigError
 
-COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topology")
+COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topology", "jet_features")
+PARTICLE_LOSSES = ("slot", "chamfer", "sinkhorn")
+OBJECTIVES = ("reconstruction", "generation")
+GENERATION_PRIORS = ("fitted", "standard")
+# The terms val_recon and val_objective sum: the jet term is reported but left out, so that both stay
+# comparable between runs that train it and runs that do not (rank those on val_generation).
+OBJECTIVE_COMPONENTS = COMPONENTS[:4]
 KL_SCHEDULES = ("linear", "cyclical")
 ENGINES = ("dense", "pyg")
 
@@ -45,6 +51,7 @@ class LossWeights:
     edge_features: float = 0.5
     hyperedge_features: float = 0.3
     topology: float = 0.1
+    jet_features: float = 0.0
 
 
 @dataclass
@@ -61,6 +68,11 @@ class Config:
     kl_cycle_ramp: float = 0.5
     free_bits: float = 0.0
     objective_kl_weight: float = 1.0e-4
+    particle_loss: str = "slot"
+    objective: str = "reconstruction"
+    generation_every: int = 1
+    generation_jets: int = 5000
+    generation_prior: str = "fitted"
     max_kl: float = 1000.0
     epochs: int = 300
     batch_size: int = 8
@@ -181,7 +193,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     if sum(getattr(cfg.loss_weights, c) for c in COMPONENTS) <= 0:
         raise bad("loss_weights.particle_features", "and the other loss weights must not all be 0")
     positive = ["kl_max_weight", "epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
-                "model.hidden_dim", "model.latent_dim", "model.num_layers", "data.knn", "max_kl", "kl_cycles"]
+                "model.hidden_dim", "model.latent_dim", "model.num_layers", "data.knn", "max_kl", "kl_cycles",
+                "generation_every"]
     for key in positive:
         if cfg.flat()[key] <= 0:
             raise bad(key, "must be > 0")
@@ -198,10 +211,18 @@ def validate(cfg: Config, where: str = "config") -> None:
             raise bad(key, "must be in [0, 1)")
     if not 0 < cfg.kl_cycle_ramp <= 1:
         raise bad("kl_cycle_ramp", "must be in (0, 1]")
+    if cfg.generation_jets < 100:
+        raise bad("generation_jets", "must be >= 100 (jets sampled for val_w1m, val_w1p and val_fpd)")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
         raise bad("data.val_fraction", "plus data.test_fraction must leave at least 10% for training")
     if cfg.kl_schedule not in KL_SCHEDULES:
         raise bad("kl_schedule", f"must be one of {', '.join(KL_SCHEDULES)}")
+    if cfg.particle_loss not in PARTICLE_LOSSES:
+        raise bad("particle_loss", f"must be one of {', '.join(PARTICLE_LOSSES)}")
+    if cfg.generation_prior not in GENERATION_PRIORS:
+        raise bad("generation_prior", f"must be one of {', '.join(GENERATION_PRIORS)}")
+    if cfg.objective not in OBJECTIVES:
+        raise bad("objective", f"must be one of {', '.join(OBJECTIVES)}")
     if cfg.engine not in ENGINES:
         raise bad("engine", f"must be one of {', '.join(ENGINES)}")
     if cfg.model.hidden_dim % 4:

@@ -18,6 +18,9 @@ TAGS: dict[str, str] = {
     "val_recon": "Loss/val_recon",
     "val_objective": "Loss/val_objective",
     "val_w1m": "Metrics/val_w1m",
+    "val_w1p": "Metrics/val_w1p",
+    "val_fpd": "Metrics/val_fpd",
+    "val_generation": "Metrics/val_generation",
     "lr": "Train/lr",
     "epoch_time_s": "Train/epoch_time_s",
 }
@@ -31,13 +34,16 @@ BEST_TAGS: dict[str, str] = {
     "val_objective": "Best/val_objective",
     "val_recon": "Best/val_recon",
     "val_w1m": "Best/val_w1m",
+    "val_fpd": "Best/val_fpd",
+    "val_generation": "Best/val_generation",
 }
 KL_AT_BEST_TAG = "Best/val_kl_at_best"
 
 # Metric columns of TensorBoard's HParams tab (values read from these scalar tags of each run): the
 # last value next to the best so far.
 HPARAM_METRICS = ("Loss/val_objective", "Best/val_objective", "Loss/val_recon", "Best/val_recon",
-                  "Loss/val_kl", KL_AT_BEST_TAG, "Metrics/val_w1m", "Best/val_w1m")
+                  "Loss/val_kl", KL_AT_BEST_TAG, "Metrics/val_w1m", "Best/val_w1m",
+                  "Metrics/val_fpd", "Best/val_fpd", "Metrics/val_generation", "Best/val_generation")
 
 # Session statuses of the HParams tab, by how a run ended (its ``outcome`` hparam says it in words).
 SESSION_STATUS = {"completed": "STATUS_SUCCESS", "early_stopped": "STATUS_UNKNOWN",

@@ -20,7 +20,8 @@ import pyarrow as pa
 
 from hvae_ray.errors import ConfigError, DataError
 
-METRICS = ("val_objective", "val_recon", "val_kl", "val_w1m", "val_total", "train_total", "train_kl")
+METRICS = ("val_objective", "val_recon", "val_kl", "val_w1m", "val_fpd", "val_generation", "val_total",
+           "train_total", "train_kl")
 SWEEP_FILE = "hvae_sweep.json"
 METRICS_LOG = "metrics.jsonl"
 

@@ -33,7 +33,10 @@ def test_defaults_are_the_documented_ones():
     assert cfg.kl_max_weight == 1e-4
     assert cfg.kl_schedule == "linear"
     assert (cfg.loss_weights.particle_features, cfg.loss_weights.edge_features,
-            cfg.loss_weights.hyperedge_features, cfg.loss_weights.topology) == (1.0, 0.5, 0.3, 0.1)
+            cfg.loss_weights.hyperedge_features, cfg.loss_weights.topology,
+            cfg.loss_weights.jet_features) == (1.0, 0.5, 0.3, 0.1, 0.0)
+    assert (cfg.particle_loss, cfg.objective) == ("slot", "reconstruction")
+    assert (cfg.generation_every, cfg.generation_jets) == (1, 5000)
     assert cfg.batch_size == 8
     assert cfg.gradient_accumulation_steps == 4
     assert cfg.epochs == 300
@@ -115,7 +118,8 @@ def test_section_that_is_not_a_mapping():
     assert "'model'" in msg and "mapping" in msg
 
 
-@pytest.mark.parametrize("key", ["particle_features", "edge_features", "hyperedge_features", "topology"])
+@pytest.mark.parametrize("key", ["particle_features", "edge_features", "hyperedge_features", "topology",
+                                 "jet_features"])
 def test_negative_loss_weight(key):
     msg = config_error({"loss_weights": {key: -0.1}})
     assert f"'loss_weights.{key}'" in msg and ">= 0" in msg
@@ -123,7 +127,7 @@ def test_negative_loss_weight(key):
 
 def test_all_zero_loss_weights():
     msg = config_error({"loss_weights": dict.fromkeys(
-        ("particle_features", "edge_features", "hyperedge_features", "topology"), 0.0)})
+        ("particle_features", "edge_features", "hyperedge_features", "topology", "jet_features"), 0.0)})
     assert "loss_weights" in msg
 
 

@@ -108,6 +108,64 @@ def test_run_directory_holds_the_config(main_run):
     assert load_config(main_run.save_dir / "config.yaml") == main_run.cfg
 
 
+def test_generation_objective_with_set_and_jet_losses_picks_the_best_checkpoint_by_val_generation(
+        tmp_path, monkeypatch):
+    """particle_loss sinkhorn + the jet term, best checkpoint by val_generation (prior samples against
+    100 validation jets every epoch): the metrics are finite and best/ is the epoch of the lowest
+    val_generation, not of the lowest val_objective."""
+    jets = generate_jets("q", 200, seed=3, workers=1, progress=False)
+    cfg = small_config(**{"epochs": 2, "particle_loss": "sinkhorn", "loss_weights.jet_features": 1.0,
+                          "objective": "generation", "generation_every": 1, "generation_jets": 100,
+                          "data.val_fraction": 0.5, "data.test_fraction": 0.0})
+    assert len(engine.split_indices(len(jets), cfg)[1]) == cfg.generation_jets  # 100 validation jets
+
+    # The real metrics, except that the second epoch's val_generation is pushed to the side opposite
+    # to its val_objective, so that choosing by val_objective would pick the other checkpoint.
+    real_evaluate, real_generation = engine.Trainer.evaluate, engine.Trainer.generation_metrics
+    objectives, computed = [], []
+
+    def evaluate(self, epoch):
+        out = real_evaluate(self, epoch)
+        objectives.append(out["val_objective"])
+        return out
+
+    def generation_metrics(self):
+        out = real_generation(self)
+        computed.append(dict(out))
+        if len(computed) == 2:
+            out["val_generation"] *= 1e3 if objectives[1] < objectives[0] else 1e-3
+        return out
+
+    monkeypatch.setattr(engine.Trainer, "evaluate", evaluate)
+    monkeypatch.setattr(engine.Trainer, "generation_metrics", generation_metrics)
+    reports: list[engine.EpochReport] = []
+    res = engine.fit(cfg, jets, save_dir=tmp_path, callbacks=[reports.append], progress=False)
+    assert [r.epoch for r in reports] == [0, 1] and res["epochs_run"] == 2
+    assert len(computed) == 2  # generation_every: 1 samples every epoch
+    for r, raw in zip(reports, computed, strict=True):
+        for key in ("val_w1m", "val_w1p", "val_fpd", "val_generation", "train_jet_features", "val_jet_features"):
+            assert math.isfinite(r.metrics[key]), (r.epoch, key)
+        for key in ("val_w1m", "val_w1p", "val_fpd"):
+            assert r.metrics[key] == raw[key] and raw[key] >= 0, (r.epoch, key)
+        assert r.metrics["train_jet_features"] > 0 and r.metrics["val_jet_features"] > 0
+        # val_generation is the mean ratio of the three metrics to their fidelity targets
+        assert raw["val_generation"] == pytest.approx(np.mean(
+            [raw[k] / target for k, target in engine.GENERATION_TARGETS.items()]), rel=1e-9)
+    generation = [r.metrics["val_generation"] for r in reports]
+    best_epoch = int(np.argmin(generation))
+    assert best_epoch != int(np.argmin([r.metrics["val_objective"] for r in reports]))
+    assert "best_val_objective" not in res
+    assert res["best_val_generation"] == min(generation)
+    assert res["best_epoch"] == best_epoch
+    running = math.inf
+    for r in reports:  # each report carries the running minimum; is_best marks each new one
+        assert r.is_best == (r.metrics["val_generation"] < running)
+        running = min(running, r.metrics["val_generation"])
+        assert r.metrics["best_val_generation"] == running
+    assert engine.load_checkpoint(tmp_path / "best")["epoch"] == best_epoch
+    assert engine.load_checkpoint(tmp_path / "last")["epoch"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # (b) TensorBoard
 

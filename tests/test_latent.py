@@ -49,6 +49,27 @@ def test_mixture_samples_are_seeded_and_follow_the_fit(tmp_path):
         latent.load_prior(tmp_path / "elsewhere", latent_dim=3)
 
 
+def test_flow_learns_a_bimodal_density_and_round_trips(tmp_path):
+    torch.set_num_threads(1)
+    train, held_out = two_blobs(4000, 0), two_blobs(2000, 1)
+    flow = latent.FlowPrior.fit(train, steps=400, seed=0)
+    gauss = latent.GaussianMixture.fit(train, components=1, seed=0)
+    # two well-separated blobs: the flow's density beats the best single Gaussian on held-out codes
+    assert flow.log_prob(held_out).mean() > gauss.log_prob(held_out).mean() + 0.5
+    a = flow.sample(5000, seed=3)
+    assert a.shape == (5000, 3) and a.dtype == np.float32
+    np.testing.assert_array_equal(a, flow.sample(5000, seed=3))
+    assert not np.array_equal(a, flow.sample(5000, seed=4))
+    assert np.mean(a[:, 0] < -0.5) == pytest.approx(0.3, abs=0.05)  # the lighter blob keeps its weight
+    latent.save_prior(tmp_path, flow, {"kind": "flow"})
+    back = latent.load_prior(tmp_path, latent_dim=3)
+    assert isinstance(back, latent.FlowPrior)
+    np.testing.assert_array_equal(back.sample(100, seed=5), flow.sample(100, seed=5))
+    np.testing.assert_allclose(back.log_prob(held_out[:50]), flow.log_prob(held_out[:50]), rtol=1e-6)
+    with pytest.raises(DataError, match="3 latent dimensions, the model 4"):
+        latent.load_prior(tmp_path, latent_dim=4)
+
+
 def test_posterior_draws_are_seeded_with_the_posterior_spread():
     mu = np.zeros((20000, 2))
     logvar = np.log(np.array([[0.25, 4.0]])).repeat(20000, axis=0)
@@ -106,8 +127,8 @@ def test_prior_fit_then_sample_fitted_and_posterior(run, tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(best), "--n-jets", "5", "--out", str(tmp_path / "x.npz"),
                  "--prior", "fitted", "--quiet"]) == 2
     assert "no fitted prior" in capsys.readouterr().err
-    assert main(["prior", "fit", "--checkpoint", str(best), "--data-path", str(data), "--components", "3",
-                 "--device", "cpu"]) == 0
+    assert main(["prior", "fit", "--checkpoint", str(best), "--data-path", str(data), "--kind", "gmm",
+                 "--components", "3", "--device", "cpu"]) == 0
     assert f"wrote {best / latent.PRIOR_FILE}" in capsys.readouterr().out
     state = torch.load(best / latent.PRIOR_FILE, weights_only=True)
     model, normaliser, cfg = model_from_checkpoint(load_checkpoint(best))
@@ -115,7 +136,7 @@ def test_prior_fit_then_sample_fitted_and_posterior(run, tmp_path, capsys):
 
     splits = prepare(cfg, load_jets(data), normaliser)
     assert state["meta"]["n_jets"] == len(splits.train)  # fitted on the training split only
-    assert state["means"].shape == (3, 4)
+    assert state["kind"] == "gaussian_mixture" and state["means"].shape == (3, 4)
     assert main(["prior", "fit", "--checkpoint", str(best), "--data-path", str(data)]) == 2  # no overwrite
     assert "already exists" in capsys.readouterr().err
 
@@ -134,3 +155,16 @@ def test_prior_fit_then_sample_fitted_and_posterior(run, tmp_path, capsys):
                               np.load(tmp_path / "fitted_a.npz")["particle_features"])
     assert main([*base, "--posterior", str(data), "--n-jets", "61", "--out", str(tmp_path / "y.npz")]) == 2
     assert "holds 60 jets, fewer than the 61" in capsys.readouterr().err
+
+    # the default kind, a flow, replaces the mixture with --force and is sampled the same way
+    assert main(["prior", "fit", "--checkpoint", str(best), "--data-path", str(data), "--device", "cpu",
+                 "--force"]) == 0
+    state = torch.load(best / latent.PRIOR_FILE, weights_only=True)
+    assert state["kind"] == "flow" and state["dim"] == 4 and state["meta"]["n_jets"] == len(splits.train)
+    flow_a, flow_b = tmp_path / "flow_a.npz", tmp_path / "flow_b.npz"
+    for out in (flow_a, flow_b):
+        assert main([*base, "--prior", "fitted", "--n-jets", "40", "--out", str(out)]) == 0
+    fa = np.load(flow_a)["particle_features"]
+    assert fa.shape == (40, 30, 4) and np.isfinite(fa).all()
+    np.testing.assert_array_equal(fa, np.load(flow_b)["particle_features"])
+    assert not np.array_equal(fa, np.load(tmp_path / "fitted_a.npz")["particle_features"])

@@ -17,7 +17,7 @@ from hvae_ray.config import Config, apply_overrides, flatten, from_dict, read_ya
 from hvae_ray.errors import ConfigError
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
-RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total")
+RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total", "val_generation", "val_fpd")
 TOP_KEYS = {"name", "description", "base_config", "config", "search_space", "scheduler", "num_samples",
             "max_concurrent_trials", "standby_trials", "resources", "data", "storage", "seed", "max_failures"}
 

@@ -92,6 +92,7 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
         # A diverged trial ends normally with a terminal report: the sweep carries on and the
         # trial table shows it as diverged, with the reason.
         final = {"diverged": 1.0, "val_objective": math.inf, "val_w1m": math.inf, "val_recon": math.inf,
+                 "val_generation": math.inf, "val_fpd": math.inf,
                  "val_total": math.inf, "error": str(e), "node_id": node_id}
         if rank == 0:
             _append_log(loop["work_dir"], final)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
-from hvae_ray.config import Config, ModelConfig
+from hvae_ray.config import COMPONENTS, Config, ModelConfig
 from hvae_ray.data.graphs import FeatureNormaliser, build_graphs, raw_features
 from hvae_ray.data.jets import MAX_PARTICLES, from_padded
 from hvae_ray.model.hypervae import Decoded, HyperVAE, dense_targets
@@ -19,14 +19,27 @@ Z = 4
 
 
 @pytest.fixture(scope="module")
-def graphs():
+def fitted():
+    """The raw features of the test jets and the normaliser fitted on them."""
     rng = np.random.default_rng(0)
     particles = np.zeros((B, MAX_PARTICLES, 3), dtype=np.float32)
     for i, n in enumerate(COUNTS):
         particles[i, :n, :2] = rng.normal(0, 0.2, (n, 2))
         particles[i, :n, 2] = np.sort(rng.dirichlet(np.ones(n)))[::-1]
     raw = raw_features(from_padded(particles, source="<test>"), knn=3)
-    return build_graphs(raw, FeatureNormaliser.fit(raw))
+    return raw, FeatureNormaliser.fit(raw)
+
+
+@pytest.fixture(scope="module")
+def graphs(fitted):
+    raw, normaliser = fitted
+    return build_graphs(raw, normaliser)
+
+
+@pytest.fixture(scope="module")
+def node_stats(fitted):
+    """(mean, std) of the node normaliser, as the trainer passes them to the reconstruction terms."""
+    return tuple(torch.tensor(fitted[1].stats["nodes"][k], dtype=torch.float32) for k in ("mean", "std"))
 
 
 @pytest.fixture()
@@ -92,7 +105,7 @@ def test_dense_targets_align_with_graph_contents(graphs, batch):
         assert torch.equal(tgt.hyperedges[hsel], g.hyperedge_attr)
 
 
-def test_dense_targets_pair_the_decoder_outputs_with_the_right_slots(graphs, batch):
+def test_dense_targets_pair_the_decoder_outputs_with_the_right_slots(graphs, batch, node_stats):
     # Gathering a dense tensor built from the targets at the edge slots gives back the targets.
     tgt = dense_targets(batch)
     dense = torch.zeros(B, 30, 30, 4)
@@ -107,16 +120,20 @@ def test_dense_targets_pair_the_decoder_outputs_with_the_right_slots(graphs, bat
     hyper[hb, hc] = tgt.hyperedges
     logits = torch.where(tgt.mask, 20.0, -20.0)
     perfect = Decoded(particles=tgt.particles, exist_logits=logits, edges=dense, hyperedges=hyper)
-    terms = reconstruction_terms(perfect, tgt)
-    for c in ("particle_features", "edge_features", "hyperedge_features"):
+    terms = reconstruction_terms(perfect, tgt, node_stats)
+    assert set(terms) == set(COMPONENTS)
+    for c in ("particle_features", "edge_features", "hyperedge_features", "jet_features"):
         assert terms[c].item() == 0.0
     assert terms["topology"].item() < 1e-6
+    # The set losses of a perfect decoder vanish too (Sinkhorn up to its entropic blur, ε = 0.02).
+    assert reconstruction_terms(perfect, tgt, node_stats, "chamfer")["particle_features"].item() == 0.0
+    assert reconstruction_terms(perfect, tgt, node_stats, "sinkhorn")["particle_features"].item() < 1e-3
 
 
-def test_gradients_reach_encoder_and_decoder(batch):
+def test_gradients_reach_encoder_and_decoder(batch, node_stats):
     model = make_model()
     out = model(batch)
-    terms = reconstruction_terms(out.decoded, dense_targets(batch))
+    terms = reconstruction_terms(out.decoded, dense_targets(batch), node_stats)
     loss = total_loss(terms, kl_divergence(out.mu, out.logvar), 1e-4, Config())
     loss.backward()
     for part in (model.encoder, model.decoder):

@@ -9,7 +9,7 @@ from torch_geometric.data import Batch
 from torch_geometric.nn import HypergraphConv as PygHypergraphConv
 from torch_geometric.utils import to_dense_batch
 
-from hvae_ray.config import Config, ModelConfig
+from hvae_ray.config import COMPONENTS, PARTICLE_LOSSES, Config, ModelConfig
 from hvae_ray.data.dense import FeatureNormaliser, raw_features
 from hvae_ray.data.graphs import build_graphs, dense_from_pyg
 from hvae_ray.data.jets import MAX_PARTICLES, from_padded
@@ -31,15 +31,28 @@ TOL = {"rtol": 1e-5, "atol": 1e-5}
 
 
 @pytest.fixture(scope="module")
-def batch():
-    """A PyG batch of random padded jets of the multiplicities above."""
+def fitted():
+    """The raw features of random padded jets of the multiplicities above and their normaliser."""
     rng = np.random.default_rng(3)
     particles = np.zeros((len(COUNTS), MAX_PARTICLES, 3), dtype=np.float32)
     for i, n in enumerate(COUNTS):
         particles[i, :n, :2] = rng.normal(0, 0.3, (n, 2))
         particles[i, :n, 2] = np.sort(rng.dirichlet(np.ones(n)))[::-1]
     raw = raw_features(from_padded(particles, source="<test>"), knn=3)
-    return Batch.from_data_list(build_graphs(raw, FeatureNormaliser.fit(raw)))
+    return raw, FeatureNormaliser.fit(raw)
+
+
+@pytest.fixture(scope="module")
+def batch(fitted):
+    """A PyG batch of the jets."""
+    raw, normaliser = fitted
+    return Batch.from_data_list(build_graphs(raw, normaliser))
+
+
+@pytest.fixture(scope="module")
+def node_stats(fitted):
+    """(mean, std) of the node normaliser, as the trainer passes them to the reconstruction terms."""
+    return tuple(torch.tensor(fitted[1].stats["nodes"][k], dtype=torch.float32) for k in ("mean", "std"))
 
 
 def dense_edges(batch, values: torch.Tensor) -> torch.Tensor:
@@ -130,16 +143,18 @@ def test_dense_forward_equals_the_pyg_model(batch):
         torch.testing.assert_close(getattr(b.decoded, name), getattr(a.decoded, name), **TOL)
 
 
-def test_dense_loss_and_gradients_equal_the_pyg_model(batch):
+@pytest.mark.parametrize("particle_loss", PARTICLE_LOSSES)
+def test_dense_loss_and_gradients_equal_the_pyg_model(batch, node_stats, particle_loss):
     ref, dense = models()
-    cfg = Config()
+    cfg = Config().with_overrides({"loss_weights.jet_features": 0.5, "particle_loss": particle_loss})
     out_a = ref(batch)
-    terms_a = reconstruction_terms(out_a.decoded, dense_targets(batch))
+    terms_a = reconstruction_terms(out_a.decoded, dense_targets(batch), node_stats, particle_loss)
     loss_a = total_loss(terms_a, kl_divergence(out_a.mu, out_a.logvar), 1e-3, cfg)
     d = dense_from_pyg(batch)
     out_b = dense(d)
-    terms_b = dense_reconstruction_terms(out_b.decoded, d)
+    terms_b = dense_reconstruction_terms(out_b.decoded, d, node_stats, particle_loss)
     loss_b = total_loss(terms_b, kl_divergence(out_b.mu, out_b.logvar, weight=d.weight), 1e-3, cfg)
+    assert set(terms_a) == set(terms_b) == set(COMPONENTS)
     for k in terms_a:
         torch.testing.assert_close(terms_b[k], terms_a[k], **TOL)
     loss_a.backward()
@@ -149,15 +164,16 @@ def test_dense_loss_and_gradients_equal_the_pyg_model(batch):
         torch.testing.assert_close(p.grad, grads_a[name].grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_padding_jets_change_nothing(batch):
+@pytest.mark.parametrize("particle_loss", PARTICLE_LOSSES)
+def test_padding_jets_change_nothing(batch, node_stats, particle_loss):
     """A fixed-size batch padded with empty jets of weight 0 gives the loss of the real jets."""
     _, dense = models()
     d = dense_from_pyg(batch)
-    cfg = Config()
+    cfg = Config().with_overrides({"loss_weights.jet_features": 0.5, "particle_loss": particle_loss})
 
     def loss(db):
         out = dense(db)
-        return total_loss(dense_reconstruction_terms(out.decoded, db),
+        return total_loss(dense_reconstruction_terms(out.decoded, db, node_stats, particle_loss),
                           kl_divergence(out.mu, out.logvar, weight=db.weight), 1e-3, cfg)
 
     pad = 3

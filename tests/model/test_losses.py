@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from hvae_ray.config import COMPONENTS, Config
+from hvae_ray.config import COMPONENTS, OBJECTIVE_COMPONENTS, Config
 from hvae_ray.model.losses import (
     kl_divergence,
     kl_per_dim,
@@ -182,29 +182,38 @@ def test_topology_loss_rewards_the_right_mask():
 # Total loss and objective
 
 
-def _terms(values=(0.4, 0.3, 0.2, 0.1)) -> dict[str, torch.Tensor]:
-    return {c: torch.tensor(v) for c, v in zip(COMPONENTS, values)}
+VALUES = (0.4, 0.3, 0.2, 0.1, 0.05)
+
+
+def _terms(values=VALUES) -> dict[str, torch.Tensor]:
+    assert len(values) == len(COMPONENTS)
+    return {c: torch.tensor(v) for c, v in zip(COMPONENTS, values, strict=True)}
 
 
 def test_total_loss_is_the_weighted_sum_plus_beta_kl():
-    cfg = Config()
+    cfg = Config()  # jet_features has weight 0 by default
     loss = total_loss(_terms(), torch.tensor(10.0), 1e-3, cfg)
-    expected = 1.0 * 0.4 + 0.5 * 0.3 + 0.3 * 0.2 + 0.1 * 0.1 + 1e-3 * 10.0
+    expected = 1.0 * 0.4 + 0.5 * 0.3 + 0.3 * 0.2 + 0.1 * 0.1 + 0.0 * 0.05 + 1e-3 * 10.0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+    jet = cfg.with_overrides({"loss_weights.jet_features": 2.0})
+    loss = total_loss(_terms(), torch.tensor(10.0), 1e-3, jet)
+    assert loss.item() == pytest.approx(expected + 2.0 * 0.05, rel=1e-6)
 
 
 def test_objective_does_not_depend_on_loss_weights_or_schedule():
-    recon = {c: float(v) for c, v in zip(COMPONENTS, (0.4, 0.3, 0.2, 0.1))}
+    recon = {c: float(v) for c, v in zip(COMPONENTS, VALUES, strict=True)}
     base = Config()
     other = base.with_overrides({"loss_weights.particle_features": 0.01, "loss_weights.edge_features": 3.0,
-                                 "loss_weights.topology": 0.0, "kl_max_weight": 1e-2,
-                                 "kl_schedule": "cyclical"})
+                                 "loss_weights.topology": 0.0, "loss_weights.jet_features": 1.0,
+                                 "kl_max_weight": 1e-2, "kl_schedule": "cyclical"})
     # The total loss does change with the weights ...
     kl = torch.tensor(10.0)
     assert total_loss(_terms(), kl, 1e-3, base).item() != pytest.approx(total_loss(_terms(), kl, 1e-3, other).item())
     # ... the objective does not.
     assert objective(recon, 10.0, base) == objective(recon, 10.0, other)
-    assert objective(recon, 10.0, base) == pytest.approx(1.0 + base.objective_kl_weight * 10.0)
+    # the jet term (the last value) is reported but not part of the objective
+    assert objective(recon, 10.0, base) == pytest.approx(sum(VALUES[:4]) + base.objective_kl_weight * 10.0)
+    assert "jet_features" not in OBJECTIVE_COMPONENTS and len(OBJECTIVE_COMPONENTS) == 4
 
 
 def test_objective_uses_its_own_kl_weight():

@@ -25,7 +25,7 @@ import yaml
 import hvae_ray
 from hvae_ray import trials
 from hvae_ray.cli import main as cli_main
-from hvae_ray.config import from_dict
+from hvae_ray.config import COMPONENTS, from_dict
 from hvae_ray.tracking import REQUIRED_TAGS
 
 pytestmark = pytest.mark.slow
@@ -126,8 +126,8 @@ def test_tensorboard_tags_and_hparams(asha8):
         acc.Reload()
         scalars = set(acc.Tags()["scalars"])
         required = {"Loss/train_total", "Loss/train_kl", "KL/weight", "Loss/val_total", "Loss/val_kl",
-                    *REQUIRED_TAGS}  # REQUIRED_TAGS adds the 4 components, train and val
-        assert len(required) == 13
+                    *REQUIRED_TAGS}  # REQUIRED_TAGS adds the 5 components, train and val
+        assert len(COMPONENTS) == 5 and len(required) == 5 + 2 * 5
         missing = required - scalars
         assert not missing, (row["trial_id"], missing)
         # one scalar per epoch, from epoch 0; a trial that ASHA stopped may have logged the epochs it
