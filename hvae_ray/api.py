@@ -66,7 +66,7 @@ def _checkpoint_dir(checkpoint: str | Path) -> Path:
 
 def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
            device: str = "auto", overwrite: bool = False, progress: bool = False, prior: str = "standard",
-           posterior_of: str | Path | None = None) -> Path:
+           posterior_of: str | Path | None = None, temperature: float = 1.0) -> Path:
     """Generate ``n_jets`` jets and write JetNet-layout ``particle_features`` (N, 30, 4) =
     (η_rel, φ_rel, pT_rel, mask) to ``out`` (.npz).
 
@@ -87,6 +87,10 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
 
     if isinstance(n_jets, bool) or not isinstance(n_jets, int) or n_jets < 1:
         raise ConfigError(f"n_jets must be an integer >= 1, got {n_jets!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature <= 10):
+        raise ConfigError(f"temperature must be a number in (0, 10], got {temperature!r}")
+    if temperature != 1.0 and (prior != "fitted" or posterior_of is not None):
+        raise ConfigError("temperature applies to the fitted prior only (--prior fitted)")
     if prior not in PRIORS:
         raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
     out = check_output_file(out, overwrite=overwrite, suffix=".npz")
@@ -110,7 +114,7 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
                                 dev)
             return decode(model, normaliser, posterior_codes(mu, logvar, chunk_seed), dev)
         if gmm is not None:
-            return decode(model, normaliser, gmm.sample(b, chunk_seed), dev)
+            return decode(model, normaliser, gmm.sample(b, chunk_seed, temperature), dev)
         return generate(model, normaliser, b, seed=chunk_seed, device=dev)
 
     tmp_npy = out.with_name(f".{out.name}.particle_features.npy")

@@ -43,8 +43,8 @@ def _epoch_line(report) -> None:
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
     tqdm.write(f"epoch {report.epoch + 1:>4}  train {f('train_total')}  val {f('val_total')}  "
-               f"kl {f('val_kl')}  β {f('kl_weight', '.2g')}  val_w1m {f('val_w1m')}  "
-               f"{f('epoch_time_s', '.1f')} s" + ("  best" if report.is_best else ""))
+               f"kl {f('val_kl')}  β {f('kl_weight', '.2g')}  val_w1m {f('val_w1m')}  val_fpd {f('val_fpd')}  "
+               f"{f('epoch_time_s', '.2f')} s" + ("  best" if report.is_best else ""))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
@@ -65,7 +65,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
 
     _at_least_one(a.n_jets, "--n-jets")
     out = sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device, overwrite=a.force,
-                 progress=not a.quiet, prior=a.prior, posterior_of=a.posterior)
+                 progress=not a.quiet, prior=a.prior, posterior_of=a.posterior, temperature=a.temperature)
     print(f"wrote {a.n_jets} jets to {out}")
     return 0
 
@@ -208,6 +208,8 @@ def _add_sample(sub) -> None:
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     s.add_argument("--prior", choices=PRIORS, default="standard",
                    help="codes from N(0, 1) (default) or from the prior of `prior fit` in the checkpoint folder")
+    s.add_argument("--temperature", type=float, default=1.0,
+                   help="--prior fitted: scale of the prior's random draws (below 1: fewer codes from its tails)")
     s.add_argument("--posterior", default=None, metavar="JETS",
                    help="decode one draw of q(z|x) of each of the first N jets of this file instead "
                         "(the model's reconstructions: the bound for any prior)")

@@ -144,11 +144,11 @@ class GaussianMixture:
         """log density of each point (N,)."""
         return _logsumexp(self._log_joint(np.asarray(x, dtype=np.float64)))[:, 0]
 
-    def sample(self, n: int, seed: int = 0) -> np.ndarray:
-        """n codes (n, Z) float32, seeded."""
+    def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+        """n codes (n, Z) float32, seeded; ``temperature`` scales each component's standard deviation."""
         rng = np.random.default_rng(seed)
         comp = rng.choice(len(self.weights), size=n, p=self.weights)
-        z = self.means[comp] + np.sqrt(self.variances[comp]) * rng.standard_normal((n, self.means.shape[1]))
+        z = self.means[comp] + temperature * np.sqrt(self.variances[comp]) * rng.standard_normal((n, self.means.shape[1]))
         return z.astype(np.float32)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -256,9 +256,10 @@ class FlowPrior(torch.nn.Module):
         return self._log_prob(torch.as_tensor(np.asarray(x), dtype=torch.float32)).double().numpy()
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0) -> np.ndarray:
-        """n codes (n, Z) float32, seeded."""
-        u = torch.randn(n, self.dim, generator=torch.Generator().manual_seed(seed))
+    def sample(self, n: int, seed: int = 0, temperature: float = 1.0) -> np.ndarray:
+        """n codes (n, Z) float32, seeded; ``temperature`` scales the base N(0, 1) draws (below 1: fewer
+        codes from the flow's tails, as in Kingma & Dhariwal, "Glow", arXiv:1807.03039)."""
+        u = temperature * torch.randn(n, self.dim, generator=torch.Generator().manual_seed(seed))
         for c in reversed(self.couplings):
             u = c.inverse(u)
         return (u * self.std + self.mean).numpy().astype(np.float32)
