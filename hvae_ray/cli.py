@@ -221,14 +221,14 @@ def _add_sample(sub) -> None:
 def _add_prior(sub) -> None:
     pr = sub.add_parser("prior", help="latent priors of a trained model").add_subparsers(dest="prior_command",
                                                                                          required=True)
-    f = pr.add_parser("fit", help="fit a flow (or a Gaussian mixture) to the training jets' latent codes")
+    f = pr.add_parser("fit", help="fit a Gaussian mixture (or a flow) to the training jets' latent codes")
     f.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/train/best")
     f.add_argument("--data-path", default=None,
                    help="the jets the model was trained on (default: the default sample, as train)")
-    f.add_argument("--kind", choices=("flow", "gmm"), default="flow",
-                   help="flow: a RealNVP flow on posterior draws (default); gmm: a diagonal Gaussian mixture "
-                        "on posterior means")
-    f.add_argument("--components", type=int, default=20, help="mixture components of --kind gmm (default 20)")
+    f.add_argument("--kind", choices=("gmm", "flow"), default="gmm",
+                   help="gmm: a diagonal Gaussian mixture on posterior means (default); flow: a RealNVP flow "
+                        "on posterior draws")
+    f.add_argument("--components", type=int, default=100, help="mixture components of --kind gmm (default 100)")
     f.add_argument("--seed", type=int, default=0, help="fit seed (default 0)")
     f.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     f.add_argument("--force", action="store_true", help="replace an existing prior")

@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from hvae_ray.physics import jet_mass
+from hvae_ray.physics import PRIME_EFP_N4_D4, efps, jet_mass
 
 __all__ = ["FIGURE_KEYS", "distribution_figures", "save_figures"]
 
-FIGURE_KEYS = ("mass", "ptrel", "etarel", "phirel", "multiplicity")
+FIGURE_KEYS = ("mass", "ptrel", "etarel", "phirel", "multiplicity", "efp")
 
 _REAL_STYLE = dict(histtype="stepfilled", color="tab:blue", alpha=0.35, label="Real")
 _GEN_STYLE = dict(histtype="step", color="tab:red", linewidth=1.5, label="Generated")
@@ -75,7 +75,8 @@ def distribution_figures(
       - ``ptrel``: particle pT_rel = pT/pT_jet (dimensionless, log y axis);
       - ``etarel``: particle η_rel = η − η_jet (dimensionless);
       - ``phirel``: particle φ_rel = φ − φ_jet [rad];
-      - ``multiplicity``: number of real particles per jet (integer bins).
+      - ``multiplicity``: number of real particles per jet (integer bins);
+      - ``efp``: the first prime n = 4, d = 4 energy-flow polynomial of W1efp (log y axis).
     Each axes holds exactly two histograms (real filled, generated outlined) and a legend.
     """
     xr = np.asarray(real_particles, dtype=np.float64)[:, :, :3]
@@ -105,6 +106,10 @@ def distribution_figures(
     bins = np.arange(-0.5, top + 1.5)
     figs["multiplicity"] = _hist_figure(nr, ng, bins, "Particle multiplicity (real particles per jet)",
                                         "Jets (normalised)", "Multiplicity")
+    graph = PRIME_EFP_N4_D4[:1]
+    er, eg = efps(xr, mr, graphs=graph)[:, 0], efps(xg, mg, graphs=graph)[:, 0]
+    figs["efp"] = _hist_figure(er, eg, _shared_bins(er, eg, num_bins), "EFP (first prime n=4, d=4 graph of W1efp)",
+                               "Jets (normalised)", "Energy-flow polynomial", logy=True)
     return figs
 
 

@@ -414,7 +414,7 @@ def test_evaluate_plots_are_not_replaced_unless_forced(data_file, tmp_path, caps
     assert main(args) == 0
     capsys.readouterr()
     before = {p.name: p.read_bytes() for p in plots.iterdir()}
-    assert set(before) == {"mass.png", "ptrel.png", "etarel.png", "phirel.png", "multiplicity.png"}
+    assert set(before) == {"mass.png", "ptrel.png", "etarel.png", "phirel.png", "multiplicity.png", "efp.png"}
     rc = main(args)
     line = one_line_error(capsys, rc)
     assert "already exists" in line and "--force" in line

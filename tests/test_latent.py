@@ -1,4 +1,4 @@
-"""Latent codes: the Gaussian-mixture prior (fit, save, load, sample), posterior encoding and decoding,
+"""Latent codes: the fitted priors (Gaussian mixture and flow: fit, save, load, sample), posterior encoding and decoding,
 and the `prior fit` / `sample --prior fitted` / `sample --posterior` commands on a trained model."""
 
 from __future__ import annotations
@@ -156,9 +156,9 @@ def test_prior_fit_then_sample_fitted_and_posterior(run, tmp_path, capsys):
     assert main([*base, "--posterior", str(data), "--n-jets", "61", "--out", str(tmp_path / "y.npz")]) == 2
     assert "holds 60 jets, fewer than the 61" in capsys.readouterr().err
 
-    # the default kind, a flow, replaces the mixture with --force and is sampled the same way
-    assert main(["prior", "fit", "--checkpoint", str(best), "--data-path", str(data), "--device", "cpu",
-                 "--force"]) == 0
+    # a flow replaces the mixture with --force and is sampled the same way
+    assert main(["prior", "fit", "--checkpoint", str(best), "--data-path", str(data), "--kind", "flow",
+                 "--device", "cpu", "--force"]) == 0
     state = torch.load(best / latent.PRIOR_FILE, weights_only=True)
     assert state["kind"] == "flow" and state["dim"] == 4 and state["meta"]["n_jets"] == len(splits.train)
     flow_a, flow_b = tmp_path / "flow_a.npz", tmp_path / "flow_b.npz"
