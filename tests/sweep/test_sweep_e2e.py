@@ -266,6 +266,34 @@ def test_diverged_trial_is_reported_not_raised(ray_local, tmp_path, sweep_file):
     assert result.summary() == "1 completed, 1 diverged"
 
 
+def test_a_generation_sweep_ranks_trials_and_epochs_on_val_generation(ray_local, tmp_path, sweep_file):
+    """scheduler.metric val_generation with objective: generation, over the particle loss: every epoch
+    reports the generation metrics, the trial table ranks on them, and each trial's best/ checkpoint is
+    its epoch of lowest val_generation."""
+    from hvae_ray.engine import load_checkpoint
+
+    path = sweep_file(tmp_path / "gen.yaml",
+                      config={"objective": "generation", "generation_jets": 100, "loss_weights.jet_features": 1.0},
+                      search_space={"particle_loss": {"grid": ["sinkhorn", "slot"]}},
+                      scheduler={"metric": "val_generation", "max_t": 3, "grace_period": 3},
+                      max_concurrent_trials=2)
+    result = hvae_ray.run_sweep(path, storage=str(tmp_path / "runs"), name="gen")
+    assert not result.results.errors
+    rows = hvae_ray.load_trials(result.experiment_dir).to_pylist()
+    assert {r["param.particle_loss"] for r in rows} == {"sinkhorn", "slot"}
+    for row in rows:
+        assert row["status"] == "completed"
+        log = _rows(Path(row["trial_dir"]) / "engine" / "metrics.jsonl")
+        gen = {r["epoch"]: r["val_generation"] for r in log}
+        assert len(gen) == 3 and all(math.isfinite(v) for v in gen.values())
+        assert row["best_val_generation"] == pytest.approx(min(gen.values()))
+        best_epoch = min(gen, key=gen.get)
+        assert load_checkpoint(Path(row["trial_dir"]) / "engine" / "best" / "checkpoint.pt")["epoch"] == best_epoch
+    best = min(rows, key=lambda r: r["best_val_generation"])
+    best_result = result.results.get_best_result(metric="val_generation", mode="min", scope="all")
+    assert best_result.metrics["trial_id"] == best["trial_id"]
+
+
 def test_two_workers_train_data_parallel(ray_local, tmp_path, sweep_file):
     """num_workers 2: one trial trains with DDP over a gloo process group of two Ray Train workers;
     both ranks report every epoch and rank 0's checkpoint carries the whole model."""
