@@ -130,10 +130,10 @@ class GpuUtil:
 def sweep_child(a: argparse.Namespace) -> dict:
     """Runs in a fresh process: its own Ray instance (what it sees: CPUs, GPUs), then one run_sweep call."""
     import hvae_ray
-    from hvae_ray.sweep.tune import _ray_init
+    from hvae_ray.sweep.tune import ray_init
 
     t = time.perf_counter()
-    _ray_init(None)
+    ray_init(None)
     import ray
 
     res = ray.cluster_resources()

@@ -217,10 +217,10 @@ def sweep_child(a: argparse.Namespace) -> dict:
     """Runs in a fresh process (its own Ray instance): one run_sweep call, then how long Ray takes to
     give every CPU/GPU back (a placement group left behind by a trial would show here)."""
     from hvae_ray.config import parse_override
-    from hvae_ray.sweep.tune import _ray_init, run_sweep
+    from hvae_ray.sweep.tune import ray_init, run_sweep
 
     t = time.perf_counter()
-    _ray_init(None)
+    ray_init(None)
     out: dict = {"ray_init_s": time.perf_counter() - t}
     import ray
     from ray._private.services import find_gcs_addresses

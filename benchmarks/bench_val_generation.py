@@ -48,8 +48,8 @@ def main() -> None:
     for prior in ("fitted", "standard"):
         trainer.cfg = cfg.with_overrides({"generation_prior": prior})
         calls[prior] = timed(trainer.generation_metrics)
-    print(f"device {device}, {trainer.n_train} training jets, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}, "
-          f"generation_jets {cfg.generation_jets}")
+    print(f"device {device}, {trainer.n_train} training jets, "
+          f"batch {cfg.batch_size} x {cfg.gradient_accumulation_steps}, generation_jets {cfg.generation_jets}")
     print(f"training epoch {epoch:.3f} s, validation {val:.3f} s")
     for prior, s in calls.items():
         print(f"generation_metrics ({prior} prior): {s:.3f} s = {100 * s / epoch:.1f} % of a training epoch at "

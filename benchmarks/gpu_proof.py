@@ -322,11 +322,11 @@ def sweeps_child(a) -> dict:
 
 def trial_timing(exp: Path) -> dict:
     """Start-up (Tune's and the critical path) and per-epoch report gaps from each trial's result rows."""
-    from hvae_ray.trials import _read_jsonl
+    from hvae_ray.trials import read_jsonl
 
     tune_startup, path_startup, gaps, epoch_times, intervals = [], [], [], [], []
     for d in sorted(p for p in exp.iterdir() if p.is_dir() and p.name.startswith("trial_")):
-        rows = [r for r in _read_jsonl(d / "result.json") if "epoch_time_s" in r]
+        rows = [r for r in read_jsonl(d / "result.json") if "epoch_time_s" in r]
         if not rows:
             continue
         first = rows[0]
@@ -356,7 +356,7 @@ def kl_slope(kl: list[float]) -> float | None:
 
 
 def summarise_sweep(name: str, info: dict, gpu) -> dict:
-    from hvae_ray.trials import _read_jsonl, load_trials
+    from hvae_ray.trials import load_trials, read_jsonl
 
     exp = Path(info["experiment_dir"])
     state = json.loads((exp / "hvae_sweep.json").read_text())
@@ -368,7 +368,7 @@ def summarise_sweep(name: str, info: dict, gpu) -> dict:
     import yaml
 
     for row in rows:
-        log = [r for r in _read_jsonl(Path(row["trial_dir"]) / "engine" / "metrics.jsonl") if "val_kl" in r]
+        log = [r for r in read_jsonl(Path(row["trial_dir"]) / "engine" / "metrics.jsonl") if "val_kl" in r]
         row["kl_slope_last10"] = kl_slope([r["val_kl"] for r in log][-10:])
         cfg_file = Path(row["trial_dir"]) / "engine" / "config.yaml"
         if cfg_file.is_file():  # the trial's effective KL cap and loss weights, searched or not
@@ -386,7 +386,7 @@ def summarise_sweep(name: str, info: dict, gpu) -> dict:
     scored = [t for t in table if t.get("best_val_objective") is not None]
     if scored:
         best = min(scored, key=lambda t: t["best_val_objective"])
-        log = [r for r in _read_jsonl(Path(best["trial_dir"]) / "engine" / "metrics.jsonl") if "epoch" in r]
+        log = [r for r in read_jsonl(Path(best["trial_dir"]) / "engine" / "metrics.jsonl") if "epoch" in r]
         s["best"] = {"trial_id": best["trial_id"], "params": {p: best[p] for p in params},
                      "best_val_objective": best["best_val_objective"], "best_checkpoint": best["best_checkpoint"],
                      "epochs": [int(r["epoch"]) for r in log], "val_kl": [r.get("val_kl") for r in log],

@@ -150,16 +150,16 @@ def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, ki
     ``kind`` ``gmm`` (default): a ``components``-Gaussian mixture (diagonal covariances, capped at the
     number of jets) fitted to the posterior means; ``flow``: a RealNVP flow fitted to one posterior
     draw per training jet; from at most ``PRIOR_FIT_JETS`` jets, a seeded subset. On the model of
-    ``benchmarks/results/fidelity-2026-12-02-h200`` a 100-component mixture gave the best jets
-    (FPD 5.4e-3 against 3.8e-3 with 20 components, 1.7e-2 with the flow at temperature 0.8, whose
-    tails decode to jets no real jet resembles). ``data_path`` must be the file the model was trained on (default: the default
+    ``benchmarks/results/fidelity-2026-12-02-h200`` a 100-component mixture gave the best W1m and W1p
+    (2.9e-3 and 4.6e-3, against 3.9e-3 and 5.6e-3 with 20 components, whose FPD was lower: 3.8e-3
+    against 5.4e-3); the flow's tails decode to jets no real jet resembles (FPD 1.7e-2 even at
+    temperature 0.8). ``data_path`` must be the file the model was trained on (default: the default
     sample, as ``train``): the training split is recomputed from the checkpoint's config (same seed,
     fractions, max_jets). Ex-post density estimation, Ghosh et al., arXiv:1903.12436.
     """
     from hvae_ray.data.io import load_jets
     from hvae_ray.engine import load_checkpoint, model_from_checkpoint, prepare, resolve_device
-    from hvae_ray.latent import (PRIOR_FILE, PRIOR_KINDS, FlowPrior, GaussianMixture, encode, posterior_codes,
-                                 save_prior)
+    from hvae_ray.latent import PRIOR_FILE, PRIOR_KINDS, FlowPrior, GaussianMixture, encode, posterior_codes, save_prior
 
     if kind not in PRIOR_KINDS:
         raise ConfigError(f"kind must be one of {', '.join(PRIOR_KINDS)}, got {kind!r}")

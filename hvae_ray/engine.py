@@ -566,9 +566,8 @@ class Trainer:
         """
         from scipy.stats import wasserstein_distance
 
-        from hvae_ray.physics import efps, fpd, jet_mass
-
         from hvae_ray.latent import GaussianMixture, decode, encode
+        from hvae_ray.physics import efps, fpd, jet_mass
 
         val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
         n = len(val)

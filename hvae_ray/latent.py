@@ -148,7 +148,8 @@ class GaussianMixture:
         """n codes (n, Z) float32, seeded; ``temperature`` scales each component's standard deviation."""
         rng = np.random.default_rng(seed)
         comp = rng.choice(len(self.weights), size=n, p=self.weights)
-        z = self.means[comp] + temperature * np.sqrt(self.variances[comp]) * rng.standard_normal((n, self.means.shape[1]))
+        noise = rng.standard_normal((n, self.means.shape[1]))
+        z = self.means[comp] + temperature * np.sqrt(self.variances[comp]) * noise
         return z.astype(np.float32)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

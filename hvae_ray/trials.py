@@ -26,7 +26,8 @@ SWEEP_FILE = "hvae_sweep.json"
 METRICS_LOG = "metrics.jsonl"
 
 
-def _sweep_state(exp: Path) -> dict[str, Any]:
+def sweep_state_of(exp: Path) -> dict[str, Any]:
+    """The validated sweep an experiment directory was run with (its ``hvae_sweep.json``); DataError if absent."""
     f = exp / SWEEP_FILE
     if not f.is_file():
         raise DataError(f"{exp}: not an hvae-ray experiment directory (no {SWEEP_FILE})")
@@ -36,7 +37,8 @@ def _sweep_state(exp: Path) -> dict[str, Any]:
         raise DataError(f"{f}: unreadable sweep state ({e.__class__.__name__})") from e
 
 
-def _read_jsonl(f: Path) -> list[dict[str, Any]]:
+def read_jsonl(f: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (empty when absent; a line still being written is skipped)."""
     if not f.is_file():
         return []
     rows = []
@@ -56,8 +58,8 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
     Tune's ``result.json`` starts afresh when an unfinished trial is resumed; the epochs before it come
     from the trial's own epoch log (``engine/metrics.jsonl``, written by rank 0, kept across resumes).
     """
-    tune_rows = _read_jsonl(trial_dir / "result.json")
-    log_rows = _read_jsonl(trial_dir / "engine" / METRICS_LOG)
+    tune_rows = read_jsonl(trial_dir / "result.json")
+    log_rows = read_jsonl(trial_dir / "engine" / METRICS_LOG)
     first = next((r["epoch"] for r in tune_rows if isinstance(r.get("epoch"), (int, float))), None)
     if first is None:
         return tune_rows or log_rows
@@ -89,7 +91,7 @@ def _finite(v: Any) -> float | None:
 def load_trials(experiment_dir: str | Path) -> pa.Table:
     """The trial table of an experiment directory (see the module docstring for the columns)."""
     exp = Path(experiment_dir).resolve()
-    state = _sweep_state(exp)
+    state = sweep_state_of(exp)
     spec = state["spec"]
     keys = list(spec["search_space"])
     metric, mode = spec["scheduler"]["metric"], spec["scheduler"]["mode"]
@@ -193,7 +195,7 @@ def _sort_column(table: pa.Table, experiment_dir: str | Path, metric: str | None
     """(column, the sweep metric it belongs to or "", mode) for a sort key: any numeric column name the
     table shows (``best_val_w1m``, ``last_val_kl``, ``val_kl_at_best``, ``epochs``, ``param.<key>``, or a
     searched key without ``param.``), or a bare metric name, meaning its best value."""
-    spec = _sweep_state(Path(experiment_dir).resolve())["spec"]
+    spec = sweep_state_of(Path(experiment_dir).resolve())["spec"]
     sweep_metric, sweep_mode = spec["scheduler"]["metric"], spec["scheduler"]["mode"]
     chosen = metric or sweep_metric
     names = set(table.column_names)
@@ -220,7 +222,7 @@ def _sort_column(table: pa.Table, experiment_dir: str | Path, metric: str | None
 
 def sweep_metric(experiment_dir: str | Path) -> str:
     """The metric the sweep ranks its trials by (its scheduler's)."""
-    return _sweep_state(Path(experiment_dir).resolve())["spec"]["scheduler"]["metric"]
+    return sweep_state_of(Path(experiment_dir).resolve())["spec"]["scheduler"]["metric"]
 
 
 def sort_trials(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> pa.Table:
@@ -241,7 +243,7 @@ def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | 
     if ranked.num_rows == 0 or ranked.column(column)[0].as_py() is None:
         raise DataError(f"{experiment_dir}: no trial has reported {column} yet")
     best = ranked.slice(0, 1).to_pylist()[0]
-    state = _sweep_state(Path(experiment_dir).resolve())
+    state = sweep_state_of(Path(experiment_dir).resolve())
     spec = from_raw(state["raw"], state["source"])
     params = json.loads((Path(best["trial_dir"]) / "params.json").read_text())
     cfg = spec.trial_config(params)

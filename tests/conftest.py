@@ -37,14 +37,14 @@ def ray_local(hvae_cache):
     import ray
 
     from hvae_ray.sweep.trainer import env_vars
-    from hvae_ray.sweep.tune import _ray_init
+    from hvae_ray.sweep.tune import ray_init
 
     os.environ.update(env_vars())
     if ray.is_initialized():
         ray.shutdown()
     # started as a sweep starts its own (workers told where its API server is), at the logical sizes
     # above; worker output reaches the test's captured output
-    context = _ray_init(None, num_cpus=4, num_gpus=1, log_to_driver=True)
+    context = ray_init(None, num_cpus=4, num_gpus=1, log_to_driver=True)
     yield context
     ray.shutdown()
 

@@ -1,5 +1,6 @@
-"""Latent codes: the fitted priors (Gaussian mixture and flow: fit, save, load, sample), posterior encoding and decoding,
-and the `prior fit` / `sample --prior fitted` / `sample --posterior` commands on a trained model."""
+"""Latent codes: the fitted priors (Gaussian mixture and flow: fit, save, load, sample), posterior
+encoding and decoding, and the `prior fit` / `sample --prior fitted` / `sample --posterior` commands
+on a trained model."""
 
 from __future__ import annotations
 

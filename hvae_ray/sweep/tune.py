@@ -20,7 +20,7 @@ from typing import Any
 
 from hvae_ray.errors import ConfigError, HvaeError
 from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
-from hvae_ray.trials import SWEEP_FILE, _sweep_state
+from hvae_ray.trials import SWEEP_FILE, sweep_state_of
 
 #: Trial-table statuses by what they mean for the sweep as a whole.
 FINISHED = ("completed", "early_stopped", "diverged", "error")
@@ -100,7 +100,7 @@ def storage_root(storage: str) -> Path:
     return Path(storage.removeprefix("file://")).expanduser().resolve()
 
 
-def _ray_init(address: str | None, **local: Any):
+def ray_init(address: str | None, **local: Any):
     """Connect to the cluster at ``address``, or start a Ray instance of our own (``local``: more
     ``ray.init`` arguments for it, e.g. ``num_cpus``/``num_gpus``); returns ``ray.init``'s context, or
     None when Ray was already initialised."""
@@ -227,7 +227,7 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
     sweep_state = _prepare(spec, name, storage)
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
-    _ray_init(address)
+    ray_init(address)
     if on_start is not None:
         on_start(Path(sweep_state["experiment_dir"]))
     results = _tuner(spec, sweep_state).fit()
@@ -241,11 +241,11 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
     import ray.tune
 
     exp = Path(experiment_dir).resolve()
-    sweep_state = _sweep_state(exp)
+    sweep_state = sweep_state_of(exp)
     spec = from_raw(sweep_state["raw"], sweep_state["source"])
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
-    _ray_init(address)
+    ray_init(address)
     _no_tune_tensorboard()
     if on_start is not None:
         on_start(exp)

@@ -402,7 +402,7 @@ def test_local_instance_tells_its_workers_where_its_api_server_is(monkeypatch):
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    tune._ray_init(None)
+    tune.ray_init(None)
     (kw,) = calls
     env = kw["runtime_env"]["env_vars"]
     assert env["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{kw['dashboard_port']}"
