@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +128,13 @@ def ray_init(address: str | None, **local: Any):
                         dashboard_host="127.0.0.1", dashboard_port=port, **{"log_to_driver": False, **local})
 
 
+def _local_gpus() -> float:
+    """GPUs of the Ray instance this process started or joined (0 on a machine without one)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def _free_port() -> int:
     import socket
 
@@ -228,6 +236,12 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
     exp.mkdir(parents=True, exist_ok=True)
     (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     ray_init(address)
+    if address is None and sweep_state["gpu_share"] > 0 and not _local_gpus():
+        # A share of a GPU that this machine does not have would leave every trial waiting for ever.
+        print("no GPU on this machine: the trials train on its CPUs (the sweep's GPU share is not used)",
+              file=sys.stderr)
+        sweep_state = {**sweep_state, "gpu_share": 0.0, "card_bytes": None}
+        (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     if on_start is not None:
         on_start(Path(sweep_state["experiment_dir"]))
     results = _tuner(spec, sweep_state).fit()

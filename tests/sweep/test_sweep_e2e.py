@@ -294,6 +294,26 @@ def test_a_generation_sweep_ranks_trials_and_epochs_on_val_generation(ray_local,
     assert best_result.metrics["trial_id"] == best["trial_id"]
 
 
+def test_a_gpu_sweep_on_a_machine_without_a_gpu_trains_on_cpus(ray_local, tmp_path, sweep_file, monkeypatch, capsys):
+    """The shipped sweeps ask for GPU shares (gpu_memory_gb: 4); on a laptop without a GPU the trials
+    would wait for ever for a share that cannot exist. The local instance's GPUs are checked and the
+    trials run on CPUs, with one line saying so; the experiment records the share it used."""
+    from hvae_ray.sweep import tune
+
+    monkeypatch.setattr(tune, "_local_gpus", lambda: 0.0)
+    path = sweep_file(tmp_path / "nogpu.yaml", search_space={"learning_rate": {"grid": [3.0e-3]}},
+                      scheduler={"max_t": 1, "grace_period": 1},
+                      resources={"num_workers": 1, "cpus_per_worker": 0.5, "gpu_memory_gb": 4,
+                                 "trial_memory_mb": 500})
+    result = hvae_ray.run_sweep(path, storage=str(tmp_path / "runs"), name="nogpu")
+    assert "no GPU on this machine: the trials train on its CPUs" in capsys.readouterr().err
+    assert not result.results.errors
+    state = json.loads((result.experiment_dir / trials.SWEEP_FILE).read_text())
+    assert state["gpu_share"] == 0.0
+    (row,) = hvae_ray.load_trials(result.experiment_dir).to_pylist()
+    assert row["status"] == "completed"
+
+
 def test_two_workers_train_data_parallel(ray_local, tmp_path, sweep_file):
     """num_workers 2: one trial trains with DDP over a gloo process group of two Ray Train workers;
     both ranks report every epoch and rank 0's checkpoint carries the whole model."""
