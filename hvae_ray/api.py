@@ -71,12 +71,12 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
     (η_rel, φ_rel, pT_rel, mask) to ``out`` (.npz).
 
     Codes come from ``prior``: ``standard`` N(0, 1), or ``fitted``, the checkpoint folder's prior of
-    :func:`fit_prior`, its random draws scaled by ``temperature``. With ``posterior_of`` (a jet file) the codes are one draw from q(z | x) of each
-    of its first ``n_jets`` jets instead: the model's reconstructions, which bound what any prior can
-    reach. Jets are decoded in chunks of ``SAMPLE_CHUNK`` and streamed to disk (memory stays bounded);
-    the first chunk uses ``seed`` itself, chunk k a seed derived from (seed, k). The output path, the
-    free disk space and the prior are checked before any jet is decoded. A tqdm bar goes to stderr
-    if ``progress``.
+    :func:`fit_prior`, its random draws scaled by ``temperature``. With ``posterior_of`` (a jet file)
+    the codes are one draw from q(z | x) of each of its first ``n_jets`` jets instead: the model's
+    reconstructions, which bound what any prior can reach. Jets are decoded in chunks of
+    ``SAMPLE_CHUNK`` and streamed to disk (memory stays bounded); the first chunk uses ``seed``
+    itself, chunk k a seed derived from (seed, k). The output path, the free disk space and the prior
+    are checked before any jet is decoded. A tqdm bar goes to stderr if ``progress``.
     """
     import zipfile
 

@@ -53,6 +53,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # The fidelity targets (generated vs held-out q jets): val_generation is the mean ratio to them.
 GENERATION_TARGETS = {"val_w1m": 4e-3, "val_w1p": 4e-3, "val_fpd": 1e-2}
 GENERATION_KEYS = (*GENERATION_TARGETS, "val_generation")
+# The validation metric that picks best/ for each ``objective``; fit reports its best as "best_<metric>".
+OBJECTIVE_METRICS = {"reconstruction": "val_objective", "generation": "val_generation"}
 POSTFIX_EVERY = 20  # progress-bar refresh (one host sync) every this many steps
 
 
@@ -554,10 +556,10 @@ class Trainer:
 
         ``generation_jets`` jets (at most the validation split's size) are decoded from codes of the
         ``generation_prior``, seeded with the run's seed: ``fitted``, a 20-component Gaussian mixture fitted
-        to the posterior means of as many training jets at this epoch (a cheap stand-in for the flow
-        that ``prior fit`` fits after training; N(0, 1) samples rank models poorly when the KL weight
-        is small), or ``standard``, N(0, 1). They are compared with as many validation jets (their
-        EFPs computed once per run):
+        to the posterior means of as many training jets at this epoch (a cheap stand-in for the
+        100-component mixture that ``prior fit`` fits after training; N(0, 1) samples rank models
+        poorly when the KL weight is small), or ``standard``, N(0, 1). They are compared with as many
+        validation jets (their EFPs computed once per run):
         ``val_w1m`` (relative mass), ``val_w1p`` (mean over η_rel, φ_rel, pT_rel of all particles),
         ``val_fpd`` (Fréchet distance of the 36 d ≤ 4 EFPs, extrapolated over subsample sizes n/2…n
         as jetnet does, with fewer draws) and ``val_generation``, their mean ratio to the fidelity
@@ -688,6 +690,7 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
     metrics: dict[str, Any] = {}
     epoch = trainer.start_epoch - 1
     last_figures = -cfg.epochs  # the epoch of the last Distributions/* figures
+    score_key = OBJECTIVE_METRICS[cfg.objective]
     threads = torch.get_num_threads()
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         # Small batches on a GPU are launch-bound: CPU thread pools over tiny tensors only add overhead
@@ -708,11 +711,10 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
             if metrics["val_kl"] > cfg.max_kl:
                 raise TrainingDiverged(f"epoch {epoch}: validation KL {metrics['val_kl']:.3g} nats "
                                        f"exceeds max_kl={cfg.max_kl:g} (KL runaway)")
-            score = metrics["val_objective" if cfg.objective == "reconstruction" else "val_generation"]
-            is_best = score < trainer.best
+            is_best = metrics[score_key] < trainer.best
             if is_best:
-                trainer.best, trainer.best_epoch = score, epoch
-            metrics["best_val_objective" if cfg.objective == "reconstruction" else "best_val_generation"] = trainer.best
+                trainer.best, trainer.best_epoch = metrics[score_key], epoch
+            metrics[f"best_{score_key}"] = trainer.best
             ckpt_dir = None
             if is_main and save_dir is not None:
                 ckpt_dir = save_dir / "last"
@@ -740,7 +742,7 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         **metrics,
         "epochs_run": epoch + 1 - trainer.start_epoch if metrics else 0,
         "best_epoch": trainer.best_epoch,
-        ("best_val_objective" if cfg.objective == "reconstruction" else "best_val_generation"): trainer.best,
+        f"best_{score_key}": trainer.best,
         "save_dir": str(save_dir) if save_dir else None,
         "log_dir": str(log_dir) if log_dir else None,
     }

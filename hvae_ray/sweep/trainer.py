@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from hvae_ray.sweep.resources import CUDA_CONTEXT, allocator_fraction
+from hvae_ray.sweep.spec import RANKABLE_METRICS
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),
 # which delays every report by up to that long: with epochs of a few seconds that is the largest
@@ -91,9 +92,8 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     except TrainingDiverged as e:
         # A diverged trial ends normally with a terminal report: the sweep carries on and the
         # trial table shows it as diverged, with the reason.
-        final = {"diverged": 1.0, "val_objective": math.inf, "val_w1m": math.inf, "val_recon": math.inf,
-                 "val_generation": math.inf, "val_fpd": math.inf,
-                 "val_total": math.inf, "error": str(e), "node_id": node_id}
+        # Every metric a sweep may rank on is +inf, whichever the sweep's is.
+        final = {"diverged": 1.0, **dict.fromkeys(RANKABLE_METRICS, math.inf), "error": str(e), "node_id": node_id}
         if rank == 0:
             _append_log(loop["work_dir"], final)
         ray.train.report(final)

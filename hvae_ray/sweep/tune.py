@@ -233,15 +233,14 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
         raise ConfigError(f"{exp}: an experiment of this name exists; use 'hvae-ray sweep resume {exp}' "
                           "or another --name")
     sweep_state = _prepare(spec, name, storage)
-    exp.mkdir(parents=True, exist_ok=True)
-    (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     ray_init(address)
     if address is None and sweep_state["gpu_share"] > 0 and not _local_gpus():
         # A share of a GPU that this machine does not have would leave every trial waiting for ever.
         print("no GPU on this machine: the trials train on its CPUs (the sweep's GPU share is not used)",
               file=sys.stderr)
         sweep_state = {**sweep_state, "gpu_share": 0.0, "card_bytes": None}
-        (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
+    exp.mkdir(parents=True, exist_ok=True)
+    (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
     if on_start is not None:
         on_start(Path(sweep_state["experiment_dir"]))
     results = _tuner(spec, sweep_state).fit()
