@@ -17,12 +17,13 @@ import yaml
 
 from hvae_ray.errors import ConfigError
 
-COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topology", "jet_features")
+COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topology", "jet_features",
+              "particle_marginals")
 PARTICLE_LOSSES = ("slot", "chamfer", "sinkhorn")
 OBJECTIVES = ("reconstruction", "generation")
 GENERATION_PRIORS = ("fitted", "standard")
-# The terms val_recon and val_objective sum: the jet term is reported but left out, so that both stay
-# comparable between runs that train it and runs that do not (rank those on val_generation).
+# The terms val_recon and val_objective sum: the jet and marginal terms are reported but left out, so that
+# both stay comparable between runs that train them and runs that do not (rank those on val_generation).
 OBJECTIVE_COMPONENTS = COMPONENTS[:4]
 KL_SCHEDULES = ("linear", "cyclical")
 ENGINES = ("dense", "pyg")
@@ -52,6 +53,7 @@ class LossWeights:
     hyperedge_features: float = 0.3
     topology: float = 0.1
     jet_features: float = 0.0
+    particle_marginals: float = 0.0
 
 
 @dataclass

@@ -119,7 +119,7 @@ def test_section_that_is_not_a_mapping():
 
 
 @pytest.mark.parametrize("key", ["particle_features", "edge_features", "hyperedge_features", "topology",
-                                 "jet_features"])
+                                 "jet_features", "particle_marginals"])
 def test_negative_loss_weight(key):
     msg = config_error({"loss_weights": {key: -0.1}})
     assert f"'loss_weights.{key}'" in msg and ">= 0" in msg
@@ -127,7 +127,8 @@ def test_negative_loss_weight(key):
 
 def test_all_zero_loss_weights():
     msg = config_error({"loss_weights": dict.fromkeys(
-        ("particle_features", "edge_features", "hyperedge_features", "topology", "jet_features"), 0.0)})
+        ("particle_features", "edge_features", "hyperedge_features", "topology", "jet_features",
+         "particle_marginals"), 0.0)})
     assert "loss_weights" in msg
 
 

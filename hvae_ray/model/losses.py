@@ -141,6 +141,27 @@ def sinkhorn_distance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
     return (per_jet * n[:, 0]).sum() / (m.sum() * pred.shape[-1]).clamp(min=1)
 
 
+def marginal_distance(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Squared 1-D Wasserstein-2 distance between the batch's pooled predicted and true particle features,
+    per feature, averaged as :func:`masked_mse`.
+
+    pred, target: (B, P, F); mask: (B, P) bool, the real particles (each jet's first n slots stand for
+    its n particles). Each feature of all real particles of the batch is sorted, predicted and true
+    alike, and the k-th smallest prediction is compared with the k-th smallest true value: in one
+    dimension that pairing is the optimal transport plan. Per-jet terms fit each jet's particles to
+    their conditional mean given the code, which pulls the particles a code cannot place towards the
+    jet axis; this term asks for the marginal distributions themselves, which W1p measures. Masked
+    entries sort last in both sets (the same count), so the shapes stay static for a CUDA graph.
+    """
+    fill = torch.finfo(torch.float32).max
+    p = pred.float().masked_fill(~mask[..., None], fill).flatten(0, 1)  # (B·P, F)
+    t = target.float().masked_fill(~mask[..., None], fill).flatten(0, 1)
+    n_real = mask.sum()
+    first = torch.arange(p.shape[0], device=p.device)[:, None] < n_real  # the real values sort first
+    diff = torch.where(first, torch.sort(p, dim=0).values - torch.sort(t, dim=0).values, 0.0)
+    return diff.pow(2).sum() / (n_real * p.shape[-1]).clamp(min=1)
+
+
 def _pair_cost(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B, P, F), (B, P, F) → (B, P, P) squared Euclidean distances [pred i, target j], float32."""
     return (pred.float()[:, :, None, :] - target.float()[:, None, :, :]).pow(2).sum(dim=-1)
@@ -197,8 +218,9 @@ def reconstruction_terms(dec, tgt, node_stats, particle_loss: str = "slot") -> d
 
     ``dec`` is a :class:`~hvae_ray.model.hypervae.Decoded`, ``tgt`` a :class:`~hvae_ray.model.hypervae.Targets`:
     particle features over real slots (:func:`particle_term`), edge features over real pairs,
-    hyperedge features over real groups, the existence mask over all slots, and the jet mass and pT
-    sum (:func:`jet_term`; ``node_stats`` = the node normaliser's (mean, std) on the device).
+    hyperedge features over real groups, the existence mask over all slots, the jet mass and pT sum
+    (:func:`jet_term`; ``node_stats`` = the node normaliser's (mean, std) on the device), and the batch's
+    particle-feature marginals (:func:`marginal_distance`).
     """
     b, i, j = tgt.edge_slots
     hb, hc = tgt.hyper_slots
@@ -208,6 +230,7 @@ def reconstruction_terms(dec, tgt, node_stats, particle_loss: str = "slot") -> d
         "hyperedge_features": masked_mse(dec.hyperedges[hb, hc], tgt.hyperedges),
         "topology": topology_loss(dec.exist_logits, tgt.mask),
         "jet_features": jet_term(dec.particles, tgt.particles, tgt.mask, node_stats),
+        "particle_marginals": marginal_distance(dec.particles, tgt.particles, tgt.mask),
     }
 
 
@@ -221,4 +244,5 @@ def dense_reconstruction_terms(dec, batch, node_stats, particle_loss: str = "slo
         "hyperedge_features": masked_mse(dec.hyperedges, batch.hyperedges, batch.mask),
         "topology": topology_loss(dec.exist_logits, batch.mask, batch.weight),
         "jet_features": jet_term(dec.particles, batch.x, batch.mask, node_stats, batch.weight),
+        "particle_marginals": marginal_distance(dec.particles, batch.x, batch.mask),
     }

@@ -122,7 +122,7 @@ def test_dense_targets_pair_the_decoder_outputs_with_the_right_slots(graphs, bat
     perfect = Decoded(particles=tgt.particles, exist_logits=logits, edges=dense, hyperedges=hyper)
     terms = reconstruction_terms(perfect, tgt, node_stats)
     assert set(terms) == set(COMPONENTS)
-    for c in ("particle_features", "edge_features", "hyperedge_features", "jet_features"):
+    for c in ("particle_features", "edge_features", "hyperedge_features", "jet_features", "particle_marginals"):
         assert terms[c].item() == 0.0
     assert terms["topology"].item() < 1e-6
     # The set losses of a perfect decoder vanish too (Sinkhorn up to its entropic blur, ε = 0.02).

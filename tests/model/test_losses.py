@@ -182,7 +182,7 @@ def test_topology_loss_rewards_the_right_mask():
 # Total loss and objective
 
 
-VALUES = (0.4, 0.3, 0.2, 0.1, 0.05)
+VALUES = (0.4, 0.3, 0.2, 0.1, 0.05, 0.07)
 
 
 def _terms(values=VALUES) -> dict[str, torch.Tensor]:
@@ -191,13 +191,16 @@ def _terms(values=VALUES) -> dict[str, torch.Tensor]:
 
 
 def test_total_loss_is_the_weighted_sum_plus_beta_kl():
-    cfg = Config()  # jet_features has weight 0 by default
+    cfg = Config()  # jet_features and particle_marginals have weight 0 by default
     loss = total_loss(_terms(), torch.tensor(10.0), 1e-3, cfg)
-    expected = 1.0 * 0.4 + 0.5 * 0.3 + 0.3 * 0.2 + 0.1 * 0.1 + 0.0 * 0.05 + 1e-3 * 10.0
+    expected = 1.0 * 0.4 + 0.5 * 0.3 + 0.3 * 0.2 + 0.1 * 0.1 + 0.0 * 0.05 + 0.0 * 0.07 + 1e-3 * 10.0
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     jet = cfg.with_overrides({"loss_weights.jet_features": 2.0})
     loss = total_loss(_terms(), torch.tensor(10.0), 1e-3, jet)
     assert loss.item() == pytest.approx(expected + 2.0 * 0.05, rel=1e-6)
+    both = jet.with_overrides({"loss_weights.particle_marginals": 3.0})
+    loss = total_loss(_terms(), torch.tensor(10.0), 1e-3, both)
+    assert loss.item() == pytest.approx(expected + 2.0 * 0.05 + 3.0 * 0.07, rel=1e-6)
 
 
 def test_objective_does_not_depend_on_loss_weights_or_schedule():
@@ -205,15 +208,16 @@ def test_objective_does_not_depend_on_loss_weights_or_schedule():
     base = Config()
     other = base.with_overrides({"loss_weights.particle_features": 0.01, "loss_weights.edge_features": 3.0,
                                  "loss_weights.topology": 0.0, "loss_weights.jet_features": 1.0,
+                                 "loss_weights.particle_marginals": 2.0,
                                  "kl_max_weight": 1e-2, "kl_schedule": "cyclical"})
     # The total loss does change with the weights ...
     kl = torch.tensor(10.0)
     assert total_loss(_terms(), kl, 1e-3, base).item() != pytest.approx(total_loss(_terms(), kl, 1e-3, other).item())
     # ... the objective does not.
     assert objective(recon, 10.0, base) == objective(recon, 10.0, other)
-    # the jet term (the last value) is reported but not part of the objective
+    # the jet and marginal terms (the last two values) are reported but not part of the objective
     assert objective(recon, 10.0, base) == pytest.approx(sum(VALUES[:4]) + base.objective_kl_weight * 10.0)
-    assert "jet_features" not in OBJECTIVE_COMPONENTS and len(OBJECTIVE_COMPONENTS) == 4
+    assert {"jet_features", "particle_marginals"}.isdisjoint(OBJECTIVE_COMPONENTS) and len(OBJECTIVE_COMPONENTS) == 4
 
 
 def test_objective_uses_its_own_kl_weight():

@@ -16,6 +16,7 @@ from hvae_ray.model.losses import (
     chamfer_distance,
     jet_observables,
     jet_term,
+    marginal_distance,
     masked_mse,
     particle_term,
     sinkhorn_distance,
@@ -317,3 +318,47 @@ def test_config_accepts_every_particle_loss_and_objective():
         assert from_dict({"objective": objective}).objective == objective
     cfg = from_dict({"generation_every": 1, "generation_jets": 100, "loss_weights": {"jet_features": 1.0}})
     assert (cfg.generation_every, cfg.generation_jets, cfg.loss_weights.jet_features) == (1, 100, 1.0)
+
+
+def pooled_w2(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
+    """Squared 1-D W2 per feature of the pooled real particles, by numpy: sort, pair by rank, average."""
+    m = mask.numpy()
+    p, q = pred.double().numpy()[m], target.double().numpy()[m]  # (N, F)
+    return float(((np.sort(p, axis=0) - np.sort(q, axis=0)) ** 2).mean())
+
+
+def test_marginal_distance_is_the_sorted_pairing_of_the_pooled_real_particles():
+    gen = torch.Generator().manual_seed(3)
+    pred, target = torch.randn(4, 6, 3, generator=gen), torch.randn(4, 6, 3, generator=gen) * 2 + 1
+    mask = torch.rand(4, 6, generator=gen) < 0.7
+    mask[0] = False  # a padding jet: no particle
+    mask[1, 0] = True
+    got = marginal_distance(pred, target, mask).item()
+    assert got == pytest.approx(pooled_w2(pred, target, mask), rel=1e-5)
+    assert got > 0.5  # the two samples differ in mean and spread
+
+
+def test_marginal_distance_is_zero_for_particles_exchanged_between_jets_where_set_losses_are_not():
+    target = torch.tensor([[[0.0, 1.0], [2.0, 3.0]], [[4.0, 5.0], [6.0, 7.0]]])
+    pred = target.flip(0)  # each jet decoded as the other one: the same pool of particles
+    mask = full_mask(2, b=2)
+    assert marginal_distance(pred, target, mask).item() == 0.0
+    assert sinkhorn_distance(pred, target, mask).item() > 1.0
+
+
+def test_marginal_distance_ignores_padding_slots_whatever_they_hold():
+    target = torch.tensor([[[0.0], [1.0], [0.0]]])
+    pred = torch.tensor([[[1.0], [0.0], [1e30]]])  # the same real pool {0, 1}; the padding slot is huge
+    mask = torch.tensor([[True, True, False]])
+    assert marginal_distance(pred, target, mask).item() == 0.0
+
+
+def test_marginal_distance_of_a_shrunk_sample_pushes_it_outwards():
+    """Predictions at half the true spread: the gradient widens them (moves each away from the centre)."""
+    target = torch.linspace(-1, 1, 9).reshape(1, 9, 1)
+    pred = (0.5 * target).clone().requires_grad_(True)
+    loss = marginal_distance(pred, target, full_mask(9))
+    assert loss.item() == pytest.approx(((0.5 * target) ** 2).mean().item())
+    loss.backward()
+    step = -pred.grad[0, :, 0]
+    assert torch.all(step[target[0, :, 0] > 0] > 0) and torch.all(step[target[0, :, 0] < 0] < 0)
