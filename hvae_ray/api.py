@@ -205,16 +205,16 @@ def _check_metric_sizes(sizes: dict) -> None:
 def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_dir: str | Path | None = None,
              log_dir: str | Path | None = None, overwrite: bool = False, **metric_kwargs) -> dict[str, float]:
     """The field's generation metrics (W1m, W1p, W1efp, FPD, KPD) of ``generated`` against ``real``,
-    computed as jetnet 0.2.5 does (``physics.evaluate_generation``), each with its real-vs-real floor,
-    the sample sizes and ``convention``; optional PNG plots (existing ones replaced only if
-    ``overwrite``) and TensorBoard figures. Sizes and output folders are checked before any work."""
+    computed as jetnet 0.2.5 does (``evaluation.metrics.evaluate_generation``), each with its
+    real-vs-real floor, the sample sizes and ``convention``; optional PNG plots (existing ones replaced
+    only if ``overwrite``) and TensorBoard figures. Sizes and output folders are checked before any work."""
     from hvae_ray.data.io import load_jets
+    from hvae_ray.evaluation.metrics import evaluate_generation
     from hvae_ray.outputs import check_output_dir
-    from hvae_ray.physics import evaluate_generation
 
     _check_metric_sizes(metric_kwargs)
     if plots_dir is not None:
-        from hvae_ray.plots import FIGURE_KEYS
+        from hvae_ray.evaluation.plots import FIGURE_KEYS
 
         check_output_dir(plots_dir, "plots folder", files=[f"{k}.png" for k in FIGURE_KEYS],
                          overwrite=overwrite)
@@ -223,7 +223,7 @@ def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_d
     r, g = load_jets(real), load_jets(generated)
     result = evaluate_generation(r.particles, r.mask, g.particles, g.mask, seed=seed, **metric_kwargs)
     if plots_dir is not None or log_dir is not None:
-        from hvae_ray.plots import distribution_figures, save_figures
+        from hvae_ray.evaluation.plots import distribution_figures, save_figures
 
         figs = distribution_figures(r.particles, r.mask, g.particles, g.mask)
         if plots_dir is not None:

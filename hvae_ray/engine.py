@@ -568,8 +568,9 @@ class Trainer:
         """
         from scipy.stats import wasserstein_distance
 
+        from hvae_ray.evaluation.efp import efps, jet_mass
+        from hvae_ray.evaluation.metrics import fpd
         from hvae_ray.latent import GaussianMixture, decode, encode
-        from hvae_ray.physics import efps, fpd, jet_mass
 
         val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
         n = len(val)
@@ -770,7 +771,7 @@ def train_loader(graphs: Sequence, cfg: Config, epoch: int):
 
 def _log_distributions(logger, trainer: Trainer, val: JetSample, step: int) -> None:
     """Real (validation) vs generated histograms into TensorBoard at the end of training."""
-    from hvae_ray.plots import distribution_figures
+    from hvae_ray.evaluation.plots import distribution_figures
 
     gen_p, gen_m = generate(trainer.model, trainer.normaliser, len(val), seed=trainer.cfg.seed + 1,
                             device=trainer.device)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from hvae_ray.physics import PRIME_EFP_N4_D4, efps, jet_mass
+from hvae_ray.evaluation.efp import PRIME_EFP_N4_D4, efps, jet_mass
 
 __all__ = ["FIGURE_KEYS", "distribution_figures", "save_figures"]
 

@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 from hvae_ray.config import OBJECTIVES, PARTICLE_LOSSES, from_dict
 from hvae_ray.errors import ConfigError
+from hvae_ray.evaluation.efp import jet_mass
 from hvae_ray.model.losses import (
     chamfer_distance,
     jet_observables,
@@ -21,7 +22,6 @@ from hvae_ray.model.losses import (
     particle_term,
     sinkhorn_distance,
 )
-from hvae_ray.physics import jet_mass
 
 EPS = 0.02  # sinkhorn_distance's default entropic ε
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hvae_ray import physics as ph
+from hvae_ray.evaluation import metrics
+from hvae_ray.evaluation.efp import PRIME_EFP_N4_D4, efps
 
-FIXTURE = Path(__file__).parent / "fixtures" / "jetnet_parity"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "jetnet_parity"
 PAIRS = ("q_a/g", "q_a/q_b", "q_a/q_smear")
 
 
@@ -32,7 +33,7 @@ def jets() -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def features(jets) -> dict[str, np.ndarray]:
-    return {k: ph.efps(x) for k, x in jets.items()}
+    return {k: efps(x) for k, x in jets.items()}
 
 
 def _pair(name: str) -> tuple[str, str]:
@@ -51,8 +52,8 @@ def test_efps_equal_energyflow_column_by_column(ref, jets, sample):
     d4 = np.array(ref["efps_d4"][sample])
     prime = np.array(ref["efps_prime"][sample])
     assert d4.shape == (ref["n_efp_jets"], 36) and prime.shape == (ref["n_efp_jets"], 5)
-    np.testing.assert_allclose(ph.efps(x), d4, rtol=1e-9, atol=0)
-    np.testing.assert_allclose(ph.efps(x, graphs=ph.PRIME_EFP_N4_D4), prime, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(efps(x), d4, rtol=1e-9, atol=0)
+    np.testing.assert_allclose(efps(x, graphs=PRIME_EFP_N4_D4), prime, rtol=1e-9, atol=0)
     # z is pT_rel as given: the one-vertex EFP is the kept particles' Σ pT_rel, not 1
     np.testing.assert_allclose(d4[:, 0], x[..., 2].sum(axis=1), rtol=1e-12)
     assert np.any(np.abs(d4[:, 0] - 1.0) > 0.01)
@@ -63,8 +64,8 @@ def test_w1_metrics_equal_jetnet(ref, jets, pair):
     """Same seed, same draws: equal to rounding; independent draws: within the stated errors."""
     real, gen = (jets[k] for k in _pair(pair))
     seed = ref["seed"]
-    ours = {"w1m": ph.w1m(real, gen, seed=seed), "w1p": ph.w1p(real, gen, seed=seed),
-            "w1efp": ph.w1efp(real, gen, seed=seed)}
+    ours = {"w1m": metrics.w1m(real, gen, seed=seed), "w1p": metrics.w1p(real, gen, seed=seed),
+            "w1efp": metrics.w1efp(real, gen, seed=seed)}
     for key, (mean, std) in ours.items():
         same = ref["pairs"][pair]["seeded"][key]
         other = ref["pairs"][pair]["other_seed"][key]
@@ -84,12 +85,12 @@ def test_w1_metrics_equal_jetnet(ref, jets, pair):
 @pytest.mark.parametrize("pair", PAIRS)
 def test_fpd_and_kpd_equal_jetnet(ref, features, pair):
     real, gen = _pair(pair)
-    value, err = ph.fpd(features[real], features[gen], seed=ref["seed"])
+    value, err = metrics.fpd(features[real], features[gen], seed=ref["seed"])
     j_value, j_err = ref["pairs"][pair]["fpd"]
     assert value == pytest.approx(j_value, rel=1e-6, abs=1e-12)
     assert err == pytest.approx(j_err, rel=1e-3, abs=1e-12)
     assert abs(value - j_value) <= j_err + 1e-12
-    value, err = ph.kpd(features[real], features[gen], seed=ref["seed"])
+    value, err = metrics.kpd(features[real], features[gen], seed=ref["seed"])
     j_value, j_err = ref["pairs"][pair]["kpd"]
     assert value == pytest.approx(j_value, rel=1e-6, abs=1e-12)
     assert err == pytest.approx(j_err, rel=1e-6, abs=1e-12)
@@ -97,7 +98,7 @@ def test_fpd_and_kpd_equal_jetnet(ref, features, pair):
 
 def test_evaluate_generation_reports_jetnets_values(ref, jets):
     """The values `hvae-ray evaluate` reports are jetnet's numbers for the same arrays."""
-    out = ph.evaluate_generation(jets["q_a"], None, jets["g"], None, seed=ref["seed"])
+    out = metrics.evaluate_generation(jets["q_a"], None, jets["g"], None, seed=ref["seed"])
     entry = ref["pairs"]["q_a/g"]
     assert out["convention"] == "jetnet-0.2.5"
     assert out["n_real"] == out["n_gen"] == 3000 and out["n_floor"] == 1500

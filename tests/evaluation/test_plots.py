@@ -1,4 +1,4 @@
-"""Real-vs-generated figures of hvae_ray.plots: two histograms each, PNGs written and readable."""
+"""Real-vs-generated figures of hvae_ray.evaluation.plots: two histograms each, PNGs written and readable."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from hvae_ray import plots
+from hvae_ray.evaluation import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
