@@ -1,6 +1,7 @@
 """hvae-ray: distributed sweeps (Ray Tune + Ray Train) for hypergraph VAEs of particle jets.
 
-Public API: ``load_config``, ``train``, ``run_sweep``, ``resume_sweep``, ``load_trials``.
+Public API: ``load_config``, ``train``, ``sample``, ``evaluate``, ``run_sweep``, ``resume_sweep``,
+``load_trials``.
 Ray is imported only when a sweep function is first used.
 """
 
@@ -13,12 +14,8 @@ __all__ = ["Config", "evaluate", "load_config", "load_trials", "resume_sweep", "
 
 
 def __getattr__(name: str):
-    if name in ("run_sweep", "resume_sweep"):
-        from hvae_ray.sweep import tune
+    if name in ("run_sweep", "resume_sweep", "load_trials"):
+        from hvae_ray import api
 
-        return getattr(tune, name)
-    if name == "load_trials":
-        from hvae_ray.trials import load_trials
-
-        return load_trials
+        return getattr(api, name)
     raise AttributeError(f"module 'hvae_ray' has no attribute {name!r}")

@@ -1,4 +1,6 @@
-"""The Python API the CLI is a thin layer over: train, sample, evaluate."""
+"""The Python API the CLI is a thin layer over: generate data, train, fit a prior, sample, evaluate, and
+the sweep functions (``run_sweep``, ``resume_sweep``, the trial table's), imported from the sweep layer
+on first use."""
 
 from __future__ import annotations
 
@@ -20,6 +22,20 @@ def resolve_data(data_path: str | Path | None, progress: bool = True) -> Path:
     return default_sample(progress=progress)
 
 
+def generate_data(flavor: str, n_jets: int, out: str | Path, seed: int = 0, *, workers: int | None = None,
+                  overwrite: bool = False, progress: bool = True) -> Path:
+    """Generate ``n_jets`` jets of ``flavor`` with Pythia 8 + FastJet (``data.generate.generate_jets``)
+    into the Parquet file ``out``, its metadata naming flavor and seed. The output path is checked
+    before any jet is generated."""
+    from hvae_ray.data.generate import generate_jets
+    from hvae_ray.data.io import save_parquet
+    from hvae_ray.outputs import check_output_file
+
+    out = check_output_file(out, overwrite=overwrite, suffix=".parquet")  # before minutes of work
+    jets = generate_jets(flavor, n_jets, seed, workers=workers, progress=progress)
+    return save_parquet(jets, out, metadata={"flavor": flavor, "seed": str(seed)}, overwrite=overwrite)
+
+
 def train(config: Config | str | Path | None = None, data_path: str | Path | None = None, *,
           save_dir: str | Path = "runs/train", log_dir: str | Path | None = None, resume: bool = False,
           save_test_indices: bool = False, overrides: dict[str, Any] | None = None,
@@ -38,8 +54,8 @@ def train(config: Config | str | Path | None = None, data_path: str | Path | Non
         cfg = cfg.with_overrides(overrides)
     save_dir = Path(save_dir)
     if not resume and (save_dir / "last" / CHECKPOINT_FILE).exists():
-        raise DataError(f"{save_dir}: holds a previous run; pass --resume to continue it or choose "
-                        "another --save-dir")
+        raise DataError(f"{save_dir}: holds a previous run; continue it with `resume=True` or choose "
+                        "another `save_dir`")
     from hvae_ray.outputs import check_output_dir
 
     check_output_dir(save_dir, "save folder")
@@ -78,56 +94,88 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
     itself, chunk k a seed derived from (seed, k). The output path, the free disk space and the prior
     are checked before any jet is decoded. A tqdm bar goes to stderr if ``progress``.
     """
-    import zipfile
-
     from hvae_ray.data.jets import MAX_PARTICLES
-    from hvae_ray.engine import generate, load_checkpoint, model_from_checkpoint, resolve_device
-    from hvae_ray.latent import decode, encode, load_prior, posterior_codes
+    from hvae_ray.engine import load_checkpoint, model_from_checkpoint, resolve_device
     from hvae_ray.outputs import check_free_space, check_output_file
 
-    if isinstance(n_jets, bool) or not isinstance(n_jets, int) or n_jets < 1:
-        raise ConfigError(f"n_jets must be an integer >= 1, got {n_jets!r}")
-    if not (isinstance(temperature, (int, float)) and 0 < temperature <= 10):
-        raise ConfigError(f"temperature must be a number in (0, 10], got {temperature!r}")
-    if temperature != 1.0 and (prior != "fitted" or posterior_of is not None):
-        raise ConfigError("temperature applies to the fitted prior only (--prior fitted)")
-    if prior not in PRIORS:
-        raise ConfigError(f"prior must be one of {', '.join(PRIORS)}, got {prior!r}")
+    _check_sample_args(n_jets, prior, posterior_of, temperature)
     out = check_output_file(out, overwrite=overwrite, suffix=".npz")
     n_bytes = n_jets * MAX_PARTICLES * 4 * 4  # float32 (N, 30, 4)
     check_free_space(out.parent, 2 * n_bytes + 2**20, f"sampling {n_jets} jets")  # array + archive
     model, normaliser, cfg = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
     dev = resolve_device(device)
-    model = model.to(dev)
+    decoder = _JetDecoder(model.to(dev), normaliser, cfg, dev)
     if posterior_of is not None:
+        decoder.posterior_of(posterior_of, n_jets)
+    if prior == "fitted":
+        decoder.fitted_prior(_checkpoint_dir(checkpoint), temperature)
+    _write_particle_features(out, n_jets, seed, decoder, progress)
+    return out
+
+
+def _check_sample_args(n_jets: int, prior: str, posterior_of: str | Path | None, temperature: float) -> None:
+    if isinstance(n_jets, bool) or not isinstance(n_jets, int) or n_jets < 1:
+        raise ConfigError(f"`n_jets` must be an integer >= 1, got {n_jets!r}")
+    if not (isinstance(temperature, (int, float)) and 0 < temperature <= 10):
+        raise ConfigError(f"`temperature` must be a number in (0, 10], got {temperature!r}")
+    if temperature != 1.0 and (prior != "fitted" or posterior_of is not None):
+        raise ConfigError("`temperature` applies to the fitted prior only (`prior='fitted'`)")
+    if prior not in PRIORS:
+        raise ConfigError(f"`prior` must be one of {', '.join(PRIORS)}, got {prior!r}")
+
+
+class _JetDecoder:
+    """Decodes chunks of jets from the codes ``sample`` was asked for: N(0, 1) (the default), the
+    fitted prior, or q(z | x) of real jets."""
+
+    def __init__(self, model, normaliser, cfg: Config, device):
+        self.model, self.normaliser, self.cfg, self.device = model, normaliser, cfg, device
+        self.prior = self.real = None
+        self.temperature = 1.0
+
+    def fitted_prior(self, folder: Path, temperature: float) -> None:
+        from hvae_ray.latent import load_prior
+
+        self.prior, self.temperature = load_prior(folder, self.cfg.model.latent_dim), temperature
+
+    def posterior_of(self, jets: str | Path, n_jets: int) -> None:
         from hvae_ray.data.io import load_jets
 
-        real = load_jets(posterior_of)
-        if n_jets > len(real):
-            raise ConfigError(f"{posterior_of}: holds {len(real)} jets, fewer than the {n_jets} to decode")
-    gmm = load_prior(_checkpoint_dir(checkpoint), cfg.model.latent_dim) if prior == "fitted" else None
+        self.real = load_jets(jets)
+        if n_jets > len(self.real):
+            raise ConfigError(f"{jets}: holds {len(self.real)} jets, fewer than the {n_jets} to decode")
 
-    def chunk(k: int, start: int, b: int) -> tuple[np.ndarray, np.ndarray]:
-        chunk_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
-        if posterior_of is not None:
-            mu, logvar = encode(model, normaliser, cfg, real.particles[start:start + b], real.mask[start:start + b],
-                                dev)
-            return decode(model, normaliser, posterior_codes(mu, logvar, chunk_seed), dev)
-        if gmm is not None:
-            return decode(model, normaliser, gmm.sample(b, chunk_seed, temperature), dev)
-        return generate(model, normaliser, b, seed=chunk_seed, device=dev)
+    def __call__(self, start: int, b: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Jets ``start``…``start + b``: particles (b, 30, 3) and mask (b, 30)."""
+        from hvae_ray.engine import generate
+        from hvae_ray.latent import decode, encode, posterior_codes
+
+        if self.real is not None:
+            part, mask = self.real.particles[start:start + b], self.real.mask[start:start + b]
+            mu, logvar = encode(self.model, self.normaliser, self.cfg, part, mask, self.device)
+            return decode(self.model, self.normaliser, posterior_codes(mu, logvar, seed), self.device)
+        if self.prior is not None:
+            return decode(self.model, self.normaliser, self.prior.sample(b, seed, self.temperature), self.device)
+        return generate(self.model, self.normaliser, b, seed=seed, device=self.device)
+
+
+def _write_particle_features(out: Path, n_jets: int, seed: int, decode_chunk: _JetDecoder, progress: bool) -> None:
+    """Decode ``n_jets`` jets chunk by chunk into a memory-mapped (N, 30, 4) array, then into ``out``."""
+    import zipfile
+
+    from tqdm.auto import tqdm
+
+    from hvae_ray.data.jets import MAX_PARTICLES
 
     tmp_npy = out.with_name(f".{out.name}.particle_features.npy")
     tmp_npz = out.with_name(out.name + ".tmp.npz")
     try:
-        arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32,
-                                        shape=(n_jets, MAX_PARTICLES, 4))
-        from tqdm.auto import tqdm
-
+        arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n_jets, MAX_PARTICLES, 4))
         with tqdm(total=n_jets, unit="jet", desc="sampling", disable=not progress, leave=False) as bar:
             for k, start in enumerate(range(0, n_jets, SAMPLE_CHUNK)):
                 b = min(SAMPLE_CHUNK, n_jets - start)
-                particles, mask = chunk(k, start, b)
+                chunk_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+                particles, mask = decode_chunk(start, b, chunk_seed)
                 arr[start:start + b, :, :3] = particles
                 arr[start:start + b, :, 3] = mask
                 bar.update(b)
@@ -139,7 +187,6 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
     finally:
         tmp_npy.unlink(missing_ok=True)
         tmp_npz.unlink(missing_ok=True)
-    return out
 
 
 def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, kind: str = "gmm",
@@ -162,12 +209,12 @@ def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, ki
     from hvae_ray.latent import PRIOR_FILE, PRIOR_KINDS, FlowPrior, GaussianMixture, encode, posterior_codes, save_prior
 
     if kind not in PRIOR_KINDS:
-        raise ConfigError(f"kind must be one of {', '.join(PRIOR_KINDS)}, got {kind!r}")
+        raise ConfigError(f"`kind` must be one of {', '.join(PRIOR_KINDS)}, got {kind!r}")
     if isinstance(components, bool) or not isinstance(components, int) or components < 1:
-        raise ConfigError(f"components must be an integer >= 1, got {components!r}")
+        raise ConfigError(f"`components` must be an integer >= 1, got {components!r}")
     folder = _checkpoint_dir(checkpoint)
     if (folder / PRIOR_FILE).exists() and not overwrite:
-        raise DataError(f"{folder / PRIOR_FILE}: already exists; not overwriting it")
+        raise DataError(f"{folder / PRIOR_FILE}: already exists; not overwriting it (use `overwrite=True`)")
     model, normaliser, cfg = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
     dev = resolve_device(device)
     splits = prepare(cfg, load_jets(resolve_data(data_path, progress=False)), normaliser)
@@ -196,10 +243,10 @@ def _check_metric_sizes(sizes: dict) -> None:
               "fpd_num_batches": 1, "fpd_num_points": 1, "kpd_num_batches": 1, "kpd_batch_size": 2}
     for key, value in sizes.items():
         if key in lowest and (isinstance(value, bool) or not isinstance(value, int) or value < lowest[key]):
-            raise ConfigError(f"{key} must be an integer ≥ {lowest[key]}, got {value!r}")
+            raise ConfigError(f"`{key}` must be an integer ≥ {lowest[key]}, got {value!r}")
     if sizes.get("fpd_min_samples", 20_000) > sizes.get("fpd_max_samples", 50_000):
-        raise ConfigError(f"fpd_min_samples ({sizes.get('fpd_min_samples', 20_000)}) exceeds "
-                          f"fpd_max_samples ({sizes.get('fpd_max_samples', 50_000)})")
+        raise ConfigError(f"`fpd_min_samples` ({sizes.get('fpd_min_samples', 20_000)}) exceeds "
+                          f"`fpd_max_samples` ({sizes.get('fpd_max_samples', 50_000)})")
 
 
 def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_dir: str | Path | None = None,
@@ -235,3 +282,26 @@ def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_d
             tb.log_figures(figs, 0, prefix="Evaluate")
             tb.close()
     return result
+
+
+#: The sweep functions, by the module that defines them: imported on first use (the trial table's
+#: with pyarrow, the sweeps' with Ray when they start).
+SWEEP_FUNCTIONS = {
+    "run_sweep": ("hvae_ray.sweep.tune", "run_sweep"),
+    "resume_sweep": ("hvae_ray.sweep.tune", "resume_sweep"),
+    "load_trials": ("hvae_ray.sweep.trials", "load_trials"),
+    "sort_trials": ("hvae_ray.sweep.trials", "sort_trials"),
+    "best_config_yaml": ("hvae_ray.sweep.trials", "best_config_yaml"),
+    "export_trials": ("hvae_ray.sweep.trials", "export"),
+    "format_trials": ("hvae_ray.sweep.trials", "format_table"),
+    "sweep_metric": ("hvae_ray.sweep.trials", "sweep_metric"),
+}
+
+
+def __getattr__(name: str):
+    if name in SWEEP_FUNCTIONS:
+        import importlib
+
+        module, attr = SWEEP_FUNCTIONS[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'hvae_ray.api' has no attribute {name!r}")

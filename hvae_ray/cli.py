@@ -1,17 +1,26 @@
 """hvae-ray: train HyperVAEs on particle jets, sweep their hyperparameters on Ray, sample and evaluate jets.
 
-Each command is a thin layer over ``hvae_ray.api`` and the sweep modules; a known input error prints one
-line and exits with code 2.
+Each command is a thin layer over ``hvae_ray.api``; a known input error prints one line (the API's
+arguments it names shown as this command line's flags) and exits with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
+from hvae_ray import api
 from hvae_ray.errors import HvaeError
+
+#: The API's arguments that error messages name (in backquotes), as this command line's flags.
+FLAGS = {"resume=True": "--resume", "save_dir": "--save-dir", "overwrite=True": "--force", "n_jets": "--n-jets",
+         "prior": "--prior", "prior='fitted'": "--prior fitted", "temperature": "--temperature", "kind": "--kind",
+         "components": "--components", "num_eval_samples": "--w1-samples", "fpd_min_samples": "--fpd-min-samples",
+         "fpd_max_samples": "--fpd-max-samples", "kpd_batch_size": "--kpd-batch-size", "name": "--name",
+         "resume_sweep": "'hvae-ray sweep resume'"}
 
 
 def _overrides(pairs: list[str] | None) -> dict:
@@ -21,14 +30,9 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
-    from hvae_ray.data.generate import generate_jets
-    from hvae_ray.data.io import save_parquet
-    from hvae_ray.outputs import check_output_file
-
-    out = check_output_file(a.out, overwrite=a.force, suffix=".parquet")  # before minutes of work
-    sample = generate_jets(a.flavor, a.n_jets, a.seed, workers=a.workers, progress=not a.quiet)
-    save_parquet(sample, out, metadata={"flavor": a.flavor, "seed": str(a.seed)}, overwrite=a.force)
-    print(f"wrote {len(sample)} {a.flavor} jets to {out}")
+    out = api.generate_data(a.flavor, a.n_jets, a.out, a.seed, workers=a.workers, overwrite=a.force,
+                            progress=not a.quiet)
+    print(f"wrote {a.n_jets} {a.flavor} jets to {out}")
     return 0
 
 
@@ -36,57 +40,49 @@ def _epoch_line(report) -> None:
     """One line per epoch that stays on screen (the progress bar does not): losses, KL, β, W1m, time."""
     from tqdm.auto import tqdm
 
-    m = report.metrics
+    from hvae_ray.tracking import EPOCH_LINE
 
-    def f(key: str, fmt: str = ".4g") -> str:
-        v = m.get(key)
+    def shown(key: str, fmt: str) -> str:
+        v = report.metrics.get(key)
         return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
-    tqdm.write(f"epoch {report.epoch + 1:>4}  train {f('train_total')}  val {f('val_total')}  "
-               f"kl {f('val_kl')}  β {f('kl_weight', '.2g')}  val_w1m {f('val_w1m')}  val_fpd {f('val_fpd')}  "
-               f"{f('epoch_time_s', '.2f')} s" + ("  best" if report.is_best else ""))
+    values = "  ".join(text.format(shown(key, fmt)) for key, text, fmt in EPOCH_LINE)
+    tqdm.write(f"epoch {report.epoch + 1:>4}  {values}" + ("  best" if report.is_best else ""))
 
 
 def cmd_train(a: argparse.Namespace) -> int:
-    from hvae_ray.api import train
+    from hvae_ray.tracking import RUN_SUMMARY
 
-    result = train(a.config, a.data_path, save_dir=a.save_dir, log_dir=a.log_dir, resume=a.resume,
-                   save_test_indices=a.save_test_indices, overrides=_overrides(a.set), progress=not a.quiet,
-                   callbacks=() if a.quiet else (_epoch_line,))
-    keys = ("epochs_run", "train_total", "val_total", "val_kl", "val_objective", "val_w1m")
+    result = api.train(a.config, a.data_path, save_dir=a.save_dir, log_dir=a.log_dir, resume=a.resume,
+                       save_test_indices=a.save_test_indices, overrides=_overrides(a.set), progress=not a.quiet,
+                       callbacks=() if a.quiet else (_epoch_line,))
     print(" ".join(f"{k}={result[k]:.5g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
-                   for k in keys) + f" best_epoch={result['best_epoch'] + 1} (1-based, as epochs_run)")
+                   for k in RUN_SUMMARY) + f" best_epoch={result['best_epoch'] + 1} (1-based, as epochs_run)")
     print(f"checkpoints: {result['save_dir']}/{{last,best}}  tensorboard: {result['log_dir']}")
     return 0
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from hvae_ray.api import sample
-
     _at_least_one(a.n_jets, "--n-jets")
-    out = sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device, overwrite=a.force,
+    out = api.sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device, overwrite=a.force,
                  progress=not a.quiet, prior=a.prior, posterior_of=a.posterior, temperature=a.temperature)
     print(f"wrote {a.n_jets} jets to {out}")
     return 0
 
 
 def cmd_prior_fit(a: argparse.Namespace) -> int:
-    from hvae_ray.api import fit_prior
-
     _at_least_one(a.components, "--components")
-    path = fit_prior(a.checkpoint, a.data_path, kind=a.kind, components=a.components, seed=a.seed,
-                     device=a.device, overwrite=a.force)
+    path = api.fit_prior(a.checkpoint, a.data_path, kind=a.kind, components=a.components, seed=a.seed,
+                         device=a.device, overwrite=a.force)
     print(f"wrote {path}; sample from it with: hvae-ray sample --checkpoint {a.checkpoint} --prior fitted ...")
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from hvae_ray.api import evaluate
-
     sizes = dict(num_eval_samples=a.w1_samples, fpd_min_samples=a.fpd_min_samples,
                  fpd_max_samples=a.fpd_max_samples, kpd_batch_size=a.kpd_batch_size)
-    result = evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir,
-                      overwrite=a.force, **sizes)
+    result = api.evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir,
+                          overwrite=a.force, **sizes)
     if a.json:
         print(json.dumps(result, indent=2))
         return 0
@@ -109,10 +105,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def cmd_sweep_run(a: argparse.Namespace) -> int:
-    from hvae_ray.sweep.tune import run_sweep
-
-    res = run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address,
-                    on_start=_announce_sweep)
+    res = api.run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address,
+                        on_start=_announce_sweep)
     return _report_sweep(res)
 
 
@@ -134,27 +128,23 @@ def _report_sweep(res) -> int:
 
 
 def cmd_sweep_resume(a: argparse.Namespace) -> int:
-    from hvae_ray.sweep.tune import resume_sweep
-
-    return _report_sweep(resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep))
+    return _report_sweep(api.resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep))
 
 
 def cmd_trials(a: argparse.Namespace) -> int:
-    from hvae_ray import trials
-
     _at_least_one(a.top, "--top")
-    table = trials.load_trials(a.experiment_dir)
+    table = api.load_trials(a.experiment_dir)
     if a.best:
-        print(trials.best_config_yaml(table, a.experiment_dir, metric=a.sort), end="")
+        print(api.best_config_yaml(table, a.experiment_dir, metric=a.sort), end="")
         return 0
-    table = trials.sort_trials(table, a.experiment_dir, metric=a.sort)
+    table = api.sort_trials(table, a.experiment_dir, metric=a.sort)
     if a.top:
         table = table.slice(0, a.top)
     if a.export:
-        path = trials.export(table, a.export)
+        path = api.export_trials(table, a.export)
         print(f"wrote {table.num_rows} trials to {path}")
     columns = [c.strip() for c in a.columns.split(",") if c.strip()] if a.columns else None
-    print(trials.format_table(table, columns=columns, metric=trials.sweep_metric(a.experiment_dir)))
+    print(api.format_trials(table, columns=columns, metric=api.sweep_metric(a.experiment_dir)))
     return 0
 
 
@@ -197,8 +187,6 @@ def _add_train(sub) -> None:
 
 
 def _add_sample(sub) -> None:
-    from hvae_ray.api import PRIORS
-
     s = sub.add_parser("sample", help="generate jets from a trained model")
     s.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/train/best")
     s.add_argument("--n-jets", type=int, required=True,
@@ -206,7 +194,7 @@ def _add_sample(sub) -> None:
     s.add_argument("--out", required=True, help="output .npz (particle_features [N, 30, 4])")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    s.add_argument("--prior", choices=PRIORS, default="standard",
+    s.add_argument("--prior", choices=api.PRIORS, default="standard",
                    help="codes from N(0, 1) (default) or from the prior of `prior fit` in the checkpoint folder")
     s.add_argument("--temperature", type=float, default=1.0,
                    help="--prior fitted: scale of the prior's random draws (below 1: fewer codes from its tails)")
@@ -296,12 +284,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def in_flags(message: str) -> str:
+    """An error message with the API arguments it names (in backquotes) as this command line's flags."""
+    return re.sub(r"`([^`]+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except HvaeError as e:
-        print(f"hvae-ray: error: {e}", file=sys.stderr)
+        print(f"hvae-ray: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("hvae-ray: interrupted", file=sys.stderr)

@@ -1,4 +1,8 @@
-"""Errors a user can cause. The CLI turns each into one line and exit code 2."""
+"""Errors a user can cause. The CLI turns each into one line and exit code 2.
+
+A message names the Python API's arguments in backquotes (`save_dir`, `overwrite=True`); the CLI
+shows its own flag for each (--save-dir, --force).
+"""
 
 
 class HvaeError(Exception):

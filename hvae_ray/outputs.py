@@ -37,8 +37,7 @@ def _probe(folder: Path, what: str) -> None:
         raise DataError(f"{folder}: cannot write the {what} here: {_reason(exc)}") from exc
 
 
-def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, suffix: str | None = None,
-                      flag: str = "--force") -> Path:
+def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, suffix: str | None = None) -> Path:
     """An output file that can be written: right suffix, not existing (unless ``overwrite``), its
     folder created and writable. Raises DataError (one line) otherwise."""
     path = Path(path)
@@ -47,21 +46,21 @@ def check_output_file(path: str | os.PathLike, *, overwrite: bool = False, suffi
     if path.is_dir():
         raise DataError(f"{path}: is a folder; name an output file")
     if path.exists() and not overwrite:
-        raise DataError(f"{path}: already exists; not overwriting it (use {flag})")
+        raise DataError(f"{path}: already exists; not overwriting it (use `overwrite=True`)")
     _make_dir(path.parent, "output folder")
     _probe(path.parent, "output file")
     return path
 
 
 def check_output_dir(path: str | os.PathLike, what: str = "output folder", *,
-                     files: Iterable[str] = (), overwrite: bool = False, flag: str = "--force") -> Path:
+                     files: Iterable[str] = (), overwrite: bool = False) -> Path:
     """An output folder that exists (created if needed) and is writable, where none of ``files``
     exists yet unless ``overwrite``. Raises DataError (one line) otherwise."""
     path = Path(path)
     clash = [name for name in files if (path / name).exists()]
     if clash and not overwrite:
         raise DataError(f"{path / clash[0]}: already exists ({len(clash)} such files); not overwriting "
-                        f"them (use {flag})")
+                        "them (use `overwrite=True`)")
     _make_dir(path, what)
     _probe(path, what)
     return path

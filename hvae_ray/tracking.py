@@ -1,4 +1,5 @@
-"""Metric names (one namespace), the TensorBoard writer, and figures of real vs generated jets."""
+"""Metric names (the one namespace: TensorBoard tags, what sweeps rank on, what the trial table and the
+terminal show) and the TensorBoard writer."""
 
 from __future__ import annotations
 
@@ -49,8 +50,19 @@ HPARAM_METRICS = ("Loss/val_objective", "Best/val_objective", "Loss/val_recon", 
 SESSION_STATUS = {"completed": "STATUS_SUCCESS", "early_stopped": "STATUS_UNKNOWN",
                   "diverged": "STATUS_FAILURE", "error": "STATUS_FAILURE", "running": "STATUS_RUNNING"}
 
-REQUIRED_TAGS = ("Loss/train_total", "Loss/train_kl", "KL/weight", "Loss/val_total", "Loss/val_kl",
-                 *(f"Loss/{s}_{c}" for s in ("train", "val") for c in COMPONENTS))
+# Metrics a sweep may rank its trials on (``scheduler.metric``).
+RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total", "val_generation", "val_fpd")
+
+# Metrics of the trial table: best_<m>, last_<m> and <m>_at_best columns for each.
+TRIAL_METRICS = ("val_objective", "val_recon", "val_kl", "val_w1m", "val_fpd", "val_generation", "val_total",
+                 "train_total", "train_kl")
+
+# What ``hvae-ray train`` prints: after each epoch (metric, how it is shown, its number format), and
+# at the end of the run.
+EPOCH_LINE = (("train_total", "train {}", ".4g"), ("val_total", "val {}", ".4g"), ("val_kl", "kl {}", ".4g"),
+              ("kl_weight", "β {}", ".2g"), ("val_w1m", "val_w1m {}", ".4g"), ("val_fpd", "val_fpd {}", ".4g"),
+              ("epoch_time_s", "{} s", ".2f"))
+RUN_SUMMARY = ("epochs_run", "train_total", "val_total", "val_kl", "val_objective", "val_w1m")
 
 
 class TensorBoardLogger:

@@ -167,9 +167,9 @@ def test_evaluate_table_output(data_file, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, problem", [
-    (["--w1-samples", "0"], "num_eval_samples must be an integer ≥ 1, got 0"),
-    (["--kpd-batch-size", "1"], "kpd_batch_size must be an integer ≥ 2, got 1"),
-    (["--fpd-min-samples", "5000", "--fpd-max-samples", "100"], "fpd_min_samples (5000) exceeds"),
+    (["--w1-samples", "0"], "--w1-samples must be an integer ≥ 1, got 0"),
+    (["--kpd-batch-size", "1"], "--kpd-batch-size must be an integer ≥ 2, got 1"),
+    (["--fpd-min-samples", "5000", "--fpd-max-samples", "100"], "--fpd-min-samples (5000) exceeds"),
 ])
 def test_evaluate_bad_sizes_one_line_before_reading(flags, problem, tmp_path, capsys):
     missing = tmp_path / "nope.npz"  # never read: the sizes are checked first

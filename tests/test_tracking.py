@@ -13,12 +13,10 @@ import pytest  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
-from hvae_ray.config import COMPONENTS  # noqa: E402
 from hvae_ray.tracking import (  # noqa: E402
     BEST_TAGS,
     HPARAM_METRICS,
     KL_AT_BEST_TAG,
-    REQUIRED_TAGS,
     TAGS,
     TensorBoardLogger,
 )
@@ -30,14 +28,6 @@ def read(log_dir) -> EventAccumulator:
     return acc
 
 
-def test_required_tags_are_all_written_by_the_engine_metrics():
-    assert set(REQUIRED_TAGS) <= set(TAGS.values())
-    assert len(set(TAGS.values())) == len(TAGS)          # one tag per metric key
-    for c in COMPONENTS:
-        assert TAGS[f"train_{c}"] == f"Loss/train_{c}" and TAGS[f"val_{c}"] == f"Loss/val_{c}"
-    assert set(HPARAM_METRICS) <= set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG}
-
-
 def test_log_epoch_writes_each_metric_under_its_tag(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     for epoch in range(3):
@@ -45,7 +35,10 @@ def test_log_epoch_writes_each_metric_under_its_tag(tmp_path):
                                                                                          "unrelated": 1.0})
     logger.close()
     acc = read(tmp_path)
-    assert set(acc.Tags()["scalars"]) == set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG}
+    written = set(acc.Tags()["scalars"])
+    assert written == set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG}
+    assert len(set(TAGS.values())) == len(TAGS)  # no two metrics share a curve
+    assert set(HPARAM_METRICS) <= written  # every HParams column is a curve a run writes
     for i, tag in enumerate(TAGS.values()):
         events = acc.Scalars(tag)
         assert [e.step for e in events] == [0, 1, 2]

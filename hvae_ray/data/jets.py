@@ -39,10 +39,6 @@ class JetSample:
         return int(self.particles.shape[0])
 
     @property
-    def num_particles(self) -> int:
-        return int(self.particles.shape[1])
-
-    @property
     def has_jet_kinematics(self) -> bool:
         return bool(np.isfinite(self.jets[:, :3]).all())
 

@@ -15,7 +15,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from hvae_ray.sweep.spec import SweepSpec, from_raw
+from hvae_ray.sweep.layout import EPOCHS_DONE, TrialPaths, is_diverged
+from hvae_ray.sweep.spec import SweepSpec
 from hvae_ray.tracking import HPARAM_METRICS, TensorBoardLogger
 
 __all__ = ["trial_hparams", "write_trial_hparams", "TrialOutcomeCallback"]
@@ -40,28 +41,25 @@ def outcome_of(last_result: dict[str, Any] | None, max_t: int, errored: bool = F
     if errored:
         return "error"
     last = last_result or {}
-    if last.get("diverged") == 1.0:
+    if is_diverged(last):
         return "diverged"
-    return "completed" if last.get("epochs_done", 0) >= max_t else "early_stopped"
+    return "completed" if last.get(EPOCHS_DONE, 0) >= max_t else "early_stopped"
 
 
 class TrialOutcomeCallback(Callback):
     """Runs in the sweep's driver: completes a trial's HParams session when Tune ends the trial."""
 
-    def __init__(self, sweep: dict[str, Any]):
-        self.experiment_dir = sweep["experiment_dir"]
-        self.raw, self.source = sweep["raw"], sweep["source"]
-        self._spec: SweepSpec | None = None
+    def __init__(self, spec: SweepSpec, experiment_dir: str | Path):
+        self.spec = spec
+        self.experiment_dir = Path(experiment_dir)
 
     def _write(self, trial, errored: bool) -> None:
-        if self._spec is None:
-            self._spec = from_raw(self.raw, self.source)
-        tb_dir = Path(self.experiment_dir) / f"trial_{trial.trial_id}" / "tensorboard"
+        tb_dir = TrialPaths.of(self.experiment_dir, trial.trial_id).tensorboard
         if not tb_dir.is_dir():  # the trial never started
             return
-        sampled = {k: v for k, v in trial.config.items() if k in self._spec.search_space}
-        outcome = outcome_of(trial.last_result, self._spec.scheduler.max_t, errored)
-        write_trial_hparams(tb_dir, trial_hparams(self._spec, sampled), outcome)
+        sampled = {k: v for k, v in trial.config.items() if k in self.spec.search_space}
+        outcome = outcome_of(trial.last_result, self.spec.scheduler.max_t, errored)
+        write_trial_hparams(tb_dir, trial_hparams(self.spec, sampled), outcome)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._write(trial, errored=False)

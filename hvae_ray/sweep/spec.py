@@ -1,4 +1,4 @@
-"""Sweep files: YAML → validated :class:`SweepSpec` → Ray Tune search space.
+"""Sweep files: YAML → validated :class:`SweepSpec` (no Ray here: ``sweep.tune`` builds the Tune search space).
 
 A sweep file holds the base training config (a config file and/or inline dotted overrides), the search
 space over any config key (dotted), the ASHA scheduler, trial counts, resources, data and storage.
@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from hvae_ray.config import Config, apply_overrides, flatten, from_dict, read_yaml
+from hvae_ray.data.generate import FLAVORS
 from hvae_ray.errors import ConfigError
+from hvae_ray.tracking import RANKABLE_METRICS
 
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
-RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total", "val_generation", "val_fpd")
 TOP_KEYS = {"name", "description", "base_config", "config", "search_space", "scheduler", "num_samples",
             "max_concurrent_trials", "standby_trials", "resources", "data", "storage", "seed", "max_failures"}
 
@@ -155,25 +156,6 @@ class SweepSpec:
                 n *= len(dist["grid"])
         return n
 
-    def tune_search_space(self) -> dict[str, Any]:
-        """{dotted key: ray.tune domain}."""
-        from ray import tune
-
-        space = {}
-        for key, dist in self.search_space.items():
-            (kind, arg), = dist.items()
-            if kind == "loguniform":
-                space[key] = tune.loguniform(float(arg[0]), float(arg[1]))
-            elif kind == "uniform":
-                space[key] = tune.uniform(float(arg[0]), float(arg[1]))
-            elif kind == "randint":
-                space[key] = tune.randint(int(arg[0]), int(arg[1]))
-            elif kind == "choice":
-                space[key] = tune.choice(list(arg))
-            else:
-                space[key] = tune.grid_search(list(arg))
-        return space
-
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         """The base config with a trial's sampled dotted values applied (validated)."""
         return self.base.with_overrides(sampled, f"{self.source}: search_space")
@@ -253,9 +235,31 @@ def _corners(dist: dict[str, Any]) -> list[Any]:
 
 
 def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> SweepSpec:
-    for k in raw:
-        if k not in TOP_KEYS:
-            raise ConfigError(f"{where}: unknown key '{k}'")
+    """Validate a sweep file's mapping (``where`` names it in messages; relative paths in it are taken
+    from ``base_dir``): every key, every range end and every combination of them. Runs once per sweep,
+    on the driver; trials are handed the spec it returns."""
+    unknown = [k for k in raw if k not in TOP_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'")
+    base = _base_config(raw, where, base_dir)
+    space = _search_space(raw, base, where)
+    sched = _scheduler(raw, space, where)
+    if sched.max_t > base.epochs:
+        base = base.with_overrides({"epochs": sched.max_t})
+    data = _data(raw, where, base_dir)
+    spec = SweepSpec(name=str(raw.get("name") or (Path(where).stem if where else "sweep")), source=where,
+                     base=base, search_space=space, scheduler=sched, resources=_resources(raw, where), data=data,
+                     description=str(raw.get("description") or ""))
+    _set_counts(spec, raw, where)
+    spec.raw = {k: v for k, v in raw.items() if k != "base_config"}
+    spec.raw["config"] = base.to_dict()
+    if data.path is not None:
+        spec.raw["data"] = {**(raw.get("data") or {}), "path": data.path}
+    return spec
+
+
+def _base_config(raw: dict[str, Any], where: str, base_dir: Path | None) -> Config:
+    """The base training config: ``base_config`` (a file) with the inline ``config`` keys applied."""
     base_raw: dict[str, Any] = {}
     if raw.get("base_config"):
         path = Path(raw["base_config"])
@@ -266,8 +270,12 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     inline = raw.get("config") or {}
     if not isinstance(inline, dict):
         raise ConfigError(f"{where}: 'config' must be a mapping of config keys")
-    base = from_dict(apply_overrides(base.to_dict(), flatten(inline), f"{where}: config"), f"{where}: config")
+    return from_dict(apply_overrides(base.to_dict(), flatten(inline), f"{where}: config"), f"{where}: config")
 
+
+def _search_space(raw: dict[str, Any], base: Config, where: str) -> dict[str, dict[str, Any]]:
+    """The checked search space: known keys, valid distributions, and a valid config at every range end
+    and every combination of them."""
     space = raw.get("search_space") or {}
     if not isinstance(space, dict):
         raise ConfigError(f"{where}: 'search_space' must be a mapping of dotted config keys")
@@ -284,7 +292,10 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     for combo in itertools.islice(itertools.product(*(_corners(space[k]) for k in keys)), 4096):
         base.with_overrides(dict(zip(keys, combo)),
                             f"{where}: search_space " + ", ".join(f"{k}={v!r}" for k, v in zip(keys, combo)))
+    return space
 
+
+def _scheduler(raw: dict[str, Any], space: dict[str, Any], where: str) -> SchedulerSpec:
     sched = _take(SchedulerSpec, raw.get("scheduler"), "scheduler", where)
     if sched.type != "asha":
         raise ConfigError(f"{where}: 'scheduler.type' must be asha, got {sched.type!r}")
@@ -302,9 +313,10 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
                           f"grace_period={sched.grace_period}, max_t={sched.max_t}")
     if sched.reduction_factor <= 1:
         raise ConfigError(f"{where}: 'scheduler.reduction_factor' must be > 1, got {sched.reduction_factor}")
-    if sched.max_t > base.epochs:
-        base = base.with_overrides({"epochs": sched.max_t})
+    return sched
 
+
+def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:
     res = _take(ResourceSpec, raw.get("resources"), "resources", where)
     if res.num_workers < 1:
         raise ConfigError(f"{where}: 'resources.num_workers' must be >= 1, got {res.num_workers}")
@@ -324,11 +336,12 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
         raise ConfigError(f"{where}: 'resources.headroom' must be >= 1, got {res.headroom}")
     if res.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"{where}: 'resources.backend' must be auto, gloo or nccl, got {res.backend!r}")
+    return res
 
+
+def _data(raw: dict[str, Any], where: str, base_dir: Path | None) -> DataSpec:
     data = _take(DataSpec, raw.get("data"), "data", where)
     if data.path is None:
-        from hvae_ray.data.generate import FLAVORS
-
         if data.flavor not in FLAVORS:
             raise ConfigError(f"{where}: 'data.flavor' must be one of {', '.join(FLAVORS)}")
         if data.n_jets < 10:
@@ -337,17 +350,17 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
         candidate = base_dir / data.path
         if candidate.exists():
             data.path = str(candidate.resolve())
+    return data
 
-    spec = SweepSpec(name=str(raw.get("name") or (Path(where).stem if where else "sweep")), source=where,
-                     base=base, search_space=space, scheduler=sched, resources=res, data=data,
-                     description=str(raw.get("description") or ""))
-    for key, typ, low in (("num_samples", int, 1), ("max_concurrent_trials", int, 1), ("seed", int, 0),
-                          ("max_failures", int, 0)):
+
+def _set_counts(spec: SweepSpec, raw: dict[str, Any], where: str) -> None:
+    """Trial counts, storage and name, checked and set on ``spec``."""
+    for key, low in (("num_samples", 1), ("max_concurrent_trials", 1), ("seed", 0), ("max_failures", 0)):
         if key in raw:
             v = raw[key]
             if key == "max_concurrent_trials" and v is None:
                 continue  # null: no limit
-            if not isinstance(v, typ) or isinstance(v, bool) or v < low:
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
                 hint = " (null or leaving it out means no limit)" if key == "max_concurrent_trials" else ""
                 raise ConfigError(f"{where}: '{key}' must be an integer >= {low}{hint}, got {v!r}")
             setattr(spec, key, v)
@@ -363,11 +376,6 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     if "name" in raw and (not isinstance(raw["name"], str) or not raw["name"].replace("-", "").replace(
             "_", "").isalnum()):
         raise ConfigError(f"{where}: 'name' must use letters, digits, '-' and '_' only, got {raw['name']!r}")
-    spec.raw = {k: v for k, v in raw.items() if k != "base_config"}
-    spec.raw["config"] = base.to_dict()
-    if data.path is not None:
-        spec.raw["data"] = {**(raw.get("data") or {}), "path": data.path}
-    return spec
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:

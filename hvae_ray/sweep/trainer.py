@@ -3,13 +3,14 @@ every epoch; a restarted worker (or a resumed sweep) continues from the last rep
 
 from __future__ import annotations
 
-import math
 import os
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from hvae_ray.sweep.layout import METRICS_LOG, DivergedReport, EpochReport, TrialLoop, append_jsonl
 from hvae_ray.sweep.resources import CUDA_CONTEXT, allocator_fraction
-from hvae_ray.sweep.spec import RANKABLE_METRICS
 
 # Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s),
 # which delays every report by up to that long: with epochs of a few seconds that is the largest
@@ -23,18 +24,13 @@ TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.05", "RAY_TRAIN_V2_ENABLED"
              "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600", "NCCL_NVLS_ENABLE": "0"}
 
 
-def train_loop_per_worker(loop: dict[str, Any]) -> None:
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker: the engine with Ray reporting as its callback.
 
-    loop: {'config': Config dict, 'data_path': str, 'tb_dir': str, 'work_dir': str (the engine's
-    save_dir: last/ and best/ checkpoints, inside the trial's directory), 'gpu_share': float,
-    'card_bytes': float | None (the card size the share refers to; None = this device's),
-    'context_bytes': float | None (the CUDA context measured for sizing; None = the usual figure)}.
+    loop_config: a :class:`~hvae_ray.sweep.layout.TrialLoop` as a dict (Ray Train passes plain data).
     """
     import contextlib
 
-    import psutil
-    import ray
     import ray.train
     import torch
 
@@ -43,75 +39,90 @@ def train_loop_per_worker(loop: dict[str, Any]) -> None:
     from hvae_ray.engine import fit
     from hvae_ray.errors import TrainingDiverged
 
-    # When this worker process was launched: with `reported_at`, start-up on the critical path (a
-    # standby trial's wait for a share excluded) = first reported_at - worker_started_at - epoch_time_s.
-    # Ray may start a worker process ahead and only later place this trial's worker in it (once its
-    # share is free), so the process can be older than the trial's hold on the share; `loop_started_at`,
-    # when this function began, always comes after the share was granted.
-    loop_started_at = time.time()
-    started_at = psutil.Process().create_time()
-    cfg = from_dict(loop["config"], "trial config")
-    node_id = ray.get_runtime_context().get_node_id()
-    rank = ray.train.get_context().get_world_rank()
-    cap_fraction = None
-    if torch.cuda.is_available():
-        import ray.train.torch
-
-        device = ray.train.torch.get_device()
-        torch.cuda.set_device(device)
-        if loop.get("gpu_share"):
-            # Cap this process's allocator to its share so a neighbour's trial cannot be starved.
-            total = torch.cuda.get_device_properties(device).total_memory
-            context = loop.get("context_bytes") or CUDA_CONTEXT
-            cap_fraction = allocator_fraction(loop["gpu_share"], loop.get("card_bytes") or total, total, context)
-            torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
-    else:
-        device = torch.device("cpu")
-
-    def report(rep) -> None:
-        metrics = {k: float(v) for k, v in rep.metrics.items() if isinstance(v, (int, float))}
-        metrics["epochs_done"] = rep.epoch + 1  # ASHA's time attribute
-        metrics["diverged"] = 0.0
-        metrics["node_id"] = node_id  # which Ray node trained it (trial tables, multi-node checks)
-        metrics["worker_started_at"] = started_at
-        metrics["loop_started_at"] = loop_started_at
-        metrics["reported_at"] = time.time()
-        checkpoint = None
-        if rank == 0:  # the trial's own epoch log survives a resume, unlike Tune's result.json
-            _append_log(loop["work_dir"], metrics)
-        if rank == 0 and rep.checkpoint_dir is not None:
-            checkpoint = ray.train.Checkpoint.from_directory(str(rep.checkpoint_dir))
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-    sample = load_jets(loop["data_path"])
+    loop = TrialLoop.from_dict(loop_config)
+    reporter = _Reporter.start(loop)  # first: its loop_started_at is when this function began
+    cfg = from_dict(loop.config, "trial config")
+    device, cap_fraction = _device(loop)
+    sample = load_jets(loop.data_path)
     ckpt = ray.train.get_checkpoint()  # set when a worker restarts or a sweep resumes
     try:
         with ckpt.as_directory() if ckpt is not None else contextlib.nullcontext() as resume_dir:
-            fit(cfg, sample, save_dir=loop["work_dir"], log_dir=loop["tb_dir"] if rank == 0 else None,
-                resume=resume_dir or False, callbacks=[report], progress=False, device=device)
+            fit(cfg, sample, save_dir=loop.work_dir, log_dir=loop.tb_dir if reporter.rank == 0 else None,
+                resume=resume_dir or False, callbacks=[reporter], progress=False, device=device)
     except TrainingDiverged as e:
         # A diverged trial ends normally with a terminal report: the sweep carries on and the
         # trial table shows it as diverged, with the reason.
-        # Every metric a sweep may rank on is +inf, whichever the sweep's is.
-        final = {"diverged": 1.0, **dict.fromkeys(RANKABLE_METRICS, math.inf), "error": str(e), "node_id": node_id}
-        if rank == 0:
-            _append_log(loop["work_dir"], final)
-        ray.train.report(final)
+        reporter.diverged(str(e))
     except torch.cuda.OutOfMemoryError as e:
         raise RuntimeError(f"trial ran out of GPU memory within its share (allocator cap {cap_fraction:.3f} "
                            "of the card); raise resources.trial_memory_mb or lower batch_size/hidden_dim") from e
 
 
-def _append_log(work_dir: str, metrics: dict[str, Any]) -> None:
-    import json
-    from pathlib import Path
+def _device(loop: TrialLoop):
+    """This worker's device, and the allocator cap set on it for the trial's GPU share (None: no cap)."""
+    import torch
 
-    from hvae_ray.trials import METRICS_LOG
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), None
+    import ray.train.torch
 
-    path = Path(work_dir) / METRICS_LOG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    if not loop.gpu_share:
+        return device, None
+    # Cap this process's allocator to its share so a neighbour's trial cannot be starved.
+    total = torch.cuda.get_device_properties(device).total_memory
+    context = loop.context_bytes or CUDA_CONTEXT
+    cap_fraction = allocator_fraction(loop.gpu_share, loop.card_bytes or total, total, context)
+    torch.cuda.set_per_process_memory_fraction(cap_fraction, device)
+    return device, cap_fraction
+
+
+@dataclass
+class _Reporter:
+    """The engine's callback on a worker: each epoch's report to Ray Train (with rank 0's checkpoint),
+    and rank 0's copy in the trial's own epoch log, which survives a resume unlike Tune's result.json."""
+
+    log: Path
+    rank: int
+    node_id: str  # which Ray node trained it (trial tables, multi-node checks)
+    worker_started_at: float
+    loop_started_at: float
+
+    @classmethod
+    def start(cls, loop: TrialLoop) -> _Reporter:
+        import psutil
+        import ray
+        import ray.train
+
+        # Ray may start a worker process ahead and only later place this trial's worker in it (once its
+        # share is free), so the process can be older than the trial's hold on the share; the loop's
+        # start always comes after the share was granted.
+        return cls(log=Path(loop.work_dir) / METRICS_LOG, rank=ray.train.get_context().get_world_rank(),
+                   node_id=ray.get_runtime_context().get_node_id(),
+                   worker_started_at=psutil.Process().create_time(), loop_started_at=time.time())
+
+    def __call__(self, rep) -> None:
+        import ray.train
+
+        metrics = {k: float(v) for k, v in rep.metrics.items() if isinstance(v, (int, float))}
+        row = EpochReport(metrics, epochs_done=rep.epoch + 1, node_id=self.node_id,
+                          worker_started_at=self.worker_started_at, loop_started_at=self.loop_started_at,
+                          reported_at=time.time()).to_row()
+        checkpoint = None
+        if self.rank == 0:
+            append_jsonl(self.log, row)
+            if rep.checkpoint_dir is not None:
+                checkpoint = ray.train.Checkpoint.from_directory(str(rep.checkpoint_dir))
+        ray.train.report(row, checkpoint=checkpoint)
+
+    def diverged(self, error: str) -> None:
+        import ray.train
+
+        row = DivergedReport(error, self.node_id).to_row()
+        if self.rank == 0:
+            append_jsonl(self.log, row)
+        ray.train.report(row)
 
 
 def backend_for(resources, cuda_here: bool) -> str:
@@ -121,7 +132,7 @@ def backend_for(resources, cuda_here: bool) -> str:
     return "nccl" if resources.uses_gpu and resources.num_workers > 1 and cuda_here else "gloo"
 
 
-def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str, name: str,
+def make_trainer(loop: TrialLoop, resources, gpu_share: float, storage: str, name: str,
                  score: tuple[str, str] | None = None):
     """A TorchTrainer for one trial whose reports flow to Tune (TuneReportCallback).
 
@@ -152,7 +163,7 @@ def make_trainer(loop: dict[str, Any], resources, gpu_share: float, storage: str
             num_to_keep=2, checkpoint_score_attribute=score[0] if score else None,
             checkpoint_score_order=score[1] if score else "max"),
     )
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop, scaling_config=scaling, run_config=run,
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop.to_dict(), scaling_config=scaling, run_config=run,
                         torch_config=TorchConfig(backend=backend_for(resources, torch.cuda.is_available())))
 
 

@@ -1,15 +1,11 @@
 """Ray Tune around the trainer: ASHA over the sweep's search space, fractional GPUs, resume.
 
-Layout of an experiment directory (``<storage>/<name>``):
-  hvae_sweep.json          the validated sweep (resolved data file, GPU share) — read by resume/trials
-  <trial>/                 Ray Tune's trial directory (params.json, result.json, progress.csv)
-  <trial>/tensorboard/     that trial's TensorBoard events (+ HParams summary)
-  _train/<trial_id>/       the trial's Ray Train run: its reported checkpoints
+The sweep file is validated once, on the driver; each trial is handed the spec and its sampled values.
+What the experiment directory holds is :mod:`hvae_ray.sweep.layout`'s.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -20,8 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from hvae_ray.errors import ConfigError, HvaeError
+from hvae_ray.sweep.layout import (
+    DIVERGED,
+    EPOCHS_DONE,
+    SweepState,
+    TrialLoop,
+    TrialPaths,
+    is_experiment,
+    read_sweep_state,
+    train_storage,
+    trial_dirname,
+)
 from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
-from hvae_ray.trials import SWEEP_FILE, sweep_state_of
 
 #: Trial-table statuses by what they mean for the sweep as a whole.
 FINISHED = ("completed", "early_stopped", "diverged", "error")
@@ -39,7 +45,7 @@ class SweepResult:
     @cached_property
     def table(self):
         """The sweep's trial table (``trials.load_trials``), read once: the sweep has ended."""
-        from hvae_ray.trials import load_trials
+        from hvae_ray.sweep.trials import load_trials
 
         return load_trials(self.experiment_dir)
 
@@ -73,21 +79,37 @@ class SweepResult:
         return text + (f", {self.not_created} not started" if self.not_created else "")
 
 
-def _trial_driver(sampled: dict[str, Any], sweep: dict[str, Any]) -> None:
-    """One Tune trial: build its config, then run a TorchTrainer (kept light: no torch_geometric here)."""
+def search_space(spec: SweepSpec) -> dict[str, Any]:
+    """The sweep's search space as Tune domains: {dotted config key: ray.tune domain}."""
+    from ray import tune
+
+    domains = {"loguniform": lambda lo, hi: tune.loguniform(float(lo), float(hi)),
+               "uniform": lambda lo, hi: tune.uniform(float(lo), float(hi)),
+               "randint": lambda lo, hi: tune.randint(int(lo), int(hi))}
+    space = {}
+    for key, dist in spec.search_space.items():
+        (kind, arg), = dist.items()
+        if kind == "choice":
+            space[key] = tune.choice(list(arg))
+        elif kind == "grid":
+            space[key] = tune.grid_search(list(arg))
+        else:
+            space[key] = domains[kind](*arg)
+    return space
+
+
+def _trial_driver(sampled: dict[str, Any], state: SweepState, spec: SweepSpec) -> None:
+    """One Tune trial: its config from the sweep's spec, then a TorchTrainer (kept light: no
+    torch_geometric here)."""
     import ray.tune
 
     from hvae_ray.sweep.trainer import make_trainer
 
     ctx = ray.tune.get_context()
-    spec = from_raw(sweep["raw"], sweep["source"])
     cfg = spec.trial_config(sampled)
-    trial_dir = Path(sweep["experiment_dir"]) / Path(ctx.get_trial_dir()).name
-    tb_dir = trial_dir / "tensorboard"
-    loop = {"config": cfg.to_dict(), "data_path": sweep["data_path"], "tb_dir": str(tb_dir),
-            "work_dir": str(trial_dir / "engine"), "gpu_share": sweep["gpu_share"],
-            "card_bytes": sweep["card_bytes"], "context_bytes": sweep.get("context_bytes")}
-    make_trainer(loop, spec.resources, sweep["gpu_share"], sweep["train_storage"], ctx.get_trial_id(),
+    paths = TrialPaths(Path(state.experiment_dir) / Path(ctx.get_trial_dir()).name)
+    loop = TrialLoop.of(state, paths, cfg.to_dict())
+    make_trainer(loop, spec.resources, state.gpu_share, state.train_storage, ctx.get_trial_id(),
                  score=(spec.scheduler.metric, spec.scheduler.mode)).fit()
 
 
@@ -143,7 +165,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
+def _prepare(spec: SweepSpec, name: str, storage: str) -> SweepState:
     """Resolve data and the GPU share once, on the driver, before any trial starts."""
     from hvae_ray.data.io import load_jets
     from hvae_ray.sweep.resources import GiB, trial_share
@@ -159,20 +181,19 @@ def _prepare(spec: SweepSpec, name: str, storage: str) -> dict[str, Any]:
     gpu_share, card_bytes, trial_bytes, context_bytes = 0.0, None, None, None
     if res.gpu_memory_gb is not None:
         gpu_share, trial_bytes, context_bytes = trial_share(res.gpu_memory_gb, res.trial_memory_mb, res.headroom,
-                                             spec.largest_trial_config())
+                                                            spec.largest_trial_config())
         card_bytes = res.gpu_memory_gb * GiB
     elif res.gpu_fraction:
         gpu_share = res.gpu_fraction
     root = storage_root(storage)
     experiment_dir = str(root / name)
-    return {"raw": spec.raw, "source": spec.source, "name": name, "storage": str(root),
-            "experiment_dir": experiment_dir, "data_path": str(data_path),
-            "gpu_share": gpu_share, "card_bytes": card_bytes, "trial_bytes": trial_bytes,
-            "context_bytes": context_bytes,
-            "train_storage": f"{experiment_dir}/_train", "spec": spec.to_dict()}
+    return SweepState(raw=spec.raw, source=spec.source, name=name, storage=str(root),
+                      experiment_dir=experiment_dir, data_path=str(data_path), spec=spec.to_dict(),
+                      train_storage=train_storage(experiment_dir), gpu_share=gpu_share, card_bytes=card_bytes,
+                      trial_bytes=trial_bytes, context_bytes=context_bytes)
 
 
-def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
+def _tuner(spec: SweepSpec, state: SweepState):
     import ray.tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
@@ -181,20 +202,20 @@ def _tuner(spec: SweepSpec, sweep: dict[str, Any]):
 
     _no_tune_tensorboard()
     sched = spec.scheduler
-    asha = ASHAScheduler(time_attr="epochs_done", max_t=sched.max_t, grace_period=sched.grace_period,
+    asha = ASHAScheduler(time_attr=EPOCHS_DONE, max_t=sched.max_t, grace_period=sched.grace_period,
                          reduction_factor=sched.reduction_factor)
     return ray.tune.Tuner(
-        _trainable(sweep),
-        param_space=spec.tune_search_space(),
+        _trainable(state, spec),
+        param_space=search_space(spec),
         tune_config=ray.tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=asha,
                                         num_samples=spec.num_samples,
                                         max_concurrent_trials=spec.tune_concurrency(),
                                         trial_dirname_creator=_trial_dirname),
-        run_config=ray.tune.RunConfig(name=sweep["name"], storage_path=sweep["storage"],
+        run_config=ray.tune.RunConfig(name=state.name, storage_path=state.storage,
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
-                                                 TrialOutcomeCallback(sweep)],
-                                      stop={"diverged": 1.0}, verbose=1),
+                                                 TrialOutcomeCallback(spec, state.experiment_dir)],
+                                      stop={DIVERGED: 1.0}, verbose=1),
     )
 
 
@@ -205,17 +226,17 @@ def _no_tune_tensorboard() -> None:
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
 
 
-def _trainable(sweep: dict[str, Any]):
-    """The trial driver with the sweep state bound; it holds no resources itself (the TorchTrainer's
-    workers hold the CPUs/GPUs), so concurrency is set by the workers' resources and
+def _trainable(state: SweepState, spec: SweepSpec):
+    """The trial driver with the sweep state and spec bound; it holds no resources itself (the
+    TorchTrainer's workers hold the CPUs/GPUs), so concurrency is set by the workers' resources and
     ``max_concurrent_trials``."""
     import ray.tune
 
-    return ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, sweep=sweep), {"CPU": 0.01})
+    return ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, state=state, spec=spec), {"CPU": 0.01})
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"
+    return trial_dirname(trial.trial_id)
 
 
 def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, name: str | None = None,
@@ -229,22 +250,22 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
     storage = storage or spec.storage
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     exp = storage_root(storage) / name
-    if (exp / SWEEP_FILE).exists():  # checked before any data is generated or measured
-        raise ConfigError(f"{exp}: an experiment of this name exists; use 'hvae-ray sweep resume {exp}' "
-                          "or another --name")
-    sweep_state = _prepare(spec, name, storage)
+    if is_experiment(exp):  # checked before any data is generated or measured
+        raise ConfigError(f"{exp}: an experiment of this name exists; resume it (`resume_sweep`) or choose "
+                          "another `name`")
+    state = _prepare(spec, name, storage)
     ray_init(address)
-    if address is None and sweep_state["gpu_share"] > 0 and not _local_gpus():
+    if address is None and state.gpu_share > 0 and not _local_gpus():
         # A share of a GPU that this machine does not have would leave every trial waiting for ever.
         print("no GPU on this machine: the trials train on its CPUs (the sweep's GPU share is not used)",
               file=sys.stderr)
-        sweep_state = {**sweep_state, "gpu_share": 0.0, "card_bytes": None}
-    exp.mkdir(parents=True, exist_ok=True)
-    (exp / SWEEP_FILE).write_text(json.dumps(sweep_state, indent=2, default=str))
+        state = state.on_cpus()
+    Path(state.experiment_dir).mkdir(parents=True, exist_ok=True)
+    state.write()
     if on_start is not None:
-        on_start(Path(sweep_state["experiment_dir"]))
-    results = _tuner(spec, sweep_state).fit()
-    return SweepResult(Path(sweep_state["experiment_dir"]), results, spec.expected_trials())
+        on_start(Path(state.experiment_dir))
+    results = _tuner(spec, state).fit()
+    return SweepResult(Path(state.experiment_dir), results, spec.expected_trials())
 
 
 def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
@@ -254,15 +275,14 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
     import ray.tune
 
     exp = Path(experiment_dir).resolve()
-    sweep_state = sweep_state_of(exp)
-    spec = from_raw(sweep_state["raw"], sweep_state["source"])
+    state = read_sweep_state(exp)
+    spec = from_raw(state.raw, state.source)
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
     ray_init(address)
     _no_tune_tensorboard()
     if on_start is not None:
         on_start(exp)
-    tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(sweep_state), resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False,
-                                   param_space=spec.tune_search_space())
+    tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(state, spec), resume_unfinished=True,
+                                   resume_errored=True, restart_errored=False, param_space=search_space(spec))
     return SweepResult(exp, tuner.fit(), spec.expected_trials())

@@ -180,13 +180,14 @@ def test_trainer_keeps_the_best_checkpoints_by_the_sweep_metric(monkeypatch, tmp
     import ray.tune.integration.ray_train as tune_integration
     from ray.train.v2.api.callback import UserCallback
 
+    from hvae_ray.sweep.layout import TrialLoop
     from hvae_ray.sweep.trainer import make_trainer
 
     class Callback(UserCallback):  # the real one needs a running Tune trial
         pass
 
     monkeypatch.setattr(tune_integration, "TuneReportCallback", Callback)
-    loop = {"config": {}, "data_path": "x", "tb_dir": None, "memory_fraction": None}
+    loop = TrialLoop(config={}, data_path="x", tb_dir="tb", work_dir="engine", gpu_share=0.25)
     res = ResourceSpec(num_workers=1, cpus_per_worker=0.5, gpu_fraction=0.25)
     trainer = make_trainer(loop, res, 0.25, str(tmp_path), "t0", score=("val_w1m", "min"))
     ckpt = trainer.run_config.checkpoint_config

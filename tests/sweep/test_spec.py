@@ -27,11 +27,13 @@ def test_the_repository_ships_sweep_files():
 def test_shipped_sweep_validates_and_builds_its_search_space(path):
     from ray.tune.search.sample import Domain
 
+    from hvae_ray.sweep.tune import search_space
+
     spec = load_sweep(path)
     raw = yaml.safe_load(path.read_text())
     assert spec.name == raw["name"]
     assert spec.search_space, "a sweep without a search space"
-    space = spec.tune_search_space()
+    space = search_space(spec)
     assert set(space) == set(raw["search_space"])
     for key, dist in raw["search_space"].items():
         (kind, _), = dist.items()

@@ -23,10 +23,10 @@ import pytest
 import yaml
 
 import hvae_ray
-from hvae_ray import trials
 from hvae_ray.cli import main as cli_main
 from hvae_ray.config import COMPONENTS, from_dict
-from hvae_ray.tracking import REQUIRED_TAGS
+from hvae_ray.sweep import trials
+from hvae_ray.sweep.layout import SWEEP_FILE
 
 pytestmark = pytest.mark.slow
 
@@ -125,9 +125,9 @@ def test_tensorboard_tags_and_hparams(asha8):
         acc = EventAccumulator(str(tb_dir))
         acc.Reload()
         scalars = set(acc.Tags()["scalars"])
+        # the loss curves, KL and its weight, and one curve per loss component, train and val
         required = {"Loss/train_total", "Loss/train_kl", "KL/weight", "Loss/val_total", "Loss/val_kl",
-                    *REQUIRED_TAGS}  # REQUIRED_TAGS adds the 5 components, train and val
-        assert len(COMPONENTS) == 5 and len(required) == 5 + 2 * 5
+                    *(f"Loss/{s}_{c}" for s in ("train", "val") for c in COMPONENTS)}
         missing = required - scalars
         assert not missing, (row["trial_id"], missing)
         # one scalar per epoch, from epoch 0; a trial that ASHA stopped may have logged the epochs it
@@ -308,7 +308,7 @@ def test_a_gpu_sweep_on_a_machine_without_a_gpu_trains_on_cpus(ray_local, tmp_pa
     result = hvae_ray.run_sweep(path, storage=str(tmp_path / "runs"), name="nogpu")
     assert "no GPU on this machine: the trials train on its CPUs" in capsys.readouterr().err
     assert not result.results.errors
-    state = json.loads((result.experiment_dir / trials.SWEEP_FILE).read_text())
+    state = json.loads((result.experiment_dir / SWEEP_FILE).read_text())
     assert state["gpu_share"] == 0.0
     (row,) = hvae_ray.load_trials(result.experiment_dir).to_pylist()
     assert row["status"] == "completed"
@@ -570,9 +570,9 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
     assert table[slow_id]["epochs"] == RESUME_T
     # ...but the trial table keeps the whole history from the trial's own epoch log: every epoch
     # from 0, including those trained before the interruption, and a best checkpoint on disk.
-    from hvae_ray.trials import _results
+    from hvae_ray.sweep.layout import TrialPaths
 
-    history = _results(slow)
+    history = trials.epoch_results(TrialPaths(slow))
     assert sorted(int(r["epoch"]) for r in history) == list(range(RESUME_T))
     assert 0 <= table[slow_id]["best_epoch"] < RESUME_T
     assert Path(table[slow_id]["best_checkpoint"]).is_dir()

@@ -6,7 +6,8 @@ m: ``best_<m>`` (its best value over the epochs, on its own), ``last_<m>`` (the 
 best_epoch (0-based, the TensorBoard step of that epoch), epochs (a count), wall_time_s,
 best_checkpoint, error, node_id, trial_dir. status is one of: completed (ran to max_t),
 early_stopped (stopped by ASHA), diverged (NaN loss or KL runaway), error, running, unfinished,
-pending. Every column name is what ``sort_trials`` and the table's header take.
+pending. Every column name is what ``sort_trials`` and the table's header take. The files read are those of
+:mod:`hvae_ray.sweep.layout`.
 """
 
 from __future__ import annotations
@@ -19,48 +20,32 @@ from typing import Any
 import pyarrow as pa
 
 from hvae_ray.errors import ConfigError, DataError
-
-METRICS = ("val_objective", "val_recon", "val_kl", "val_w1m", "val_fpd", "val_generation", "val_total",
-           "train_total", "train_kl")
-SWEEP_FILE = "hvae_sweep.json"
-METRICS_LOG = "metrics.jsonl"
-
-
-def sweep_state_of(exp: Path) -> dict[str, Any]:
-    """The validated sweep an experiment directory was run with (its ``hvae_sweep.json``); DataError if absent."""
-    f = exp / SWEEP_FILE
-    if not f.is_file():
-        raise DataError(f"{exp}: not an hvae-ray experiment directory (no {SWEEP_FILE})")
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{f}: unreadable sweep state ({e.__class__.__name__})") from e
-
-
-def read_jsonl(f: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file (empty when absent; a line still being written is skipped)."""
-    if not f.is_file():
-        return []
-    rows = []
-    for line in f.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by a killed driver
-    return rows
+from hvae_ray.sweep.layout import (
+    CHECKPOINT_PATH,
+    EPOCH,
+    EPOCHS_DONE,
+    ERROR,
+    NODE_ID,
+    TIME_TOTAL,
+    SweepState,
+    TrialPaths,
+    is_diverged,
+    read_jsonl,
+    read_sweep_state,
+    trial_paths,
+)
+from hvae_ray.tracking import TRIAL_METRICS as METRICS
 
 
-def _results(trial_dir: Path) -> list[dict[str, Any]]:
+def epoch_results(paths: TrialPaths) -> list[dict[str, Any]]:
     """Per-epoch results of a trial, oldest first.
 
     Tune's ``result.json`` starts afresh when an unfinished trial is resumed; the epochs before it come
     from the trial's own epoch log (``engine/metrics.jsonl``, written by rank 0, kept across resumes).
     """
-    tune_rows = read_jsonl(trial_dir / "result.json")
-    log_rows = read_jsonl(trial_dir / "engine" / METRICS_LOG)
-    first = next((r["epoch"] for r in tune_rows if isinstance(r.get("epoch"), (int, float))), None)
+    tune_rows = read_jsonl(paths.results)
+    log_rows = read_jsonl(paths.metrics_log)
+    first = next((r[EPOCH] for r in tune_rows if isinstance(r.get(EPOCH), (int, float))), None)
     if first is None:
         return tune_rows or log_rows
     # Epochs before Tune's first row were lost from result.json by a resume; an epoch trained twice
@@ -68,8 +53,8 @@ def _results(trial_dir: Path) -> list[dict[str, Any]]:
     # was stopping the trial) are not counted, as Tune did not see them.
     earlier: dict[Any, dict[str, Any]] = {}
     for r in log_rows:
-        if isinstance(r.get("epoch"), (int, float)) and r["epoch"] < first:
-            earlier[r["epoch"]] = r
+        if isinstance(r.get(EPOCH), (int, float)) and r[EPOCH] < first:
+            earlier[r[EPOCH]] = r
     return [earlier[e] for e in sorted(earlier)] + tune_rows
 
 
@@ -91,71 +76,81 @@ def _finite(v: Any) -> float | None:
 def load_trials(experiment_dir: str | Path) -> pa.Table:
     """The trial table of an experiment directory (see the module docstring for the columns)."""
     exp = Path(experiment_dir).resolve()
-    state = sweep_state_of(exp)
-    spec = state["spec"]
-    keys = list(spec["search_space"])
-    metric, mode = spec["scheduler"]["metric"], spec["scheduler"]["mode"]
-    max_t = spec["scheduler"]["max_t"]
+    state = read_sweep_state(exp)
     statuses = _tune_statuses(exp)
-    rows = []
-    for trial_dir in sorted(p for p in exp.iterdir() if p.is_dir() and p.name.startswith("trial_")):
-        params = {}
-        if (trial_dir / "params.json").is_file():
-            params = json.loads((trial_dir / "params.json").read_text())
-        results = _results(trial_dir)
-        trial_id = trial_dir.name.removeprefix("trial_")
-        row: dict[str, Any] = {"trial_id": trial_id}
-        for k in keys:
-            row[f"param.{k}"] = params.get(k)
-        last = results[-1] if results else {}
-        for m in METRICS:
-            row[f"last_{m}"] = _finite(last.get(m))
-            vals = [v for r in results if (v := _finite(r.get(m))) is not None]
-            row[f"best_{m}"] = (min(vals) if mode == "min" or m != metric else max(vals)) if vals else None
-        scored = [r for r in results if _finite(r.get(metric)) is not None]
-        best_row = (min if mode == "min" else max)(scored, key=lambda r: r[metric]) if scored else {}
-        for m in METRICS:
-            row[f"{m}_at_best"] = _finite(best_row.get(m))
-        row["best_epoch"] = int(best_row["epoch"]) if "epoch" in best_row else None
-        row["epochs"] = int(max((r.get("epochs_done", 0) for r in results), default=0))
-        row["wall_time_s"] = _finite(last.get("time_total_s"))
-        best_ckpt = best_row.get("checkpoint_path")
-        engine_best = trial_dir / "engine" / "best"
-        if (best_ckpt is None or not Path(best_ckpt).exists()) and metric == "val_objective" \
-                and engine_best.is_dir():
-            best_ckpt = str(engine_best)  # the engine keeps the best epoch by val_objective itself
-        row["best_checkpoint"] = best_ckpt
-        row["node_id"] = last.get("node_id")
-        error = None
-        err_file = trial_dir / "error.txt"
-        if err_file.is_file():
-            text = [ln for ln in err_file.read_text().splitlines() if ln.strip()]
-            error = text[-1][:300] if text else "error"
-        diverged = any(r.get("diverged") == 1.0 for r in results)
-        if diverged:
-            error = next((r.get("error") for r in results if r.get("error")), "diverged")
-        tune_status = statuses.get(trial_id, "")
-        if diverged:
-            status = "diverged"
-        elif tune_status == "ERROR" or (error and tune_status != "TERMINATED"):
-            status = "error"
-        elif tune_status in ("RUNNING", "PAUSED") or (tune_status in ("", "PENDING") and results
-                                                       and row["epochs"] < max_t):
-            # PENDING with results: Tune sets a trial that was training when the run was interrupted
-            # back to PENDING, for resume
-            status = "running" if tune_status == "RUNNING" else "unfinished"
-        elif tune_status == "PENDING" or not results:
-            status = "pending"
-        elif row["epochs"] >= max_t:
-            status = "completed"
-        else:
-            status = "early_stopped"
-        row["status"] = status
-        row["error"] = error
-        row["trial_dir"] = str(trial_dir)
-        rows.append(row)
-    schema = _schema(keys, rows)
-    return pa.Table.from_pylist(rows, schema=schema).select(_column_order(keys))
+    rows = [_trial_row(paths, state, statuses.get(paths.trial_id, "")) for paths in trial_paths(exp)]
+    keys = state.searched_keys
+    return pa.Table.from_pylist(rows, schema=_schema(keys, rows)).select(_column_order(keys))
+
+
+def _trial_row(paths: TrialPaths, state: SweepState, tune_status: str) -> dict[str, Any]:
+    """One trial's row: its parameters, metric columns, best epoch and checkpoint, status and error."""
+    params = json.loads(paths.params.read_text()) if paths.params.is_file() else {}
+    results = epoch_results(paths)
+    last = results[-1] if results else {}
+    row: dict[str, Any] = {"trial_id": paths.trial_id}
+    row.update({f"param.{k}": params.get(k) for k in state.searched_keys})
+    best_row = _best_row(results, state.metric, state.mode)
+    row.update(_metric_columns(results, best_row, state.metric, state.mode))
+    row["best_epoch"] = int(best_row[EPOCH]) if EPOCH in best_row else None
+    row["epochs"] = int(max((r.get(EPOCHS_DONE, 0) for r in results), default=0))
+    row["wall_time_s"] = _finite(last.get(TIME_TOTAL))
+    row["best_checkpoint"] = _best_checkpoint(paths, best_row, state.metric)
+    row["node_id"] = last.get(NODE_ID)
+    row["error"] = _error_of(paths, results)
+    row["status"] = _status(tune_status, results, row["error"], row["epochs"], state.max_t)
+    row["trial_dir"] = str(paths.root)
+    return row
+
+
+def _best_row(results: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+    """The epoch that is best by the sweep's metric ({} when none has reported it)."""
+    scored = [r for r in results if _finite(r.get(metric)) is not None]
+    return (min if mode == "min" else max)(scored, key=lambda r: r[metric]) if scored else {}
+
+
+def _metric_columns(results: list[dict[str, Any]], best_row: dict[str, Any], metric: str,
+                    mode: str) -> dict[str, float | None]:
+    """last_<m>, best_<m> (each metric's own best over the epochs) and <m>_at_best for every metric."""
+    last = results[-1] if results else {}
+    out: dict[str, float | None] = {}
+    for m in METRICS:
+        vals = [v for r in results if (v := _finite(r.get(m))) is not None]
+        out[f"last_{m}"] = _finite(last.get(m))
+        out[f"best_{m}"] = (min(vals) if mode == "min" or m != metric else max(vals)) if vals else None
+        out[f"{m}_at_best"] = _finite(best_row.get(m))
+    return out
+
+
+def _best_checkpoint(paths: TrialPaths, best_row: dict[str, Any], metric: str) -> str | None:
+    best = best_row.get(CHECKPOINT_PATH)
+    if (best is None or not Path(best).exists()) and metric == "val_objective" and paths.engine_best.is_dir():
+        best = str(paths.engine_best)  # the engine keeps the best epoch by val_objective itself
+    return best
+
+
+def _error_of(paths: TrialPaths, results: list[dict[str, Any]]) -> str | None:
+    """Why a trial diverged (its terminal report), else the last line of Tune's error file."""
+    if any(is_diverged(r) for r in results):
+        return next((r.get(ERROR) for r in results if r.get(ERROR)), "diverged")
+    if paths.error.is_file():
+        text = [ln for ln in paths.error.read_text().splitlines() if ln.strip()]
+        return text[-1][:300] if text else "error"
+    return None
+
+
+def _status(tune_status: str, results: list[dict[str, Any]], error: str | None, epochs: int, max_t: int) -> str:
+    if any(is_diverged(r) for r in results):
+        return "diverged"
+    if tune_status == "ERROR" or (error and tune_status != "TERMINATED"):
+        return "error"
+    if tune_status in ("RUNNING", "PAUSED") or (tune_status in ("", "PENDING") and results and epochs < max_t):
+        # PENDING with results: Tune sets a trial that was training when the run was interrupted
+        # back to PENDING, for resume
+        return "running" if tune_status == "RUNNING" else "unfinished"
+    if tune_status == "PENDING" or not results:
+        return "pending"
+    return "completed" if epochs >= max_t else "early_stopped"
 
 
 def _column_order(keys: list[str]) -> list[str]:
@@ -195,8 +190,8 @@ def _sort_column(table: pa.Table, experiment_dir: str | Path, metric: str | None
     """(column, the sweep metric it belongs to or "", mode) for a sort key: any numeric column name the
     table shows (``best_val_w1m``, ``last_val_kl``, ``val_kl_at_best``, ``epochs``, ``param.<key>``, or a
     searched key without ``param.``), or a bare metric name, meaning its best value."""
-    spec = sweep_state_of(Path(experiment_dir).resolve())["spec"]
-    sweep_metric, sweep_mode = spec["scheduler"]["metric"], spec["scheduler"]["mode"]
+    state = read_sweep_state(Path(experiment_dir).resolve())
+    sweep_metric, sweep_mode = state.metric, state.mode
     chosen = metric or sweep_metric
     names = set(table.column_names)
     if chosen in METRICS:
@@ -222,7 +217,7 @@ def _sort_column(table: pa.Table, experiment_dir: str | Path, metric: str | None
 
 def sweep_metric(experiment_dir: str | Path) -> str:
     """The metric the sweep ranks its trials by (its scheduler's)."""
-    return sweep_state_of(Path(experiment_dir).resolve())["spec"]["scheduler"]["metric"]
+    return read_sweep_state(Path(experiment_dir).resolve()).metric
 
 
 def sort_trials(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> pa.Table:
@@ -233,7 +228,7 @@ def sort_trials(table: pa.Table, experiment_dir: str | Path, metric: str | None 
 
 
 def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | None = None) -> str:
-    """The best trial's full training config as YAML, ready for ``hvae-ray train --config``."""
+    """The best trial's full training config as YAML, a config file for ``train``."""
     import yaml
 
     from hvae_ray.sweep.spec import from_raw
@@ -243,9 +238,9 @@ def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | 
     if ranked.num_rows == 0 or ranked.column(column)[0].as_py() is None:
         raise DataError(f"{experiment_dir}: no trial has reported {column} yet")
     best = ranked.slice(0, 1).to_pylist()[0]
-    state = sweep_state_of(Path(experiment_dir).resolve())
-    spec = from_raw(state["raw"], state["source"])
-    params = json.loads((Path(best["trial_dir"]) / "params.json").read_text())
+    state = read_sweep_state(Path(experiment_dir).resolve())
+    spec = from_raw(state.raw, state.source)
+    params = json.loads(TrialPaths(Path(best["trial_dir"])).params.read_text())
     cfg = spec.trial_config(params)
     header = (f"# best trial {best['trial_id']} of {Path(experiment_dir).name}: "
               f"{column} = {best[column]:.6g} after {best['epochs']} epochs\n")

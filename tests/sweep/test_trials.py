@@ -11,12 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hvae_ray import trials
 from hvae_ray.cli import main as cli_main
 from hvae_ray.config import from_dict
 from hvae_ray.errors import ConfigError, DataError
+from hvae_ray.sweep import trials
+from hvae_ray.sweep.layout import SWEEP_FILE
 from hvae_ray.sweep.spec import from_raw
-from hvae_ray.sweep.tune import SWEEP_FILE, _prepare
+from hvae_ray.sweep.tune import _prepare
 
 MAX_T = 3
 RAW = {
@@ -31,7 +32,7 @@ RAW = {
 
 def _state(exp: Path, raw: dict) -> dict:
     """hvae_sweep.json as run_sweep writes it (same preparation, same keys)."""
-    return _prepare(from_raw(raw, "fake.yaml"), exp.name, str(exp.parent))
+    return _prepare(from_raw(raw, "fake.yaml"), exp.name, str(exp.parent)).to_dict()
 
 
 def _row(epoch: int, objective: float, ckpt: Path | None = None, **extra) -> dict:
