@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss_weights: LossWeights = field(default_factory=LossWeights)
-    kl_divergence: float = 1.0e-5
+    kl_min_weight: float = 1.0e-5
     kl_warmup_epochs: int = 100
     kl_max_weight: float = 1.0e-4
     kl_schedule: str = "linear"
@@ -115,6 +116,7 @@ def apply_overrides(d: dict[str, Any], overrides: dict[str, Any], where: str) ->
     """Copy of nested dict ``d`` with each dotted key of ``overrides`` set; unknown keys are errors."""
     out = _deepcopy(d)
     for dotted, value in overrides.items():
+        dotted = current_key(dotted, where)
         node = out
         parts = dotted.split(".")
         for p in parts[:-1]:
@@ -173,9 +175,34 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
     return cls(**kwargs)
 
 
+# Old key names still read, each with the key that replaced it (and a warning that names it).
+RENAMED_KEYS = {"kl_divergence": "kl_min_weight"}
+
+
+def current_key(key: str, where: str) -> str:
+    """The current name of a (dotted) config key; an old name is accepted with a FutureWarning."""
+    new = RENAMED_KEYS.get(key)
+    if new is None:
+        return key
+    warnings.warn(f"{where}: '{key}' is now called '{new}'", FutureWarning, stacklevel=3)
+    return new
+
+
+def _current_keys(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        new = RENAMED_KEYS.get(key)
+        if new in raw:
+            raise ConfigError(f"{where}: '{key}' is the old name of '{new}'; give only '{new}'")
+        out[current_key(key, where)] = value
+    return out
+
+
 def from_dict(raw: dict[str, Any] | None, where: str = "config") -> Config:
-    """Validated Config from a (possibly partial) nested dict; missing keys keep their defaults."""
-    cfg = _build(Config, raw or {}, "", where)
+    """Validated Config from a (possibly partial) nested dict; missing keys keep their defaults (old key
+    names, :data:`RENAMED_KEYS`, are read as their new ones)."""
+    raw = raw or {}
+    cfg = _build(Config, _current_keys(raw, where) if isinstance(raw, dict) else raw, "", where)
     validate(cfg, where)
     return cfg
 
@@ -200,14 +227,14 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in positive:
         if cfg.flat()[key] <= 0:
             raise bad(key, "must be > 0")
-    non_negative = ["kl_divergence", "kl_warmup_epochs", "free_bits", "objective_kl_weight", "weight_decay",
+    non_negative = ["kl_min_weight", "kl_warmup_epochs", "free_bits", "objective_kl_weight", "weight_decay",
                     "grad_clip", "data.max_jets", "model.decoder_layers", "num_workers", "seed"]
     for key in non_negative:
         if cfg.flat()[key] < 0:
             raise bad(key, "must be >= 0")
-    if cfg.kl_max_weight < cfg.kl_divergence:
+    if cfg.kl_max_weight < cfg.kl_min_weight:
         raise ConfigError(f"{where}: 'kl_max_weight' ({cfg.kl_max_weight:g}) must be >= "
-                          f"'kl_divergence' ({cfg.kl_divergence:g})")
+                          f"'kl_min_weight' ({cfg.kl_min_weight:g})")
     for key in ("data.val_fraction", "data.test_fraction", "model.dropout"):
         if not 0 <= cfg.flat()[key] < 1:
             raise bad(key, "must be in [0, 1)")

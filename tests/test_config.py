@@ -28,7 +28,7 @@ def config_error(raw: dict) -> str:
 
 def test_defaults_are_the_documented_ones():
     cfg = Config()
-    assert cfg.kl_divergence == 1e-5
+    assert cfg.kl_min_weight == 1e-5
     assert cfg.kl_warmup_epochs == 100
     assert cfg.kl_max_weight == 1e-4
     assert cfg.kl_schedule == "linear"
@@ -56,10 +56,10 @@ def test_load_config_without_a_path_gives_the_defaults():
 def test_partial_yaml_keeps_defaults_and_reads_exponents_without_a_dot(tmp_path):
     # YAML 1.1 reads `1e-5` (no dot) as a string; a float key must still accept it.
     path = tmp_path / "c.yaml"
-    path.write_text("kl_divergence: 2e-5\nmodel:\n  latent_dim: 8\n")
+    path.write_text("kl_min_weight: 2e-5\nmodel:\n  latent_dim: 8\n")
     cfg = load_config(path)
-    assert cfg.kl_divergence == pytest.approx(2e-5)
-    assert isinstance(cfg.kl_divergence, float)
+    assert cfg.kl_min_weight == pytest.approx(2e-5)
+    assert isinstance(cfg.kl_min_weight, float)
     assert cfg.model.latent_dim == 8
     assert cfg.model.hidden_dim == Config().model.hidden_dim
     assert cfg.epochs == 300
@@ -103,7 +103,7 @@ def test_unknown_key_is_named(raw, key):
     ({"epochs": 10.5}, "epochs"),
     ({"learning_rate": True}, "learning_rate"),
     ({"loss_weights": {"topology": False}}, "loss_weights.topology"),
-    ({"kl_divergence": "small"}, "kl_divergence"),
+    ({"kl_min_weight": "small"}, "kl_min_weight"),
     ({"mixed_precision": "yes"}, "mixed_precision"),
     ({"mixed_precision": 1}, "mixed_precision"),
     ({"kl_schedule": 3}, "kl_schedule"),
@@ -137,13 +137,25 @@ def test_zero_loss_weight_alone_is_allowed():
 
 
 def test_kl_cap_below_floor():
-    msg = config_error({"kl_max_weight": 1e-6, "kl_divergence": 1e-5})
-    assert "'kl_max_weight'" in msg and "'kl_divergence'" in msg
+    msg = config_error({"kl_max_weight": 1e-6, "kl_min_weight": 1e-5})
+    assert "'kl_max_weight'" in msg and "'kl_min_weight'" in msg
 
 
 def test_kl_cap_equal_to_floor_is_allowed():
-    cfg = from_dict({"kl_max_weight": 1e-5, "kl_divergence": 1e-5})
-    assert cfg.kl_max_weight == cfg.kl_divergence
+    cfg = from_dict({"kl_max_weight": 1e-5, "kl_min_weight": 1e-5})
+    assert cfg.kl_max_weight == cfg.kl_min_weight
+
+
+def test_the_old_name_of_the_kl_floor_is_read_with_a_warning_naming_the_new_one(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("kl_divergence: 3.0e-5\n")
+    with pytest.warns(FutureWarning, match=r"old.yaml: 'kl_divergence' is now called 'kl_min_weight'"):
+        cfg = load_config(path)
+    assert cfg.kl_min_weight == pytest.approx(3e-5) and "kl_divergence" not in cfg.to_dict()
+    with pytest.warns(FutureWarning, match="kl_min_weight"):
+        assert Config().with_overrides({"kl_divergence": 0.0}).kl_min_weight == 0.0
+    with pytest.raises(ConfigError, match="give only 'kl_min_weight'"):
+        from_dict({"kl_divergence": 1e-5, "kl_min_weight": 1e-5})
 
 
 def test_bad_kl_schedule():

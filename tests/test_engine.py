@@ -182,7 +182,7 @@ def test_tensorboard_has_every_required_tag_once_per_epoch(main_run):
     weights = [e.value for e in acc.Scalars("KL/weight")]
     assert weights == pytest.approx([kl_weight(e, main_run.cfg) for e in range(MAIN_EPOCHS)], rel=1e-6)
     # The warm-up is visible: floor first, cap from kl_warmup_epochs on.
-    assert weights[0] == pytest.approx(main_run.cfg.kl_divergence, rel=1e-6)
+    assert weights[0] == pytest.approx(main_run.cfg.kl_min_weight, rel=1e-6)
     assert weights[-1] == pytest.approx(main_run.cfg.kl_max_weight, rel=1e-6)
     train_total = [e.value for e in acc.Scalars("Loss/train_total")]
     assert train_total == pytest.approx([r.metrics["train_total"] for r in main_run.reports], rel=1e-6)

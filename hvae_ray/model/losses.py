@@ -13,7 +13,7 @@ from hvae_ray.config import COMPONENTS, OBJECTIVE_COMPONENTS, Config
 def kl_weight(epoch: int, cfg: Config) -> float:
     """KL weight β at (0-based) ``epoch``.
 
-    linear:   β(e) = max(kl_divergence, kl_max_weight · min(1, e / kl_warmup_epochs));
+    linear:   β(e) = max(kl_min_weight, kl_max_weight · min(1, e / kl_warmup_epochs));
               with the defaults 1e-5 at e=10, 5e-5 at e=50 and 1e-4 from e=100 on.
     cyclical: the same ramp restarted ``kl_cycles`` times over ``epochs``, each cycle ramping for the
               first ``kl_cycle_ramp`` of its length and then holding the cap (Fu et al., "Cyclical
@@ -27,7 +27,7 @@ def kl_weight(epoch: int, cfg: Config) -> float:
         ramp = 1.0
     else:
         ramp = min(1.0, epoch / cfg.kl_warmup_epochs)
-    return max(cfg.kl_divergence, cfg.kl_max_weight * ramp)
+    return max(cfg.kl_min_weight, cfg.kl_max_weight * ramp)
 
 
 def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvae_ray.config import Config, apply_overrides, flatten, from_dict, read_yaml
+from hvae_ray.config import Config, apply_overrides, current_key, flatten, from_dict, read_yaml
 from hvae_ray.data.generate import FLAVORS
 from hvae_ray.errors import ConfigError
 from hvae_ray.tracking import RANKABLE_METRICS
@@ -253,6 +253,7 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     _set_counts(spec, raw, where)
     spec.raw = {k: v for k, v in raw.items() if k != "base_config"}
     spec.raw["config"] = base.to_dict()
+    spec.raw["search_space"] = space
     if data.path is not None:
         spec.raw["data"] = {**(raw.get("data") or {}), "path": data.path}
     return spec
@@ -279,6 +280,7 @@ def _search_space(raw: dict[str, Any], base: Config, where: str) -> dict[str, di
     space = raw.get("search_space") or {}
     if not isinstance(space, dict):
         raise ConfigError(f"{where}: 'search_space' must be a mapping of dotted config keys")
+    space = {current_key(key, f"{where}: search_space"): dist for key, dist in space.items()}
     known = base.flat()
     for key, dist in space.items():
         if key not in known:
@@ -286,7 +288,7 @@ def _search_space(raw: dict[str, Any], base: Config, where: str) -> dict[str, di
         _check_distribution(key, dist, where)
         for value in _corners(dist):
             base.with_overrides({key: value}, f"{where}: search_space '{key}'={value!r}")
-    # Every combination of range ends must make a valid config (e.g. kl_max_weight >= kl_divergence),
+    # Every combination of range ends must make a valid config (e.g. kl_max_weight >= kl_min_weight),
     # so no trial fails on a value the sweep file allowed.
     keys = list(space)
     for combo in itertools.islice(itertools.product(*(_corners(space[k]) for k in keys)), 4096):

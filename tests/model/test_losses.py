@@ -23,7 +23,7 @@ from hvae_ray.model.losses import (
 
 
 @pytest.mark.parametrize("epoch, expected", [
-    (0, 1e-5),     # the floor: kl_max_weight * 0 is below kl_divergence
+    (0, 1e-5),     # the floor: kl_max_weight * 0 is below kl_min_weight
     (1, 1e-5),
     (10, 1e-5),    # 1e-4 * 10/100 = 1e-5
     (20, 2e-5),
@@ -41,23 +41,17 @@ def test_linear_schedule_is_monotone_and_bounded():
     cfg = Config()
     values = [kl_weight(e, cfg) for e in range(cfg.epochs)]
     assert all(b >= a for a, b in zip(values, values[1:]))
-    assert min(values) == cfg.kl_divergence
+    assert min(values) == cfg.kl_min_weight
     assert max(values) == cfg.kl_max_weight
 
 
-def test_not_the_formula_that_is_capped_after_one_epoch():
-    """``min(kl_max_weight, epoch / kl_warmup_epochs)`` already equals the cap at epoch 1 (1/100 > 1e-4),
-    so it has no warm-up at all. Ours ramps over kl_warmup_epochs."""
-    cfg = Config()
-
-    def wrong(e):
-        return min(cfg.kl_max_weight, e / cfg.kl_warmup_epochs)
-
-    assert wrong(1) == cfg.kl_max_weight
-    assert kl_weight(1, cfg) < cfg.kl_max_weight
-    for e in (1, 10, 50, 90):
-        assert kl_weight(e, cfg) != pytest.approx(wrong(e))
-    assert kl_weight(cfg.kl_warmup_epochs, cfg) == pytest.approx(wrong(cfg.kl_warmup_epochs))
+def test_the_weight_ramps_over_the_warmup_and_reaches_the_cap_at_its_end():
+    """The weight climbs linearly from the floor to the cap over kl_warmup_epochs (not capped after
+    one epoch, as ``min(kl_max_weight, epoch / kl_warmup_epochs)`` would be)."""
+    cfg = Config().with_overrides({"kl_warmup_epochs": 40, "kl_min_weight": 0.0, "kl_max_weight": 1e-3})
+    assert kl_weight(1, cfg) == pytest.approx(1e-3 / 40)
+    assert kl_weight(20, cfg) == pytest.approx(1e-3 / 2)
+    assert kl_weight(39, cfg) < 1e-3 == kl_weight(40, cfg) == kl_weight(41, cfg)
 
 
 def test_zero_warmup_gives_the_cap_immediately():
@@ -67,7 +61,7 @@ def test_zero_warmup_gives_the_cap_immediately():
 
 
 def test_zero_floor_starts_at_zero():
-    cfg = Config().with_overrides({"kl_divergence": 0.0})
+    cfg = Config().with_overrides({"kl_min_weight": 0.0})
     assert kl_weight(0, cfg) == 0.0
     assert kl_weight(50, cfg) == pytest.approx(5e-5)
 
@@ -79,7 +73,7 @@ def test_cyclical_schedule_restarts_every_cycle():
     values = [kl_weight(e, cfg) for e in range(cfg.epochs)]
     for c in range(cfg.kl_cycles):
         cycle = values[c * period:(c + 1) * period]
-        assert cycle[0] == cfg.kl_divergence                      # each cycle starts at the floor
+        assert cycle[0] == cfg.kl_min_weight                      # each cycle starts at the floor
         assert max(cycle) == pytest.approx(cfg.kl_max_weight)     # and reaches the cap
         assert cycle[period // 2] == pytest.approx(cfg.kl_max_weight)   # cap after the ramp fraction
         assert cycle[-1] == pytest.approx(cfg.kl_max_weight)      # and holds it to the end of the cycle
@@ -90,7 +84,7 @@ def test_cyclical_schedule_restarts_every_cycle():
 
 def test_cyclical_schedule_with_full_ramp():
     cfg = Config().with_overrides({"kl_schedule": "cyclical", "epochs": 20, "kl_cycles": 2,
-                                   "kl_cycle_ramp": 1.0, "kl_divergence": 0.0})
+                                   "kl_cycle_ramp": 1.0, "kl_min_weight": 0.0})
     assert kl_weight(5, cfg) == pytest.approx(cfg.kl_max_weight / 2)
     assert kl_weight(10, cfg) == 0.0
     assert kl_weight(15, cfg) == pytest.approx(cfg.kl_max_weight / 2)

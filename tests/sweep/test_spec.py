@@ -63,6 +63,22 @@ def test_sweep_overrides_apply_to_the_sweep_file():
         load_sweep(REPO / "sweeps" / "quickstart.yaml", {"num_sample": 2})
 
 
+def test_a_sweep_file_may_use_the_old_name_of_the_kl_floor(tmp_path, sweep_file):
+    path = sweep_file(tmp_path / "old.yaml", config={"kl_divergence": 2.0e-6},
+                      search_space={"kl_divergence": {"loguniform": [1.0e-7, 1.0e-5]}})
+    with pytest.warns(FutureWarning, match="'kl_divergence' is now called 'kl_min_weight'"):
+        spec = load_sweep(path)
+    assert list(spec.search_space) == ["kl_min_weight"] and spec.base.kl_min_weight == 2.0e-6
+    # trials, resume and the trial table rebuild the spec from its raw form: that has the new name
+    assert list(spec.raw["search_space"]) == ["kl_min_weight"] and "kl_divergence" not in spec.raw["config"]
+
+
+def test_the_spec_module_imports_no_ray():
+    code = "import sys, hvae_ray.sweep.spec; print(sorted(m for m in sys.modules if m.split('.')[0] == 'ray'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
 def test_standby_trials_queue_ahead_of_gpu_shares_only():
     """auto: as many standby trials as concurrent ones on GPU shares, none on CPUs; Tune runs both."""
     qs = REPO / "sweeps" / "quickstart.yaml"
@@ -138,12 +154,12 @@ BAD = {
         "gpu_fraction or gpu_memory_gb, not both"),
     "gpu_fraction > 1": (
         _with(resources__gpu_fraction=1.5), "'resources.gpu_fraction' must be in [0, 1]"),
-    # each range alone fits the base config (kl_divergence 1e-5, kl_max_weight 1e-4), but the low end
-    # of kl_max_weight with the high end of kl_divergence does not
+    # each range alone fits the base config (kl_min_weight 1e-5, kl_max_weight 1e-4), but the low end
+    # of kl_max_weight with the high end of kl_min_weight does not
     "search-space combination making an invalid config": (
         _with(search_space={"kl_max_weight": {"loguniform": [5.0e-5, 1.0e-3]},
-                            "kl_divergence": {"loguniform": [1.0e-6, 8.0e-5]}}),
-        "'kl_max_weight' (5e-05) must be >= 'kl_divergence' (8e-05)"),
+                            "kl_min_weight": {"loguniform": [1.0e-6, 8.0e-5]}}),
+        "'kl_max_weight' (5e-05) must be >= 'kl_min_weight' (8e-05)"),
     "bad YAML": (
         "name: bad\nsearch_space: {kl_max_weight: {loguniform: [1.0e-5, 1.0e-2]\n", "not valid YAML"),
     "unknown distribution argument shape": (
