@@ -227,7 +227,7 @@ def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, ki
         prior = FlowPrior.fit(posterior_codes(mu, logvar, seed), seed=seed, device=dev)
         meta = {"kind": kind, "n_jets": len(mu), "seed": seed}
     else:
-        prior = GaussianMixture.fit(mu, components=components, seed=seed)
+        prior = GaussianMixture.fit(mu, components=components, seed=seed, device=dev)
         meta = {"kind": kind, "components": len(prior.weights), "seed": seed, "n_jets": len(mu)}
     meta["mean_log_likelihood"] = float(prior.log_prob(mu).mean())
     return save_prior(folder, prior, meta)

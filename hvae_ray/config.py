@@ -78,6 +78,7 @@ class Config:
     generation_prior: str = "fitted"
     max_kl: float = 1000.0
     epochs: int = 300
+    patience: int = 0
     batch_size: int = 8
     gradient_accumulation_steps: int = 4
     learning_rate: float = 1.0e-3
@@ -228,7 +229,7 @@ def validate(cfg: Config, where: str = "config") -> None:
         if cfg.flat()[key] <= 0:
             raise bad(key, "must be > 0")
     non_negative = ["kl_min_weight", "kl_warmup_epochs", "free_bits", "objective_kl_weight", "weight_decay",
-                    "grad_clip", "data.max_jets", "model.decoder_layers", "num_workers", "seed"]
+                    "grad_clip", "data.max_jets", "model.decoder_layers", "num_workers", "seed", "patience"]
     for key in non_negative:
         if cfg.flat()[key] < 0:
             raise bad(key, "must be >= 0")

@@ -583,7 +583,8 @@ class Trainer:
             mu, _ = encode(model, self.normaliser, self.cfg, train.particles, train.mask, self.device)
             if not np.isfinite(mu).all():
                 return {k: math.inf for k in GENERATION_KEYS}
-            gmm = GaussianMixture.fit(mu, components=20, seed=self.cfg.seed, iterations=100, tol=1e-4)
+            gmm = GaussianMixture.fit(mu, components=20, seed=self.cfg.seed, iterations=100, tol=1e-4,
+                                      device=self.device)
             gen_p, gen_m = decode(self.model, self.normaliser, gmm.sample(n, seed=self.cfg.seed), self.device)
         else:
             gen_p, gen_m = generate(self.model, self.normaliser, n, seed=self.cfg.seed, device=self.device)
@@ -645,53 +646,25 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         device: torch.device | str | None = None, save_test_indices: bool = False) -> dict[str, Any]:
     """Train a HyperVAE on ``sample`` with ``cfg``; return the final metrics and where things went.
 
-    save_dir:  checkpoints ``last/`` and ``best/`` (best = lowest ``val_objective``), the config, and
+    save_dir:  checkpoints ``last/`` and ``best/`` (best by the ``objective``'s metric), the config, and
                with ``save_test_indices`` ``test_indices.npy`` (indices into ``sample``).
     log_dir:   TensorBoard event files (tags in :data:`hvae_ray.tracking.TAGS`).
     resume:    True → continue from ``save_dir/last``; a path → from that checkpoint. The run
                continues exactly: model, optimiser, loss scaler, RNG state, epoch and best score.
     callbacks: called after each epoch with an :class:`EpochReport`; one returning True stops.
+    Training stops early once ``cfg.patience`` epochs (if > 0) brought no better score.
     A NaN/inf loss, or a validation KL above ``cfg.max_kl``, raises :class:`TrainingDiverged`; the
     last good checkpoint stays in ``save_dir/last``.
     """
     device = torch.device(device) if device is not None else resolve_device(cfg.device)
     save_dir = Path(save_dir) if save_dir is not None else None
-    resume_state, src = None, None
-    if resume:
-        src = Path(resume) if not isinstance(resume, bool) else (save_dir / "last" if save_dir else None)
-        if src is None:
-            raise HvaeError("resume=True needs a save_dir holding last/checkpoint.pt")
-        resume_state = load_checkpoint(src)
-        _check_resumable(cfg, resume_state, src)
-    normaliser = FeatureNormaliser.from_state_dict(resume_state["normaliser"]) if resume_state else None
-    splits = prepare(cfg, sample, normaliser, device)
-    trainer = Trainer(cfg, splits, device)
-    if resume_state:
-        try:
-            trainer.restore(resume_state)
-        except (RuntimeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{src}: cannot resume from this checkpoint ({e.__class__.__name__})") from e
-    is_main = trainer.rank == 0
-    if trainer.dense:
-        line = f"training step: {trainer.step_mode}"
-        log.info(line)
-        if progress and is_main:
-            print(line, file=sys.stderr)
-    if is_main and save_dir is not None:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        _write_yaml(save_dir / "config.yaml", cfg.to_dict())
-        if save_test_indices:
-            np.save(save_dir / "test_indices.npy", splits.test)
-    logger = None
-    if is_main and log_dir is not None:
-        from hvae_ray.tracking import TensorBoardLogger
-
-        logger = TensorBoardLogger(log_dir)
-
+    trainer = _start(cfg, sample, device, _resume_state(resume, save_dir, cfg), progress)
+    logger = _open_outputs(trainer, save_dir, log_dir, save_test_indices)
+    score_key = OBJECTIVE_METRICS[cfg.objective]
     metrics: dict[str, Any] = {}
     epoch = trainer.start_epoch - 1
     last_figures = -cfg.epochs  # the epoch of the last Distributions/* figures
-    score_key = OBJECTIVE_METRICS[cfg.objective]
+    val = trainer.splits.sample.subset(trainer.splits.val)
     threads = torch.get_num_threads()
     if device.type == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         # Small batches on a GPU are launch-bound: CPU thread pools over tiny tensors only add overhead
@@ -699,42 +672,23 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         torch.set_num_threads(1)
     try:
         for epoch in range(trainer.start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            train = trainer.train_epoch(epoch, progress and is_main)
-            metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": trainer.opt.param_groups[0]["lr"],
-                       **train, **trainer.evaluate(epoch)}
-            if trainer.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1:
-                trainer.generation = trainer.generation_metrics()  # carried over the epochs in between
-            metrics |= trainer.generation
-            metrics["epoch_time_s"] = time.perf_counter() - t0
-            if not math.isfinite(metrics["val_total"]):
-                raise TrainingDiverged(f"epoch {epoch}: validation loss is {metrics['val_total']}")
-            if metrics["val_kl"] > cfg.max_kl:
-                raise TrainingDiverged(f"epoch {epoch}: validation KL {metrics['val_kl']:.3g} nats "
-                                       f"exceeds max_kl={cfg.max_kl:g} (KL runaway)")
+            metrics = _epoch_metrics(trainer, epoch, progress and trainer.rank == 0)
             is_best = metrics[score_key] < trainer.best
             if is_best:
                 trainer.best, trainer.best_epoch = metrics[score_key], epoch
             metrics[f"best_{score_key}"] = trainer.best
-            ckpt_dir = None
-            if is_main and save_dir is not None:
-                ckpt_dir = save_dir / "last"
-                save_checkpoint(ckpt_dir / CHECKPOINT_FILE, trainer.state(epoch))
-                if is_best:
-                    (save_dir / "best").mkdir(exist_ok=True)
-                    shutil.copyfile(ckpt_dir / CHECKPOINT_FILE, save_dir / "best" / CHECKPOINT_FILE)
+            report = EpochReport(epoch, metrics, _save_epoch(trainer, save_dir, epoch, is_best), is_best)
             if logger is not None:
                 logger.log_epoch(epoch, metrics)
                 # figures at new best epochs, at most every tenth of the run, so that a trial that Tune
                 # stops before the end (ASHA) has them too
                 if is_best and epoch - last_figures >= max(1, cfg.epochs // 10):
-                    _log_distributions(logger, trainer, splits.sample.subset(splits.val), epoch)
+                    _log_distributions(logger, trainer, val, epoch)
                     last_figures = epoch
-            report = EpochReport(epoch, metrics, ckpt_dir, is_best)
-            if any([bool(cb(report)) for cb in callbacks]):
+            if any([bool(cb(report)) for cb in callbacks]) or _patience_ran_out(trainer, epoch, progress):
                 break
         if logger is not None and metrics and last_figures != epoch:
-            _log_distributions(logger, trainer, splits.sample.subset(splits.val), epoch)
+            _log_distributions(logger, trainer, val, epoch)
     finally:
         torch.set_num_threads(threads)
         if logger is not None:
@@ -747,6 +701,99 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
         "save_dir": str(save_dir) if save_dir else None,
         "log_dir": str(log_dir) if log_dir else None,
     }
+
+
+def _resume_state(resume: bool | str | Path, save_dir: Path | None, cfg: Config
+                  ) -> tuple[dict[str, Any], Path] | None:
+    """The checkpoint ``fit(resume=...)`` continues from and where it was read, or None."""
+    if not resume:
+        return None
+    src = Path(resume) if not isinstance(resume, bool) else (save_dir / "last" if save_dir else None)
+    if src is None:
+        raise HvaeError("resume=True needs a save_dir holding last/checkpoint.pt")
+    state = load_checkpoint(src)
+    _check_resumable(cfg, state, src)
+    return state, src
+
+
+def _start(cfg: Config, sample: JetSample, device: torch.device,
+           resumed: tuple[dict[str, Any], Path] | None, progress: bool) -> Trainer:
+    """Splits, normaliser (a resumed run's own) and a Trainer, restored when resuming."""
+    state, src = resumed if resumed else (None, None)
+    normaliser = FeatureNormaliser.from_state_dict(state["normaliser"]) if state else None
+    trainer = Trainer(cfg, prepare(cfg, sample, normaliser, device), device)
+    if state:
+        try:
+            trainer.restore(state)
+        except (RuntimeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{src}: cannot resume from this checkpoint ({e.__class__.__name__})") from e
+    if trainer.dense:
+        line = f"training step: {trainer.step_mode}"
+        log.info(line)
+        if progress and trainer.rank == 0:
+            print(line, file=sys.stderr)
+    return trainer
+
+
+def _open_outputs(trainer: Trainer, save_dir: Path | None, log_dir: str | Path | None,
+                  save_test_indices: bool):
+    """Rank 0 writes the config (and test indices) into ``save_dir``; returns the TensorBoard logger or None."""
+    if trainer.rank != 0:
+        return None
+    if save_dir is not None:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        _write_yaml(save_dir / "config.yaml", trainer.cfg.to_dict())
+        if save_test_indices:
+            np.save(save_dir / "test_indices.npy", trainer.splits.test)
+    if log_dir is None:
+        return None
+    from hvae_ray.tracking import TensorBoardLogger
+
+    return TensorBoardLogger(log_dir)
+
+
+def _epoch_metrics(trainer: Trainer, epoch: int, progress: bool) -> dict[str, Any]:
+    """Train one epoch, validate, score generation when due; raise on divergence."""
+    cfg = trainer.cfg
+    t0 = time.perf_counter()
+    train = trainer.train_epoch(epoch, progress)
+    metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": trainer.opt.param_groups[0]["lr"],
+               **train, **trainer.evaluate(epoch)}
+    if trainer.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1:
+        trainer.generation = trainer.generation_metrics()  # carried over the epochs in between
+    metrics |= trainer.generation
+    metrics["epoch_time_s"] = time.perf_counter() - t0
+    if not math.isfinite(metrics["val_total"]):
+        raise TrainingDiverged(f"epoch {epoch}: validation loss is {metrics['val_total']}")
+    if metrics["val_kl"] > cfg.max_kl:
+        raise TrainingDiverged(f"epoch {epoch}: validation KL {metrics['val_kl']:.3g} nats "
+                               f"exceeds max_kl={cfg.max_kl:g} (KL runaway)")
+    return metrics
+
+
+def _save_epoch(trainer: Trainer, save_dir: Path | None, epoch: int, is_best: bool) -> Path | None:
+    """Rank 0 writes ``last/`` and, at a new best, copies it to ``best/``; returns ``last/`` or None."""
+    if trainer.rank != 0 or save_dir is None:
+        return None
+    last = save_dir / "last"
+    save_checkpoint(last / CHECKPOINT_FILE, trainer.state(epoch))
+    if is_best:
+        (save_dir / "best").mkdir(exist_ok=True)
+        shutil.copyfile(last / CHECKPOINT_FILE, save_dir / "best" / CHECKPOINT_FILE)
+    return last
+
+
+def _patience_ran_out(trainer: Trainer, epoch: int, progress: bool) -> bool:
+    """True once ``patience`` epochs (when > 0) have passed since the best one."""
+    patience = trainer.cfg.patience
+    if patience <= 0 or epoch - trainer.best_epoch < patience:
+        return False
+    line = (f"early stop after epoch {epoch + 1}: no better {OBJECTIVE_METRICS[trainer.cfg.objective]} "
+            f"for {patience} epochs (best epoch {trainer.best_epoch + 1})")
+    log.info(line)
+    if progress and trainer.rank == 0:
+        print(line, file=sys.stderr)
+    return True
 
 
 def train_loader(graphs: Sequence, cfg: Config, epoch: int):

@@ -402,3 +402,14 @@ def test_checkpoint_loading_never_runs_code(tmp_path):
     with pytest.raises(DataError, match="not a readable hvae-ray checkpoint"):
         engine.load_checkpoint(evil)
     assert not marker.exists()
+
+
+def test_patience_stops_a_run_whose_score_no_longer_improves(few_jets, tmp_path):
+    """At a learning rate too small to move a float32 weight the score never improves after the first
+    epoch: with patience 3 the run stops after epoch 4 of 20, keeping epoch 1 as its best."""
+    cfg = small_config(epochs=20, patience=3, learning_rate=1e-12, **{"model.dropout": 0.0})
+    result = engine.fit(cfg, few_jets, save_dir=tmp_path / "run", progress=False)
+    assert (result["epochs_run"], result["best_epoch"]) == (4, 0)
+    assert (tmp_path / "run" / "best" / "checkpoint.pt").exists()
+    unlimited = engine.fit(cfg.with_overrides({"patience": 0, "epochs": 5}), few_jets, progress=False)
+    assert unlimited["epochs_run"] == 5
