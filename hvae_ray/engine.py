@@ -651,8 +651,8 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
     log_dir:   TensorBoard event files (tags in :data:`hvae_ray.tracking.TAGS`).
     resume:    True → continue from ``save_dir/last``; a path → from that checkpoint. The run
                continues exactly: model, optimiser, loss scaler, RNG state, epoch and best score.
-    callbacks: called after each epoch with an :class:`EpochReport`; one returning True stops.
-    Training stops early once ``cfg.patience`` epochs (if > 0) brought no better score.
+    callbacks: called after each epoch with an :class:`EpochReport`; one returning True stops, as do
+               ``cfg.patience`` epochs (when > 0) without a better score.
     A NaN/inf loss, or a validation KL above ``cfg.max_kl``, raises :class:`TrainingDiverged`; the
     last good checkpoint stays in ``save_dir/last``.
     """
