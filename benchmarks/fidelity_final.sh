@@ -2,7 +2,7 @@
 # The sweep winner trained longer, alone on the GPU, then its priors compared on held-out jets:
 #   benchmarks/fidelity_final.sh BEST_YAML EPOCHS SECONDS     (writes into $OUT)
 # `hvae-ray train --config BEST_YAML --set epochs=EPOCHS` within SECONDS (the last finished epoch and
-# the best one by val_generation stay on disk if the limit ends it), then benchmarks/prior_compare.py.
+# the best one by val_generation stay on disk if the limit ends it), then benchmarks/fidelity.py priors.
 set -uo pipefail
 BEST=$1; EPOCHS=$2; LIMIT=$3
 export PYTHONPATH=$PWD
@@ -12,7 +12,7 @@ timeout "$LIMIT" python3 -m hvae_ray train --config "$BEST" --data-path data/q_t
   --set epochs="$EPOCHS" --set device=cuda 2>&1 | tr '\r' '\n' | grep --line-buffered -v 'Warning\|it/s\|^$' \
   | tee "$OUT/train.log"
 echo "train wall time: $(( $(date +%s) - t0 )) s"
-python3 benchmarks/prior_compare.py --checkpoint /tmp/final/best --train data/q_train30k.parquet \
+python3 benchmarks/fidelity.py priors --checkpoint /tmp/final/best --train data/q_train30k.parquet \
   --heldout data/q_heldout10k.parquet --priors gmm100:1,gmm20:1,flow:0.8 --device cuda --out /tmp/pc 2>&1 \
   | grep -v Warning | tee "$OUT/prior_compare.log"
 cp /tmp/pc/prior_compare.json /tmp/final/best/checkpoint.pt /tmp/final/config.yaml "$OUT/"

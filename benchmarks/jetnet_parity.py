@@ -1,25 +1,20 @@
 """Parity of hvae-ray's generation metrics with jetnet 0.2.5, the field's reference implementation.
 
 jetnet cannot share a virtual environment with hvae-ray (it needs numpy < 2 through energyflow and
-wasserstein, and then pyarrow < 16), so the reference numbers are made in a side environment and
-committed as a fixture that the tests read without jetnet:
+wasserstein, then pyarrow < 16), so its numbers are made in a side environment and committed as a
+fixture that the tests read without jetnet (steps 2 and 3 import no hvae-ray code):
 
-    # 1. in the project's venv: fixed small samples made by our generator
-    python benchmarks/jetnet_parity.py inputs
-    # 2. in a side venv with jetnet:
+    python benchmarks/jetnet_parity.py inputs     # 1. project venv: fixed samples of our generator
     python3 -m venv /tmp/jetnet-venv && . /tmp/jetnet-venv/bin/activate
     pip install torch==2.13.0 jetnet==0.2.5 "numpy<2" "pyarrow<16"
-    python benchmarks/jetnet_parity.py reference
-    # 3. (side venv) jetnet's metrics on any two files, to put beside `hvae-ray evaluate --json`
-    python benchmarks/jetnet_parity.py metrics real.parquet gen.npz
+    python benchmarks/jetnet_parity.py reference  # 2. side venv: jetnet's numbers on them
+    python benchmarks/jetnet_parity.py metrics real.parquet gen.npz  # 3. side venv: beside `hvae-ray evaluate`
 
-Step 1 writes ``tests/fixtures/jetnet_parity/inputs.npz``: q jets (two seeds), g jets, and the
-first q sample with its pT_rel smeared by a log-normal factor (a deliberately distorted generator).
-Step 2 writes ``reference.json`` beside it: energyflow's EFPs of the first jets of every sample, and
-jetnet's ``w1m``, ``w1p``, ``w1efp``, ``fpd``, ``kpd`` for three pairs at jetnet's default sizes. W1
-metrics are made twice: with jetnet's module generator seeded by ``SEED`` before each metric (the
-draws hvae-ray makes with the same seed) and seeded by ``OTHER_SEED`` (independent draws).
-This script imports no hvae-ray code in steps 2 and 3.
+Step 1 writes ``tests/fixtures/jetnet_parity/inputs.npz``: q jets (two seeds), g jets, and the first q
+sample with pT_rel smeared by a log-normal factor (a deliberately distorted generator). Step 2 writes
+``reference.json`` beside it: energyflow's EFPs of the first jets of each sample and jetnet's w1m, w1p,
+w1efp, fpd, kpd for three pairs at jetnet's default sizes, the W1 metrics with jetnet's module generator
+seeded by ``SEED`` before each metric (the draws hvae-ray makes with that seed) and by ``OTHER_SEED``.
 """
 
 from __future__ import annotations
@@ -45,9 +40,8 @@ def make_inputs(out: Path) -> None:
     """Samples from hvae-ray's own generator, as float32 (N, 30, 3) JetNet arrays (zero padding)."""
     from hvae_ray.data.generate import generate_jets
 
-    arrays = {}
-    for name, (flavor, n, seed) in SAMPLES.items():
-        arrays[name] = generate_jets(flavor, n, seed, progress=False).particles.astype(np.float32)
+    arrays = {k: generate_jets(f, n, seed, progress=False).particles.astype(np.float32)
+              for k, (f, n, seed) in SAMPLES.items()}
     q = arrays["q_a"].copy()
     real = (q != 0).any(axis=2)
     factor = np.exp(np.random.default_rng(SMEAR_SEED).normal(0.0, SMEAR, size=real.shape))
@@ -85,15 +79,12 @@ def _jetnet_metrics(real: np.ndarray, gen: np.ndarray, w1_seed: int | None) -> d
         if w1_seed is not None:
             gm.rng = np.random.default_rng(w1_seed)
 
-    out = {}
     seeded()
-    out["w1m"] = [float(v) for v in gm.w1m(real, gen)]
-    seeded()
-    means, stds = gm.w1p(real, gen)
-    out["w1p"] = {"means": means.tolist(), "stds": stds.tolist()}
-    seeded()
-    means, stds = gm.w1efp(real, gen, efp_jobs=1)
-    out["w1efp"] = {"means": means.tolist(), "stds": stds.tolist()}
+    out = {"w1m": [float(v) for v in gm.w1m(real, gen)]}
+    for key, fn in (("w1p", gm.w1p), ("w1efp", lambda r, g: gm.w1efp(r, g, efp_jobs=1))):
+        seeded()
+        means, stds = fn(real, gen)
+        out[key] = {"means": means.tolist(), "stds": stds.tolist()}
     return out
 
 
@@ -105,12 +96,9 @@ def make_reference(inputs: Path, out: Path) -> None:
 
     with np.load(inputs, allow_pickle=False) as f:
         data = {k: f[k].astype(np.float64) for k in f.files}
-    ref: dict = {
-        "versions": {"jetnet": jetnet.__version__, "energyflow": energyflow.__version__,
-                     "numpy": np.__version__},
-        "seed": SEED, "other_seed": OTHER_SEED, "n_efp_jets": N_EFP_JETS,
-        "efps_d4": {}, "efps_prime": {}, "pairs": {},
-    }
+    ref: dict = {"versions": {"jetnet": jetnet.__version__, "energyflow": energyflow.__version__,
+                              "numpy": np.__version__}, "seed": SEED, "other_seed": OTHER_SEED,
+                 "n_efp_jets": N_EFP_JETS, "efps_d4": {}, "efps_prime": {}, "pairs": {}}
     features = {}
     for name, x in data.items():
         features[name] = gm.get_fpd_kpd_jet_features(x, efp_jobs=1)
@@ -119,11 +107,10 @@ def make_reference(inputs: Path, out: Path) -> None:
     for real_name, gen_name in PAIRS:
         real, gen = data[real_name], data[gen_name]
         print(f"{real_name} vs {gen_name}", flush=True)
-        entry = {"seeded": _jetnet_metrics(real, gen, SEED),
-                 "other_seed": _jetnet_metrics(real, gen, OTHER_SEED)}
-        entry["fpd"] = [float(v) for v in gm.fpd(features[real_name], features[gen_name])]
-        entry["kpd"] = [float(v) for v in gm.kpd(features[real_name], features[gen_name])]
-        ref["pairs"][f"{real_name}/{gen_name}"] = entry
+        ref["pairs"][f"{real_name}/{gen_name}"] = {
+            "seeded": _jetnet_metrics(real, gen, SEED), "other_seed": _jetnet_metrics(real, gen, OTHER_SEED),
+            **{k: [float(v) for v in fn(features[real_name], features[gen_name])] for k, fn in (("fpd", gm.fpd),
+                                                                                              ("kpd", gm.kpd))}}
     out.write_text(json.dumps(ref, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -132,13 +119,10 @@ def print_metrics(real_path: Path, gen_path: Path) -> None:
     from jetnet.evaluation import gen_metrics as gm
 
     real, gen = _read(real_path), _read(gen_path)
-    res = _jetnet_metrics(real, gen, SEED)
-    fr, fg = gm.get_fpd_kpd_jet_features(real), gm.get_fpd_kpd_jet_features(gen)
-    res["fpd"] = [float(v) for v in gm.fpd(fr, fg)]
-    res["kpd"] = [float(v) for v in gm.kpd(fr, fg)]
-    res["w1p_mean"] = float(np.mean(res["w1p"]["means"]))
-    res["w1efp_mean"] = float(np.mean(res["w1efp"]["means"]))
-    res["n_real"], res["n_gen"] = len(real), len(gen)
+    res, fr, fg = _jetnet_metrics(real, gen, SEED), gm.get_fpd_kpd_jet_features(real), gm.get_fpd_kpd_jet_features(gen)
+    res.update(fpd=[float(v) for v in gm.fpd(fr, fg)], kpd=[float(v) for v in gm.kpd(fr, fg)], n_real=len(real),
+               n_gen=len(gen), w1p_mean=float(np.mean(res["w1p"]["means"])),
+               w1efp_mean=float(np.mean(res["w1efp"]["means"])))
     print(json.dumps(res, indent=1))
 
 

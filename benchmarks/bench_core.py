@@ -1,0 +1,169 @@
+"""Core costs, each part in a fresh process where memory matters; Ray is not imported.
+
+generation  jet generation (Pythia 8 + FastJet) with 1 worker and with every core (--gen-jets, --flavor);
+io          Parquet write and read of those jets (of --data with --skip generation);
+graphs      graph building (raw_features, FeatureNormaliser.fit, build_graphs; best of 2 after a warm-up) on the
+            same jets repeated up to --graph-jets;
+phases      a Trainer at the default config (+ --set) on --jets jets: its training epoch (jets/s, batches/s,
+            optimiser steps/s), validation (evaluate) and the per-epoch generation score (generation_metrics:
+            sampling, W1m, W1p, FPD) from the fitted and the standard prior, s per call after a warm-up call and the
+            score's share of an epoch at generation_every 1 and at the config's; on CUDA torch's peaks per phase,
+            the whole process (NVML delta, nvidia-smi), and whether the runner's baseline read (device_memory_used
+            of torch.device('cuda')) initialises CUDA;
+fit         engine.fit as a trial runs it, the allocator capped to --share of a --card-gb card as the runner caps a
+            trial: epoch times; on CUDA torch's peaks, the whole process's peak (nvidia-smi every 0.2 s), the CUDA
+            context (process - reserved), whether it fits the share, the runner's sizing burst and the share it gives.
+
+  python benchmarks/bench_core.py [--data FILE] [--jets 2000] [--device auto] [--skip generation,io,graphs,phases,fit]
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import harness
+import numpy as np
+import torch
+from harness import MiB
+
+from hvae_ray import engine
+from hvae_ray.config import Config
+from hvae_ray.data.generate import generate_jets
+from hvae_ray.data.graphs import FeatureNormaliser, build_graphs, raw_features
+from hvae_ray.data.io import load_jets, save_parquet
+from hvae_ray.sweep.resources import CUDA_CONTEXT
+
+
+def data_parts(a) -> list[dict]:
+    rows, sample = [], None
+    if "generation" not in a.skip:
+        for w in dict.fromkeys([1, os.cpu_count() or 1]):
+            t = time.perf_counter()
+            sample = generate_jets(a.flavor, a.gen_jets, a.seed, workers=w, progress=False)
+            rows.append({"part": f"generation, {a.flavor} jets, {w} worker(s)", "jets": a.gen_jets,
+                         "s": time.perf_counter() - t})
+    sample = sample or harness.load_sample(a.data, a.jets)
+    if "io" not in a.skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            path, reps = Path(tmp) / "bench.parquet", max(1, 200_000 // len(sample))
+            for part, fn in (("parquet write", lambda: save_parquet(sample, path, overwrite=True)),
+                             ("parquet read", lambda: load_jets(path))):
+                t = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                rows.append({"part": part, "jets": reps * len(sample), "s": time.perf_counter() - t,
+                             "bytes_per_jet": path.stat().st_size / len(sample)})
+            rows.append({"part": "parquet write + read", "jets": rows[-1]["jets"], "s": rows[-1]["s"] + rows[-2]["s"]})
+    if "graphs" not in a.skip:
+        knn, runs = Config().data.knn, []
+        sample = sample.subset(np.resize(np.arange(len(sample)), a.graph_jets or len(sample)))
+        raw = raw_features(sample.subset(np.arange(min(64, len(sample)))), knn)
+        build_graphs(raw, FeatureNormaliser.fit(raw))  # warm-up: the first calls of the ops
+        for _ in range(2):
+            t = [time.perf_counter()]
+            raw = raw_features(sample, knn)
+            t.append(time.perf_counter())
+            norm = FeatureNormaliser.fit(raw)
+            t.append(time.perf_counter())
+            build_graphs(raw, norm)
+            runs.append(t + [time.perf_counter()])
+        t = min(runs, key=lambda t: t[3] - t[0])
+        rows += [{"part": f"graph building{k}", "jets": len(sample), "s": y - x, "threads": torch.get_num_threads()}
+                 for k, x, y in (("", t[0], t[3]), (": raw_features", t[0], t[1]), (": normaliser fit", t[1], t[2]),
+                                 (": build_graphs", t[2], t[3]))]
+    return [{**r, "jets_per_s": r["jets"] / r["s"]} for r in rows]
+
+
+def phases(data: str | None, jets: int, device: str, sets: list, calls: int) -> dict:
+    dev = engine.resolve_device(device)
+    cuda, res = dev.type == "cuda", {"device": str(dev)}
+    if cuda:
+        used0, before = harness.nvml_used(0), torch.cuda.is_initialized()
+        torch.cuda.device_memory_used(torch.device("cuda"))
+        res.update(baseline_read_inits_cuda=not before and torch.cuda.is_initialized(),
+                   context_mib_of_that_read=harness.nvml_used(0) - used0, gpu=torch.cuda.get_device_name(0))
+        torch.set_num_threads(1)  # as fit does on CUDA
+    cfg = harness.config(sets, {"device": dev.type})
+    tr = engine.Trainer(cfg, engine.prepare(cfg, harness.load_sample(data, jets), device=dev), dev)
+
+    def timed(name: str, fn) -> None:
+        fn()  # warm-up: CUDA graph capture, the validation EFPs
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+            res[f"{name}_mib"] = [torch.cuda.max_memory_allocated() / MiB, torch.cuda.max_memory_reserved() / MiB,
+                                  harness.nvml_used(0) - used0, harness.process_mib(os.getpid())]
+        res[f"{name}_s"] = (time.perf_counter() - t) / calls
+
+    timed("train", lambda: tr.train_epoch(20))
+    timed("evaluate", lambda: tr.evaluate(20))
+    for prior in ("fitted", "standard"):
+        tr.cfg = cfg.with_overrides({"generation_prior": prior})
+        timed(f"generation_{prior}", tr.generation_metrics)
+    batches, t = math.ceil(tr.n_train / cfg.batch_size), res["train_s"]
+    for k in ("generation_fitted", "generation_standard"):
+        res[f"{k}_share"] = [res[f"{k}_s"] / t, res[f"{k}_s"] / t / cfg.generation_every]
+    return {**res, "n_train": tr.n_train, "n_val": len(tr.splits.val), "batch_size": cfg.batch_size,
+            "accum": cfg.gradient_accumulation_steps, "generation_jets": cfg.generation_jets,
+            "generation_every": cfg.generation_every, "step_mode": tr.step_mode, "jets_per_s": tr.n_train / t,
+            "batches_per_s": batches / t, "steps_per_s": math.ceil(batches / cfg.gradient_accumulation_steps) / t}
+
+
+def main() -> None:
+    p = harness.parser(__doc__, "data", "set", "out", "skip")
+    p.add_argument("--jets", type=int, default=2000, help="jets of phases and fit (split 70/15/15)")
+    p.add_argument("--gen-jets", type=int, default=400, help="generation: jets generated")
+    p.add_argument("--flavor", default="q")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph-jets", type=int, default=0, help="graphs: jets (default: as many as there are)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--calls", type=int, default=3, help="phases: timed calls of each, after one warm-up")
+    p.add_argument("--fit-epochs", type=int, default=3)
+    p.add_argument("--card-gb", type=float, default=4.0, help="fit: the card trials are sized for")
+    p.add_argument("--share", type=float, default=0.25, help="fit: one trial's share of that card")
+    p.add_argument("--memory-steps", type=int, default=20, help="fit: steps of the runner's sizing burst (0: none)")
+    a = p.parse_args()
+    res, md = {"host": harness.host()}, []
+    if not {"generation", "io", "graphs"} <= a.skip:
+        res["data"] = data_parts(a)
+        md.append(harness.table(res["data"], ["part", "jets", "s", "jets_per_s", "bytes_per_jet", "threads"]))
+    if "phases" not in a.skip:
+        r = res["phases"] = harness.Child(phases, {"data": a.data, "jets": a.jets, "device": a.device, "sets": a.set,
+                                                   "calls": a.calls}).result()
+        keys = ("train", "evaluate", "generation_fitted", "generation_standard")
+        md += [harness.table([r], ["device", "n_train", "n_val", "batch_size", "accum", "step_mode", "jets_per_s",
+                                   "batches_per_s", "steps_per_s", "generation_jets", "generation_every",
+                                   "baseline_read_inits_cuda", "context_mib_of_that_read", "error"], "Phases"),
+               harness.table([{"phase": k, "s": r.get(f"{k}_s"), "share": r.get(f"{k}_share"), "mib": r.get(f"{k}_mib")}
+                              for k in keys], ["phase", "s", "share", "mib"],
+                             "s per call; share of an epoch at generation_every 1 and at the config's; MiB: peak "
+                             "allocated, peak reserved, process (NVML delta), process (nvidia-smi)")]
+    if "fit" not in a.skip:
+        with harness.GpuSampler() as gpu:
+            c = harness.Child(harness.fit_child, {"data": a.data, "jets": a.jets, "epochs": a.fit_epochs, "sets": a.set,
+                                                  "device": a.device, "share": a.share, "card_gb": a.card_gb,
+                                                  "memory_steps": a.memory_steps})
+            r = res["fit"] = c.result()
+        peak, share = gpu.peaks().get(c.pid), a.card_gb * 1024 * a.share
+        r.update(process_peak_mib=peak, share_mib=share, fits_share=bool(peak and peak <= share),
+                 context_mib=peak - r["peak_reserved_mib"] if peak and "peak_reserved_mib" in r else None,
+                 assumed_context_mib=CUDA_CONTEXT / MiB)
+        md.append(harness.table([r], ["device", "jets", "epochs", "threads_in_training", "epoch_time_s", "startup_s",
+                                      "allocator_fraction", "peak_allocated_mib", "peak_reserved_mib",
+                                      "process_peak_mib", "context_mib", "assumed_context_mib", "share_mib",
+                                      "fits_share", "runner_measured_mib", "runner_share", "error"],
+                                f"engine.fit, validation and W1m included, {a.share:g} of a {a.card_gb:g} GB card"))
+    harness.save(a, res, "\n\n".join(md))
+
+
+if __name__ == "__main__":
+    harness.entry(main, globals())

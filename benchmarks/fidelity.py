@@ -1,0 +1,139 @@
+"""Generation fidelity against held-out real jets, by jetnet's metrics (jetnet 0.2.5 convention, hvae_ray.physics).
+
+bound   what bounds generation quality, model by model: each --variant NAME:KEY=VALUE,... (config overrides over
+        the shared --set ones) trains in its own process, all at once (one GPU shared), for --epochs or --minutes
+        of training, whichever ends first; then from the last checkpoint the prior is fitted (GMM-20) and as many
+        jets as HELDOUT holds are sampled from N(0, 1), from the fitted prior and from q(z|x) of the held-out jets
+        (the reconstructions), each evaluated (KPD on one batch of 5,000). Writes OUT/fidelity_bound.json. The
+        held-out jets' seed must differ from the training jets'.
+priors  which prior to sample one checkpoint from: fitted flows and Gaussian mixtures (KIND[COMPONENTS]:TEMPERATURE,
+        each fitted in its own copy of the checkpoint folder on TRAIN's training split), N(0, 1) and q(z|x); seed
+        1, evaluated in parallel processes at jetnet's default sizes. Writes OUT/prior_compare.json.
+
+  python benchmarks/fidelity.py bound --train Q.parquet --heldout H.parquet --batch-size 512 --minutes 5 --out OUT \\
+      --variant slot: --variant sinkhorn+jet:particle_loss=sinkhorn,loss_weights.jet_features=1
+  python benchmarks/fidelity.py priors --checkpoint DIR --train Q.parquet --heldout H.parquet --priors flow:1,gmm20:1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import harness
+import torch
+from harness import METRICS
+
+from hvae_ray import api, load_config
+from hvae_ray.data.io import load_jets
+from hvae_ray.evaluation.metrics import evaluate_generation
+
+SOURCES = ("standard N(0,1)", "fitted prior (GMM-20)", "q(z|x) of held-out jets")
+
+
+def variant(name: str, overrides: dict, train: str, heldout: str, out: str, seconds: float, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    out, end, t0 = Path(out), time.monotonic() + seconds, time.time()
+    result = api.train(None, train, save_dir=out / "run", overrides=overrides, progress=False,
+                 callbacks=[lambda report: time.monotonic() > end])  # a callback returning True stops training
+    t_train, last, real = time.time() - t0, out / "run" / "last", load_jets(heldout)
+    api.fit_prior(last, train, components=20)
+    metrics = {}
+    for src, f, kw in zip(SOURCES, ("standard", "fitted", "posterior"),
+                          ({}, {"prior": "fitted"}, {"posterior_of": heldout})):
+        gen = load_jets(api.sample(last, len(real), out / f"{f}.npz", seed=1, **kw))
+        m = evaluate_generation(real.particles, real.mask, gen.particles, gen.mask, kpd_num_batches=1)
+        metrics[src] = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
+    return {"name": name, "overrides": overrides, "train_s": t_train, "evaluated_at_s": time.time() - t0,
+            "train_result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}, "metrics": metrics}
+
+
+def score(real: str, generated: str) -> dict:
+    return api.evaluate(real, generated)
+
+
+def bound(a, out: Path) -> tuple[dict, list[dict]]:
+    shared = {"epochs": a.epochs, "batch_size": a.batch_size, "gradient_accumulation_steps": 1,
+              **harness.parse_sets(a.set)}
+    jobs = []
+    for v in a.variant or ["default:"]:
+        name, _, sets = v.partition(":")
+        overrides = {**shared, **harness.parse_sets(x for x in sets.split(",") if x)}
+        load_config(None, overrides)  # a bad override fails here, before anything trains
+        jobs.append({"name": name, "overrides": overrides, "train": a.train, "heldout": a.heldout, "threads": a.threads,
+                     "out": str(out / name.replace("/", "_")), "seconds": 60 * a.minutes})
+    t0 = time.time()
+    procs = [harness.Child(variant, j, timeout=60 * a.minutes + a.eval_timeout, log=j["out"] + ".log",
+                           env={"OMP_NUM_THREADS": str(a.threads)}) for j in jobs]
+    runs = [p.result() for p in procs]
+    report = {"shared": shared, "minutes": a.minutes, "total_s": time.time() - t0, "runs": runs}
+    return report, [{"model": r["name"], "codes": src, "epochs": r["train_result"].get("epochs_run"), **m}
+                    for r in runs for src, m in r.get("metrics", {}).items()]
+
+
+def priors(a, out: Path) -> tuple[dict, list[dict]]:
+    n, t0, fitted = len(load_jets(a.heldout)), time.time(), set()
+    kw = {"seed": 1, "device": a.device, "overwrite": True}
+    gens = {SOURCES[0]: api.sample(a.checkpoint, n, out / "standard.npz", **kw),
+            SOURCES[2]: api.sample(a.checkpoint, n, out / "posterior.npz", posterior_of=a.heldout, **kw)}
+    for spec in a.priors.split(","):
+        kind, temp = spec.split(":")
+        folder = out / f"prior_{kind}"
+        if kind not in fitted:
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            shutil.copy(Path(a.checkpoint) / "checkpoint.pt", folder)
+            t = time.time()
+            api.fit_prior(folder, a.train, kind="flow" if kind == "flow" else "gmm", device=a.device,
+                      components=20 if kind == "flow" else int(kind[3:] or 20))
+            harness.say(f"fitted {kind} in {time.time() - t:.0f} s")
+            fitted.add(kind)
+        gens[f"{kind} T={temp}"] = api.sample(folder, n, out / f"{kind}_{temp}.npz", prior="fitted",
+                                              temperature=float(temp), **kw)
+    harness.say(f"sampled {len(gens)} sets of {n} jets")
+    names, width, metrics = list(gens), os.cpu_count() or 1, {}
+    for i in range(0, len(names), width):
+        procs = {k: harness.Child(score, {"real": a.heldout, "generated": str(gens[k])}, timeout=a.eval_timeout,
+                                  env={"OMP_NUM_THREADS": "1"}) for k in names[i:i + width]}
+        metrics.update({k: p.result() for k, p in procs.items()})
+    report = {"checkpoint": a.checkpoint, "n_heldout": n, "total_s": time.time() - t0, "metrics": metrics}
+    return report, [{"codes": k, **m} for k, m in metrics.items()]
+
+
+def main() -> None:
+    p = harness.parser(__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b, c = sub.add_parser("bound", help="models trained side by side"), sub.add_parser("priors", help="one checkpoint")
+    for q in (b, c):
+        q.add_argument("--train", required=True)
+        q.add_argument("--heldout", required=True)
+        q.add_argument("--eval-timeout", type=float, default=7200, help="seconds allowed for sampling and evaluation")
+    b.add_argument("--epochs", type=int, default=1000)
+    b.add_argument("--minutes", type=float, default=5.0, help="training time per variant")
+    b.add_argument("--batch-size", type=int, default=256)
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every variant")
+    b.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="a model (repeatable)")
+    b.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
+    b.add_argument("--out", required=True)
+    c.add_argument("--checkpoint", required=True)
+    c.add_argument("--priors", default="flow:1,flow:0.9,flow:0.8,gmm20:1,gmm20:0.9,gmm100:1",
+                   help="KIND[COMPONENTS]:TEMPERATURE,... (kinds flow, gmm)")
+    c.add_argument("--device", default="auto")
+    c.add_argument("--out", default="prior_compare")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report, rows = (bound if a.cmd == "bound" else priors)(a, out)
+    (out / ("fidelity_bound.json" if a.cmd == "bound" else "prior_compare.json")).write_text(
+        json.dumps(report, indent=1, default=str))
+    floor = next((r for r in rows if "error" not in r), {})
+    rows = [{"codes": "real vs real (floor)", **{k: floor.get(k + "_floor") for k in METRICS}}, *rows]
+    print(harness.table(rows, ["model", "codes", "epochs", *METRICS, "error"] if a.cmd == "bound" else
+                        ["codes", *METRICS, "error"], f"{len(rows) - 1} sets in {report['total_s']:.0f} s"))
+
+
+if __name__ == "__main__":
+    harness.entry(main, globals())

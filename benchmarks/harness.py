@@ -1,0 +1,308 @@
+"""What the benchmark scripts share: child processes, GPU sampling, jets and configs, tables, arguments.
+
+A script's function runs in a fresh process with ``Child(fn, kwargs).result()`` when the script ends with
+``harness.entry(main, globals())``: the child prints ``RESULT <json>``, the parent parses it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hvae_ray.config import Config, parse_override
+from hvae_ray.data.io import load_jets
+from hvae_ray.data.jets import from_padded
+from hvae_ray.engine import fit, resolve_device
+from hvae_ray.sweep import resources as rs
+from hvae_ray.sweep.spec import ResourceSpec
+
+MiB, GiB = 2**20, 2**30
+REPO = Path(__file__).resolve().parent.parent
+METRICS = ("w1m", "w1p_mean", "w1efp_mean", "fpd", "kpd")  # the generation metrics the tables show
+FLAG = "--harness-child"
+# NCCL_NVLS_ENABLE=0: no NVLink multicast (shared hosts). RAY_ADDRESS=local: a child's ray.init starts its own
+# instance, never joining a cluster that `ray start` left on the host.
+CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
+T0 = time.perf_counter()
+
+
+def started() -> float:
+    """This process's start on the time.perf_counter clock (Linux), so that start-up times include the imports."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+    return time.perf_counter() - (time.clock_gettime(time.CLOCK_BOOTTIME) - ticks)
+
+
+def say(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+class Child:
+    """``target`` (a function of a script ending in :func:`entry`, or code reading its JSON argument from
+    ``sys.argv[1]``) in a fresh process group, output to ``log``; :meth:`result` waits until ``timeout`` s
+    after the start, then stops the whole group (a sweep's Ray instance included)."""
+
+    def __init__(self, target, kwargs: dict | None = None, *, timeout: float = 600, env: dict | None = None,
+                 log: str | Path | None = None):
+        arg = json.dumps(kwargs or {}, default=str)
+        cmd = ([os.path.abspath(sys.modules[target.__module__].__file__), FLAG, target.__name__, arg]
+               if callable(target) else ["-c", target, arg])
+        self.timeout, self.t0, self.keep = timeout, time.perf_counter(), log is not None
+        self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen([sys.executable, "-u", *cmd], stdout=fh, stderr=subprocess.STDOUT,
+                                         start_new_session=True, env={**os.environ, **CHILD_ENV, **(env or {})})
+        self.pid = self.proc.pid
+
+    def stop(self, sig=signal.SIGKILL) -> None:
+        try:
+            os.killpg(self.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def result(self) -> dict:
+        """The child's RESULT dict with child_s, returncode and timed_out; {"error", "log_tail"} without one."""
+        timed_out = False
+        try:
+            self.proc.wait(timeout=max(1.0, self.timeout - (time.perf_counter() - self.t0)))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            self.stop(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.stop()
+                self.proc.wait()
+        text = self.log.read_text(errors="replace")
+        if not self.keep:
+            self.log.unlink(missing_ok=True)
+        res = next((json.loads(x[7:]) for x in reversed(text.splitlines()) if x.startswith("RESULT ")), None)
+        if res is None:
+            last = [x for x in text.splitlines() if x.strip()] or ["no output"]
+            res = {"error": f"timed out after {self.timeout:.0f} s" if timed_out else last[-1],
+                   "log_tail": text[-3000:]}
+        return {**res, "child_s": time.perf_counter() - self.t0, "returncode": self.proc.returncode,
+                "timed_out": timed_out}
+
+
+def entry(main, namespace: dict) -> None:
+    """A script's ``__main__``: serve a :class:`Child` call, else run ``main``."""
+    if len(sys.argv) == 4 and sys.argv[1] == FLAG:
+        print("RESULT " + json.dumps(namespace[sys.argv[2]](**json.loads(sys.argv[3])), default=str), flush=True)
+    else:
+        main()
+
+
+def smi(query: str) -> list[list[str]]:
+    """Rows of ``nvidia-smi --query-...`` (csv, no header, no units); [] without nvidia-smi."""
+    try:
+        out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    lines = out.stdout.splitlines() if out.returncode == 0 else []
+    return [[x.strip() for x in line.split(",")] for line in lines if line.strip()]
+
+
+def num(x: str) -> float:
+    return float(x) if x.replace(".", "", 1).isdigit() else math.nan
+
+
+def process_mib(pid: int) -> float | None:
+    """What nvidia-smi shows for process ``pid``, MiB."""
+    return next((num(r[1]) for r in smi("--query-compute-apps=pid,used_memory") if r[0] == str(pid)), None)
+
+
+def nvml_used(index: int = 0) -> float | None:
+    """Used memory of GPU ``index`` in MiB through NVML (an int index does not initialise CUDA), or None."""
+    try:
+        return torch.cuda.device_memory_used(index) / MiB
+    except Exception:  # noqa: BLE001 - no NVML: no figure
+        return None
+
+
+class GpuSampler:
+    """nvidia-smi polled in a thread every ``interval`` s while in a ``with`` block: each card's utilisation and
+    used memory, and each compute process's memory. Records nothing without nvidia-smi."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.util, self.apps = interval, [], []  # (t, card, util %, MiB), (t, {pid: MiB})
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            t = time.time()
+            self.util += [(t, r[0], num(r[1]), num(r[2])) for r in smi("--query-gpu=index,utilization.gpu,memory.used")]
+            apps = smi("--query-compute-apps=pid,used_memory")
+            self.apps.append((t, {int(r[0]): num(r[1]) for r in apps if r[0].isdigit()}))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> GpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def window(self, t0: float = 0.0, t1: float = math.inf) -> dict:
+        """Within [t0, t1] (unix time), card by card: busy fraction (utilisation > 0), mean utilisation, peak and
+        least used MiB; the share of samples with a compute process, the most at once, peak and median MiB of one."""
+        s = [x for x in self.util if t0 <= x[0] <= t1]
+        by = [[x for x in s if x[1] == c] for c in sorted({x[1] for x in s})]
+        apps = [a for t, a in self.apps if t0 <= t <= t1] if s else []
+        per = [m for a in apps for m in a.values()]
+        return {"busy_fraction": [sum(x[2] > 0 for x in c) / len(c) for c in by],
+                "util_mean_pct": [statistics.fmean(x[2] for x in c) for c in by],
+                "used_peak_mib": [max(x[3] for x in c) for c in by], "used_min_mib": [min(x[3] for x in c) for c in by],
+                "process_present_fraction": sum(map(bool, apps)) / len(apps) if apps else None,
+                "processes_at_once_max": max(map(len, apps), default=None), "process_peak_mib": max(per, default=None),
+                "process_median_mib": median(per)}
+
+    def peaks(self) -> dict[int, float]:
+        """pid → the most memory the process held, MiB."""
+        return {p: max(a.get(p, 0.0) for _, a in self.apps) for p in {p for _, a in self.apps for p in a}}
+
+
+def load_sample(data: str | None, jets: int = 0, tile: bool = False):
+    """The first ``jets`` jets of ``data`` (all with 0; repeated up to ``jets`` with ``tile``), or synthetic jets
+    of 10-30 particles when ``data`` is None."""
+    if data:
+        s = load_jets(data)
+        return s.subset(np.resize(np.arange(len(s)), jets) if tile else np.arange(min(jets or len(s), len(s))))
+    rng = np.random.default_rng(0)
+    p = np.zeros((jets, 30, 3), np.float32)
+    p[..., :2] = rng.normal(0, 0.15, (jets, 30, 2))
+    pt = rng.exponential(1, (jets, 30)) * (np.arange(30)[None] < rng.integers(10, 31, jets)[:, None])
+    p[..., 2] = pt / pt.sum(1, keepdims=True)
+    return from_padded(p)
+
+
+def parse_sets(items) -> dict:
+    return dict(parse_override(s) for s in items or [])
+
+
+def config(sets=(), extra: dict | None = None):
+    """The default config with ``--set`` overrides, then ``extra``."""
+    return Config().with_overrides({**parse_sets(sets), **(extra or {})})
+
+
+def fit_child(data: str | None, jets: int, epochs: int, device: str = "auto", sets=(), share: float = 0.0,
+              card_gb: float = 0.0, memory_steps: int = 0) -> dict:
+    """engine.fit as a trial runs it (save_dir and TensorBoard dir), the allocator capped to ``share`` of a
+    ``card_gb`` card as the runner caps a trial: epoch times, report-to-report intervals, start-up, CPU threads;
+    on CUDA torch's peaks and, with ``memory_steps``, the runner's sizing burst and the share it gives."""
+    t_start = started()
+    cfg, dev, stamps = config(sets, {"epochs": epochs, "data.max_jets": jets or None}), resolve_device(device), []
+    res: dict = {"pid": os.getpid(), "device": str(dev), "jets": jets, "epochs": epochs}
+    if dev.type == "cuda" and share:
+        res["allocator_fraction"] = rs.allocator_fraction(share, card_gb * GiB,
+                                                          torch.cuda.get_device_properties(0).total_memory)
+        torch.cuda.set_per_process_memory_fraction(res["allocator_fraction"], 0)
+
+    def stamp(report) -> None:
+        stamps.append((report.metrics["epoch_time_s"], time.perf_counter(), torch.get_num_threads()))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(cfg, load_sample(data, 0 if data else jets), save_dir=Path(tmp) / "run", log_dir=Path(tmp) / "tb",
+            progress=False, device=dev, callbacks=[stamp])
+    t_end, (ep, at, threads) = time.perf_counter(), zip(*stamps)
+    res.update(epoch_time_s=ep, threads_in_training=threads[-1], total_s=t_end - t_start,
+               after_last_report_s=t_end - at[-1], startup_s=at[0] - t_start - ep[0],
+               interval_s=[at[0] - t_start] + [b - a for a, b in zip(at, at[1:])])
+    if dev.type == "cuda":
+        res.update(peak_allocated_mib=torch.cuda.max_memory_allocated() / MiB,
+                   peak_reserved_mib=torch.cuda.max_memory_reserved() / MiB, process_mib_now=process_mib(os.getpid()))
+        measured = rs.measure_trial_memory(memory_steps, cfg=cfg, use_cache=False) if memory_steps else None
+        if measured:
+            res["runner_measured_mib"] = {k: v / MiB for k, v in measured.items() if isinstance(v, float)}
+            trial, context = rs.trial_footprint(measured)
+            res["runner_share"] = rs.gpu_fraction(card_gb * GiB, trial, ResourceSpec().headroom, context)
+    return res
+
+
+def jsonl(path: str | Path) -> list[dict]:
+    """The rows of a JSON-lines file ([] when absent; a line cut short is skipped)."""
+    rows = []
+    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def median(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return statistics.median(xs) if xs else None
+
+
+def ratio(a, b):
+    return a / b if a and b else None
+
+
+def fmt(x, d: int | str = 1, unit: str = "") -> str:
+    """``x`` to ``d`` decimals (or the format spec ``d``) with ``unit``; n/a for None; lists item by item."""
+    if isinstance(x, (list, tuple)):
+        return ", ".join(fmt(v, d) for v in x) + unit
+    if isinstance(x, dict):
+        return ", ".join(f"{k} {fmt(v, d)}" for k, v in x.items()) + unit
+    if isinstance(x, float) and math.isfinite(x):
+        return f"{x:{f'.{d}f' if isinstance(d, int) else d}}{unit}"
+    return "n/a" if x is None else f"{x}{unit}"
+
+
+def table(items: list[dict], keys: list[str], title: str = "") -> str:
+    """A Markdown table of ``items``, one column per key (numbers to 4 significant digits); "" without items."""
+    head = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    rows = ["| " + " | ".join(fmt(x.get(k), ".4g").replace("|", "\\|") for k in keys) + " |" for x in items]
+    return "\n".join(head + rows) if items else ""
+
+
+def host() -> dict:
+    """Where and with what a benchmark ran."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "node": platform.node(), "cpu_cores": os.cpu_count(),
+            "command": shlex.join([Path(sys.executable).name, *sys.argv]), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.cuda.is_available(),
+            "gpus": smi("--query-gpu=index,name,memory.total,driver_version")}
+
+
+def parser(doc: str, *common: str) -> argparse.ArgumentParser:
+    """An argument parser showing ``doc``, with the ``common`` options asked for: data, set, out, skip."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, kw in (("data", {"help": "jets file (default: synthetic jets, 10-30 particles)"}),
+                     ("set", {"action": "append", "default": [], "metavar": "KEY=VALUE", "help": "config override"}),
+                     ("out", {"metavar": "DIR", "help": "write results.json and results.md there"}),
+                     ("skip", {"default": set(), "type": lambda v: set(v.split(",")), "help": "parts to leave out"})):
+        if name in common:
+            p.add_argument(f"--{name}", **kw)
+    return p
+
+
+def save(a: argparse.Namespace, results: dict, markdown: str = "") -> None:
+    """Print ``markdown``; write it and ``results`` to ``--out`` (called again as parts finish)."""
+    if markdown:
+        print(markdown, flush=True)
+    if getattr(a, "out", None):
+        Path(a.out).mkdir(parents=True, exist_ok=True)
+        (Path(a.out) / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        if markdown:
+            (Path(a.out) / "results.md").write_text(markdown + "\n")
+
+
+if __name__ == "__main__":
+    entry(lambda: sys.exit("harness.py holds what the benchmark scripts share"), globals())
