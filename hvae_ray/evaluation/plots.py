@@ -14,11 +14,19 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from hvae_ray.data.jets import PARTICLE_FEATURES
 from hvae_ray.evaluation.efp import PRIME_EFP_N4_D4, efps, jet_mass
 
 __all__ = ["FIGURE_KEYS", "distribution_figures", "save_figures"]
 
 FIGURE_KEYS = ("mass", "ptrel", "etarel", "phirel", "multiplicity", "efp")
+
+# Axis label, log y axis and title of each particle feature's figure, in PARTICLE_FEATURES' order.
+_PARTICLE_LABELS = dict(zip(PARTICLE_FEATURES, (
+    (r"Particle $\eta^{\mathrm{rel}} = \eta - \eta^{\mathrm{jet}}$", False, "Particle η_rel"),
+    (r"Particle $\phi^{\mathrm{rel}} = \phi - \phi^{\mathrm{jet}}$ [rad]", False, "Particle φ_rel"),
+    (r"Particle $p_T^{\mathrm{rel}} = p_T/p_T^{\mathrm{jet}}$", True, "Particle pT_rel"),
+)))
 
 _REAL_STYLE = dict(histtype="stepfilled", color="tab:blue", alpha=0.35, label="Real")
 _GEN_STYLE = dict(histtype="step", color="tab:red", linewidth=1.5, label="Generated")
@@ -88,15 +96,9 @@ def distribution_figures(
     figs["mass"] = _hist_figure(mass_r, mass_g, _shared_bins(mass_r, mass_g, num_bins),
                                 r"Relative jet mass $m/p_T^{\mathrm{jet}}$", "Jets (normalised)", "Jet mass")
 
-    labels = {
-        "etarel": (0, r"Particle $\eta^{\mathrm{rel}} = \eta - \eta^{\mathrm{jet}}$", False,
-                   "Particle η_rel"),
-        "phirel": (1, r"Particle $\phi^{\mathrm{rel}} = \phi - \phi^{\mathrm{jet}}$ [rad]", False,
-                   "Particle φ_rel"),
-        "ptrel": (2, r"Particle $p_T^{\mathrm{rel}} = p_T/p_T^{\mathrm{jet}}$", True, "Particle pT_rel"),
-    }
-    for key in ("ptrel", "etarel", "phirel"):
-        f, xlabel, logy, title = labels[key]
+    for key in (k for k in FIGURE_KEYS if k in _PARTICLE_LABELS):
+        f = PARTICLE_FEATURES.index(key)
+        xlabel, logy, title = _PARTICLE_LABELS[key]
         a, b = xr[..., f][mr], xg[..., f][mg]
         figs[key] = _hist_figure(a, b, _shared_bins(a, b, num_bins), xlabel, "Particles (normalised)",
                                  title, logy=logy)

@@ -145,7 +145,7 @@ def ray_init(address: str | None, **local: Any):
         port = _free_port()
         env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         # address="local": always a new instance of our own, never a cluster that `ray start` left
-        # running on this host (ray.init's default would join it); clusters are joined with --address.
+        # running on this host (ray.init's default would join it); clusters are joined by `address`.
         return ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
                         dashboard_host="127.0.0.1", dashboard_port=port, **{"log_to_driver": False, **local})
 
