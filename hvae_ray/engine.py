@@ -590,12 +590,13 @@ class Trainer:
             gen_p, gen_m = generate(self.model, self.normaliser, n, seed=self.cfg.seed, device=self.device)
         if not np.isfinite(gen_p).all():
             return {k: math.inf for k in GENERATION_KEYS}
+        efp_device = self.device if self.device.type == "cuda" else None  # numpy is the faster on a CPU
         if self._val_efps is None:
-            self._val_efps = efps(val.particles, val.mask)
+            self._val_efps = efps(val.particles, val.mask, device=efp_device)
         out = {"val_w1m": float(wasserstein_distance(jet_mass(val.particles, val.mask), jet_mass(gen_p, gen_m)))}
         out["val_w1p"] = float(np.mean([wasserstein_distance(val.particles[..., f][val.mask], gen_p[..., f][gen_m])
                                         for f in range(gen_p.shape[-1])]))
-        gen_efps = efps(gen_p, gen_m)
+        gen_efps = efps(gen_p, gen_m, device=efp_device)
         if np.isfinite(gen_efps).all() and n >= 4:
             out["val_fpd"] = float(fpd(self._val_efps, gen_efps, min_samples=max(2, n // 2), max_samples=n,
                                        num_batches=4, num_points=4, seed=self.cfg.seed)[0])

@@ -97,9 +97,9 @@ def as_particles(particles: np.ndarray, mask: np.ndarray | None) -> tuple[np.nda
     return x, m
 
 
-def _abs_dphi(dphi: np.ndarray) -> np.ndarray:
+def _abs_dphi(dphi):
     """|Δφ| of an angle difference, wrapped into [0, π] (energyflow's: π − ||Δφ| − π|, mod 2π)."""
-    return np.pi - np.abs(np.abs(dphi) % (2 * np.pi) - np.pi)
+    return np.pi - abs(abs(dphi) % (2 * np.pi) - np.pi)  # numpy arrays or torch tensors
 
 
 
@@ -163,10 +163,11 @@ def _canonical(graph: Graph) -> Graph:
     return best
 
 
-def _connected_efp(graph: Graph, z: np.ndarray, theta_pow: dict[int, np.ndarray]) -> np.ndarray:
+def _connected_efp(graph: Graph, z, theta_pow: dict, einsum=None):
     """EFP of one connected graph for a chunk of jets, by einsum over the particle indices.
 
-    z: (n_jets, P); theta_pow[w]: (n_jets, P, P) = θ_ij^w. Returns (n_jets,).
+    z: (n_jets, P); theta_pow[w]: (n_jets, P, P) = θ_ij^w, numpy arrays or torch tensors (then
+    ``einsum`` is :func:`_torch_einsum`). Returns (n_jets,).
     """
     n = 1 + max(max(e) for e in graph)
     letters = "bcdefghijklmnopqrstuvwxyz"
@@ -182,7 +183,35 @@ def _connected_efp(graph: Graph, z: np.ndarray, theta_pow: dict[int, np.ndarray]
             theta_pow[w] = theta_pow[1] ** w
         operands.append(theta_pow[w])
         subs.append("a" + letters[i] + letters[j])
+    if einsum is not None:
+        return einsum(",".join(subs) + "->a", *operands)
     return np.einsum(",".join(subs) + "->a", *operands, optimize="greedy")
+
+
+_PATHS: dict = {}
+
+
+def _torch_einsum(subscripts: str, *operands):
+    """``torch.einsum`` one pair of operands at a time along numpy's greedy contraction order (without
+    a path, torch contracts left to right, and a 4-vertex EFP would build a (jets, P, P, P, P) array)."""
+    import torch
+
+    inputs, out = subscripts.split("->")
+    subs = inputs.split(",")
+    key = (subscripts, tuple(tuple(o.shape) for o in operands))
+    if key not in _PATHS:  # numpy's planner reads shapes only: zero-stride views stand in for the arrays
+        views = [np.broadcast_to(np.zeros(()), tuple(o.shape)) for o in operands]
+        _PATHS[key] = np.einsum_path(subscripts, *views, optimize="greedy")[0][1:]
+    ops = list(operands)
+    for pair in _PATHS[key]:  # positions in the current list; the result goes to its end
+        picked, picked_subs = [ops[i] for i in pair], [subs[i] for i in pair]
+        for i in sorted(pair, reverse=True):
+            del ops[i], subs[i]
+        needed = set("".join(subs)) | set(out)
+        result = "".join(dict.fromkeys(c for sub in picked_subs for c in sub if c in needed))
+        ops.append(torch.einsum(",".join(picked_subs) + "->" + result, *picked))
+        subs.append(result)
+    return ops[0] if subs[0] == out else torch.einsum(f"{subs[0]}->{out}", ops[0])
 
 
 def efps(
@@ -190,6 +219,7 @@ def efps(
     mask: np.ndarray | None = None,
     graphs: Sequence[Sequence[tuple[int, int]]] = EFP_D4_GRAPHS,
     chunk_size: int = 2048,
+    device=None,
 ) -> np.ndarray:
     """Energy flow polynomials (Komiske, Metodiev, Thaler, arXiv:1712.07124) of each jet, as jetnet.
 
@@ -208,7 +238,8 @@ def efps(
     particles: (N, P, 3) = (η_rel, φ_rel, pT_rel); mask: (N, P) bool or None.
     graphs: sequence of edge lists, e.g. ``EFP_D4_GRAPHS`` (36, the default, energyflow's column order)
     or ``PRIME_EFP_N4_D4``. Returns (N, len(graphs)) float64, dimensionless; every d ≥ 1 EFP is 0 for a
-    one-particle jet.
+    one-particle jet. ``device`` (a torch device, e.g. a GPU): compute there in float64 with torch, the
+    same contractions (the per-epoch generation score does); None: numpy.
     """
     x, _ = as_particles(particles, mask)
     graphs = [tuple((int(a), int(b)) for a, b in g) for g in graphs]
@@ -218,17 +249,23 @@ def efps(
     n_jets = x.shape[0]
     values = np.empty((n_jets, len(unique)))
     max_w = max((max(_multiplicities(c).values(), default=1) for c in unique), default=1)
+    einsum, xt = None, x
+    if device is not None:
+        import torch
+
+        einsum, xt = _torch_einsum, torch.as_tensor(x, device=device)
     for start in range(0, n_jets, chunk_size):
         sl = slice(start, start + chunk_size)
-        z = x[sl, :, 2]  # pT_rel as given (jetnet's convention), 0 for padding
-        deta = x[sl, :, None, 0] - x[sl, None, :, 0]
-        dphi = _abs_dphi(x[sl, :, None, 1] - x[sl, None, :, 1])
-        theta = np.sqrt(deta**2 + dphi**2)
+        z = xt[sl, :, 2]  # pT_rel as given (jetnet's convention), 0 for padding
+        deta = xt[sl, :, None, 0] - xt[sl, None, :, 0]
+        dphi = _abs_dphi(xt[sl, :, None, 1] - xt[sl, None, :, 1])
+        theta = (deta**2 + dphi**2) ** 0.5
         theta_pow = {1: theta}
         for w in range(2, max_w + 1):
             theta_pow[w] = theta_pow[w - 1] * theta
         for c, i in col.items():
-            values[sl, i] = _connected_efp(c, z, theta_pow)
+            v = _connected_efp(c, z, theta_pow, einsum)
+            values[sl, i] = v if einsum is None else v.cpu().numpy()
     out = np.ones((n_jets, len(graphs)))
     for k, comps in enumerate(decomposed):
         if not comps:  # no edges: the one-vertex graph, Σ_i z_i

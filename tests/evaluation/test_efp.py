@@ -165,6 +165,19 @@ def test_efps_ignore_padding_and_chunking(toy_jets):
     np.testing.assert_allclose(efp.efps(x, mask, chunk_size=7), ref, rtol=1e-12)
 
 
+def test_efps_computed_with_torch_equal_numpys_and_the_brute_force_sums(toy_jets, one_jet):
+    """The device path (torch, contracted pair by pair along numpy's order) on the CPU: the same values."""
+    x, mask = toy_jets(40, 5)
+    np.testing.assert_allclose(efp.efps(x, mask, device="cpu", chunk_size=16), efp.efps(x, mask), rtol=1e-12)
+    rows = [(0.1, 0.05, 0.5), (-0.2, 3.1, 0.3), (0.05, -3.0, 0.2)]  # two particles across φ = ±π
+    jet = one_jet(rows)
+    z = jet[0, :3, 2]
+    wrapped = lambda a, b: np.pi - abs(abs(a - b) % (2 * np.pi) - np.pi)  # noqa: E731
+    d = np.array([[np.hypot(a[0] - b[0], wrapped(a[1], b[1])) for b in rows] for a in rows])
+    expected = [brute_force_efp(g, z, d) if g else z.sum() for g in efp.EFP_D4_GRAPHS]
+    np.testing.assert_allclose(efp.efps(jet, device="cpu")[0], expected, rtol=1e-12, atol=1e-15)
+
+
 def test_efps_wrap_phi(one_jet):
     near = efp.efps(one_jet([(0.0, np.pi - 0.05, 0.5), (0.0, -np.pi + 0.05, 0.5)]), graphs=[((0, 1),)])
     assert near[0, 0] == pytest.approx(2 * 0.25 * 0.1, rel=1e-9)
