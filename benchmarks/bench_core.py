@@ -1,18 +1,14 @@
-"""Core costs, each part in a fresh process where memory matters; Ray is not imported.
+"""Core costs; the trial parts each in a fresh process, so that memory figures are clean. Ray is not imported.
 
-generation  jet generation (Pythia 8 + FastJet) with 1 worker and with every core (--gen-jets, --flavor);
-io          Parquet write and read of those jets (of --data with --skip generation);
-graphs      graph building (raw_features, FeatureNormaliser.fit, build_graphs; best of 2 after a warm-up) on the
-            same jets repeated up to --graph-jets;
-phases      a Trainer at the default config (+ --set) on --jets jets: its training epoch (jets/s, batches/s,
-            optimiser steps/s), validation (evaluate) and the per-epoch generation score (generation_metrics:
-            sampling, W1m, W1p, FPD) from the fitted and the standard prior, s per call after a warm-up call and the
-            score's share of an epoch at generation_every 1 and at the config's; on CUDA torch's peaks per phase,
-            the whole process (NVML delta, nvidia-smi), and whether the runner's baseline read (device_memory_used
-            of torch.device('cuda')) initialises CUDA;
-fit         engine.fit as a trial runs it, the allocator capped to --share of a --card-gb card as the runner caps a
-            trial: epoch times; on CUDA torch's peaks, the whole process's peak (nvidia-smi every 0.2 s), the CUDA
-            context (process - reserved), whether it fits the share, the runner's sizing burst and the share it gives.
+generation  jets/s of Pythia 8 + FastJet generation, 1 worker and every core; io: Parquet write and read of
+            those jets (of --data with --skip generation); graphs: raw_features, FeatureNormaliser.fit and
+            build_graphs (best of 2 after a warm-up).
+phases      a Trainer at the default config (+ --set) on --jets jets: training epoch (jets/s, batches/s, steps/s),
+            validation and the per-epoch generation score (sampling, W1m, W1p, FPD) from each prior, s per call
+            after a warm-up and the score's share of an epoch; on CUDA torch's peaks and the whole process (NVML
+            delta, nvidia-smi) per phase, and whether device_memory_used(torch.device('cuda')) initialises CUDA.
+fit         engine.fit as a trial runs it, capped to --share of a --card-gb card: epoch times; on CUDA torch's
+            peaks, the process's peak (nvidia-smi), CUDA context, whether it fits, the runner's sizing and share.
 
   python benchmarks/bench_core.py [--data FILE] [--jets 2000] [--device auto] [--skip generation,io,graphs,phases,fit]
 """

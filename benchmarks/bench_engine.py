@@ -1,15 +1,14 @@
 """Training throughput and memory of the engines, each run in a fresh process. Ray is not imported.
 
-batches  the engine's Trainer on the default model per --batches setting (batch x accumulation) and engine, on
-         --device: one warm-up epoch (the PyG engine builds its hypergraphs, the dense one captures its CUDA graph),
-         then --epochs timed epochs of training steps: jets/s, ms per optimiser step, batches/s, torch's peak
-         memory, the whole process (NVML delta), the start-up steps (import_s: process start to the run); at --check
-         settings the captured dense step against the eager one; at --compiled also the dense engine compiled.
---cpu    the default-config epoch as fit runs it (training, validation, W1m) per engine, --repeats runs alternating:
-         wall and process CPU time of the fastest epoch after the first (instead of the batches).
---pack   K,...: K processes at the default config (+ --set) training at once on one device, phase by phase (started
-         and warmed up once), each capped to a 1/4 share of a --pack-card-gb card: aggregate jets/s against K = 1,
-         per-process jets/s and memory (nvidia-smi), GPU busy fraction. Default 1,4 with CUDA.
+batches  per --batches setting (batch x accumulation) and engine on --device, the Trainer's warm-up epoch (PyG
+         hypergraphs, the dense CUDA graph), then --epochs timed epochs: jets/s, ms per optimiser step, batches/s,
+         torch's peak memory, the whole process (NVML delta), start-up (import_s from process start); at --check
+         the captured dense step against the eager one; at --compiled also the dense engine compiled.
+--cpu    the default-config fit epoch (training, validation, W1m) per engine, --repeats runs alternating: wall
+         and process CPU time of the fastest epoch after the first (instead of the batches).
+--pack   K,...: K processes at the default config (+ --set) training at once, phase by phase (started and warmed
+         up once), each capped to 1/4 of a --pack-card-gb card: aggregate jets/s against K = 1, per-process jets/s
+         and memory (nvidia-smi), GPU busy fraction. Default 1,4 with CUDA.
 
   python benchmarks/bench_engine.py [--data FILE] [--batches 8x4,32,128,512,8192] [--pack 1,2,4,6] [--out DIR]
   python benchmarks/bench_engine.py --cpu [--data FILE] [--cpu-jets 1000] [--epochs 3] [--pack 1,2]

@@ -1,21 +1,17 @@
-"""Sweep-level costs. Each sweep runs in a child process with its own Ray instance and a time limit; results come
-from its experiment directory, so a sweep that hangs still reports what it finished. Run alone: another Ray
-instance on the host competes for the same CPUs and GPUs.
+"""Sweep-level costs, each sweep in a child process with its own Ray instance and a time limit (a sweep that hangs
+still reports what its experiment directory holds). Run alone: another Ray instance competes for the devices.
 
-overhead  per --scales JETS:EPOCHS: engine.fit in a fresh process (save_dir and TensorBoard dir, as a trial has)
-          against the same run as a one-trial sweep (Tune + TorchTrainer) with each --workers count (N > 1: data
-          parallel, a whole GPU each over NCCL, or CPUs over gloo): epoch_time_s and report-to-report time (medians,
-          first epoch excluded), start-up to the first report less that epoch, when each Ray actor came up, whether
-          Ray frees every CPU/GPU after it; x_one_worker, the data-parallel speed-up (goal >= 1.8 on 2 GPUs).
-sweep     --sweep FILE (+ --sweep-set KEY=VALUE): wall time, trials and epochs per hour, aggregate training jets/s,
-          trial start-up (Tune's: trial start -> first report; the critical path: the worker's launch -> first
-          report; less that epoch), report gaps, the GPU share and trial memory the runner chose, the GPU busy
-          fraction (nvidia-smi every 0.2 s), the trials (best val_objective, last val KL, its slope over the last 10
-          epochs), the best trial's curve; --one-device: again on one GPU (CPU): x_one_device (goal >= 1.9 on 2 GPUs).
-evaluate  with --evaluate HELDOUT: --gen-jets jets sampled from the best trial, evaluated against HELDOUT.
+overhead  per --scales JETS:EPOCHS, engine.fit in a fresh process (as a trial runs it) against a one-trial sweep
+          with each --workers count (N > 1: data parallel over NCCL, gloo on CPUs): epoch time and report interval
+          (medians, first epoch excluded), start-up, when each Ray actor came up, whether Ray frees its CPUs/GPUs;
+          x_one_worker is the data-parallel speed-up (goal >= 1.8 on 2 GPUs at 100k jets).
+sweep     --sweep FILE (+ --sweep-set KEY=VALUE): wall time, trials and epochs per hour, aggregate jets/s, trial
+          start-up (Tune's, and the critical path from the worker's launch), report gaps, the GPU share and trial
+          memory chosen, GPU busy fraction (nvidia-smi every 0.2 s), the trial table, the best trial's curve;
+          --one-device runs it again on one GPU (one CPU): x_one_device (goal >= 1.9 on 2 GPUs).
+evaluate  --evaluate HELDOUT: --gen-jets jets sampled from the best trial, scored against HELDOUT.
 
   python benchmarks/bench_sweep.py [--data FILE] [--scales 250:6,10000:4] [--sweep FILE] [--out DIR]
-  python benchmarks/bench_sweep.py --data q100k.parquet --scales 100000:3 --workers 1,2 --skip bare,sweep  # 2 GPUs
 """
 
 from __future__ import annotations
@@ -31,11 +27,12 @@ import harness
 import numpy as np
 import torch
 import yaml
-from harness import fmt, jsonl, median, ratio
+from harness import fmt, median, ratio
 
 from hvae_ray import api, load_config, load_trials
 from hvae_ray.data.io import load_jets, save_parquet
 from hvae_ray.engine import split_indices
+from hvae_ray.sweep.layout import is_experiment, read_jsonl, read_sweep_state, trial_paths
 
 
 def actor_timeline(logs: Path, t0: float) -> list[dict]:
@@ -113,8 +110,8 @@ def run(a, path, overrides: dict, label: str, storage: Path, env: dict | None = 
                           log=storage / f"{name}.log").result()
     r.update(label=label, env=env or {}, gpu=gpu.window(r.get("t0", t), r.get("t1", time.time())))
     exp = Path(r.setdefault("experiment_dir", str(storage / name)))
-    r["trials"] = {d.name: [x for x in jsonl(d / "result.json") if "epoch_time_s" in x]
-                   for d in sorted(exp.glob("trial_*"))}
+    r["trials"] = {t.root.name: [x for x in read_jsonl(t.results) if "epoch_time_s" in x]
+                   for t in (trial_paths(exp) if exp.is_dir() else [])}
     tune, path, gaps, tgaps, ep, iv = [], [], [], [], [], []
     for rs in (rs for rs in r["trials"].values() if rs):
         tune.append(rs[0].get("time_this_iter_s", float("nan")) - rs[0]["epoch_time_s"])
@@ -171,16 +168,15 @@ def overhead(a, data: str, storage: Path, cuda: bool) -> list[dict]:
 
 def summarise(r: dict) -> dict:
     """A finished sweep's trial table, jets trained, rates and best trial's curve."""
-    exp = Path(r["experiment_dir"])
-    if not (exp / "hvae_sweep.json").is_file():
+    if not is_experiment(exp := r["experiment_dir"]):
         return {}
-    state = json.loads((exp / "hvae_sweep.json").read_text())
-    n_file, table = len(load_jets(state["data_path"])), load_trials(exp).to_pylist()
+    state = read_sweep_state(exp)
+    n_file, table = len(load_jets(state.data_path)), load_trials(exp).to_pylist()
     params, rows = [c for c in (table[0] if table else {}) if c.startswith("param.")], []
     for t in table:
         d = Path(t["trial_dir"]) / "engine"
         cfg = load_config(d / "config.yaml") if (d / "config.yaml").is_file() else None
-        kl = [x["val_kl"] for x in jsonl(d / "metrics.jsonl") if "val_kl" in x][-10:]
+        kl = [x["val_kl"] for x in read_jsonl(d / "metrics.jsonl") if "val_kl" in x][-10:]
         n = len(split_indices(min(cfg.data.max_jets or n_file, n_file), cfg)[0]) if cfg else 0
         rows.append({**{k: t.get(k) for k in ("trial_id", "status", *params, "best_val_objective", "last_val_kl",
                                                "epochs", "wall_time_s", "error", "best_checkpoint", "trial_dir")},
@@ -190,14 +186,14 @@ def summarise(r: dict) -> dict:
     statuses = {s: sum(t["status"] == s for t in table) for s in {t["status"] for t in table}}
     wall = r.get("run_sweep_s") or r["child_s"]
     done = sum(n for s, n in statuses.items() if s not in ("running", "pending"))
-    s = {"params": params, "table": rows, "statuses": statuses, "gpu_share": state.get("gpu_share"),
-         "trial_memory_mib": (state.get("trial_bytes") or 0) / harness.MiB or None, "wall_s": wall,
-         "memory_fraction": state.get("memory_fraction"), "trials_done": done, "trials_per_hour": done / wall * 3600,
+    s = {"params": params, "table": rows, "statuses": statuses, "gpu_share": state.gpu_share, "wall_s": wall,
+         "trial_memory_mib": (state.trial_bytes or 0) / harness.MiB or None, "context_mib": (state.context_bytes or 0) /
+         harness.MiB or None, "trials_done": done, "trials_per_hour": done / wall * 3600,
          "epochs_per_hour": r["epochs_total"] / wall * 3600, "jets_per_s": sum(t["jets_trained"] for t in rows) / wall}
     scored = [t for t in rows if t.get("best_val_objective") is not None]
     if scored:
         best = min(scored, key=lambda t: t["best_val_objective"])
-        log = [x for x in jsonl(Path(best["trial_dir"]) / "engine" / "metrics.jsonl") if "epoch" in x]
+        log = [x for x in read_jsonl(Path(best["trial_dir"]) / "engine" / "metrics.jsonl") if "epoch" in x]
         s["best"] = {**best, **{k: [x.get(k) for x in log] for k in ("epoch", "val_kl", "train_total")}}
     return s
 
@@ -283,6 +279,8 @@ def main() -> None:
                   if a.gpu_fraction is not None or not cuda else
                   {"resources.gpu_fraction": None, "resources.gpu_memory_gb": a.gpu_memory_gb,
                    "resources.trial_memory_mb": yaml.safe_load(a.trial_memory_mb)})
+        if a.one_device and not cuda:  # a trial must fit on the one CPU: its worker and the trial driver's 0.01
+            ov["resources.cpus_per_worker"] = 0.9
         ov.update(harness.parse_sets(a.sweep_set))
         res.update(sweep=a.sweep, sweep_overrides=ov, sweeps=[])
         one = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if cuda else {

@@ -1,16 +1,14 @@
-"""Generation fidelity against held-out real jets, by jetnet's metrics (jetnet 0.2.5 convention, hvae_ray.physics).
+"""Generation fidelity against held-out real jets by jetnet's metrics (the 0.2.5 convention).
 
-bound   what bounds generation quality, model by model: each --variant NAME:KEY=VALUE,... (config overrides over
-        the shared --set ones) trains in its own process, all at once (one GPU shared), for --epochs or --minutes
-        of training, whichever ends first; then from the last checkpoint the prior is fitted (GMM-20) and as many
-        jets as HELDOUT holds are sampled from N(0, 1), from the fitted prior and from q(z|x) of the held-out jets
-        (the reconstructions), each evaluated (KPD on one batch of 5,000). Writes OUT/fidelity_bound.json. The
-        held-out jets' seed must differ from the training jets'.
-priors  which prior to sample one checkpoint from: fitted flows and Gaussian mixtures (KIND[COMPONENTS]:TEMPERATURE,
-        each fitted in its own copy of the checkpoint folder on TRAIN's training split), N(0, 1) and q(z|x); seed
-        1, evaluated in parallel processes at jetnet's default sizes. Writes OUT/prior_compare.json.
+bound   each --variant NAME:KEY=VALUE,... (over the shared --set) trains in its own process, all at once, for
+        --epochs or --minutes; from its last checkpoint the prior is fitted (GMM-20) and as many jets as HELDOUT
+        holds are sampled from N(0, 1), the fitted prior and q(z|x) of the held-out jets, each evaluated (KPD on
+        one batch of 5,000). Writes OUT/fidelity_bound.json. HELDOUT's seed must differ from TRAIN's.
+priors  one checkpoint sampled (seed 1) from fitted flows and mixtures (KIND[COMPONENTS]:TEMPERATURE, each fitted
+        in a copy of the checkpoint folder on TRAIN), N(0, 1) and q(z|x), evaluated in parallel processes at
+        jetnet's default sizes. Writes OUT/prior_compare.json.
 
-  python benchmarks/fidelity.py bound --train Q.parquet --heldout H.parquet --batch-size 512 --minutes 5 --out OUT \\
+  python benchmarks/fidelity.py bound --train Q.parquet --heldout H.parquet --minutes 5 --out OUT \
       --variant slot: --variant sinkhorn+jet:particle_loss=sinkhorn,loss_weights.jet_features=1
   python benchmarks/fidelity.py priors --checkpoint DIR --train Q.parquet --heldout H.parquet --priors flow:1,gmm20:1
 """

@@ -235,17 +235,6 @@ def fit_child(data: str | None, jets: int, epochs: int, device: str = "auto", se
     return res
 
 
-def jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file ([] when absent; a line cut short is skipped)."""
-    rows = []
-    for line in Path(path).read_text().splitlines() if Path(path).is_file() else []:
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
-
-
 def median(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
     return statistics.median(xs) if xs else None
@@ -305,4 +294,4 @@ def save(a: argparse.Namespace, results: dict, markdown: str = "") -> None:
 
 
 if __name__ == "__main__":
-    entry(lambda: sys.exit("harness.py holds what the benchmark scripts share"), globals())
+    entry(lambda: print(__doc__), globals())
