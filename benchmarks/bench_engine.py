@@ -4,8 +4,8 @@ batches  per --batches setting (batch x accumulation) and engine on --device, th
          hypergraphs, the dense CUDA graph), then --epochs timed epochs: jets/s, ms per optimiser step, batches/s,
          torch's peak memory, the whole process (NVML delta), start-up (import_s from process start); at --check
          the captured dense step against the eager one; at --compiled also the dense engine compiled.
---cpu    the default-config fit epoch (training, validation, W1m) per engine, --repeats runs alternating: wall
-         and process CPU time of the fastest epoch after the first (instead of the batches).
+--cpu    the default-config fit epoch (training, validation, W1m; fit as a trial runs it) per engine, --repeats
+         runs alternating: wall and process CPU time of the fastest epoch after the first (instead of the batches).
 --pack   K,...: K processes at the default config (+ --set) training at once, phase by phase (started and warmed
          up once), each capped to 1/4 of a --pack-card-gb card: aggregate jets/s against K = 1, per-process jets/s
          and memory (nvidia-smi), GPU busy fraction. Default 1,4 with CUDA.
@@ -89,23 +89,6 @@ def graph_check(cfg, splits, dev) -> dict:
                                                  for k, p in tr[False].model.named_parameters())}
     out["max_abs_weight"] = max(p.detach().abs().max().item() for p in tr[False].model.parameters())
     return out
-
-
-def cpu_fit(engine: str, data: str | None, jets: int, epochs: int) -> dict:
-    cfg = harness.config((), {"engine": engine, "device": "cpu", "epochs": epochs})
-    sample, wall, cpu, last = harness.load_sample(data, jets), [], [], [time.process_time()]
-
-    def record(report) -> None:  # process CPU time: less sensitive than wall time to other jobs
-        wall.append(report.metrics["epoch_time_s"])
-        cpu.append(time.process_time() - last[0])
-        last[0] = time.process_time()
-
-    t = time.perf_counter()
-    eng.fit(cfg, sample, progress=False, callbacks=[record])
-    return {"engine": engine, "threads": torch.get_num_threads(), "jets": len(sample), "epoch_cpu_s": cpu,
-            "fit_total_s": time.perf_counter() - t, "n_train": len(eng.split_indices(len(sample), cfg)[0]),
-            "epoch_time_s": wall, "epoch_median_s": harness.median(wall[1:] or wall),
-            "epoch_min_s": min(wall[1:] or wall), "epoch_cpu_min_s": min(cpu[1:] or cpu)}
 
 
 def pack_worker(index: int, ks: list[int], barrier: str, data: str | None, jets: int, epochs: int, sets: list,
@@ -199,9 +182,10 @@ def main() -> None:
     say(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, CUDA {torch.cuda.is_available()}, data {a.data}")
     if a.cpu:
         for engine in a.engines.split(",") * a.repeats:  # alternating, so that other load falls on both alike
-            r = harness.Child(cpu_fit, {"engine": engine, "data": a.data, "jets": a.cpu_jets, "epochs": a.epochs},
+            r = harness.Child(harness.fit_child, {"data": a.data, "jets": a.cpu_jets, "epochs": a.epochs,
+                                                  "device": "cpu", "sets": [f"engine={engine}"]},
                               timeout=a.worker_timeout * 10).result()
-            res["runs"].append(r)
+            res["runs"].append({"engine": engine, **r})
             say(f"CPU {engine}: {r.get('error', r.get('epoch_time_s'))}")
         ok = [r for r in res["runs"] if "error" not in r]
         res["cpu_best"] = [{"engine": e, **{k: min(r[k] for r in ok if r["engine"] == e) for k in
