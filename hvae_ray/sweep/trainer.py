@@ -163,8 +163,26 @@ def make_trainer(loop: TrialLoop, resources, gpu_share: float, storage: str, nam
             num_to_keep=2, checkpoint_score_attribute=score[0] if score else None,
             checkpoint_score_order=score[1] if score else "max"),
     )
+    if resources.num_workers == 1:
+        torch_config = _without_process_group(TorchConfig)
+    else:
+        torch_config = TorchConfig(backend=backend_for(resources, torch.cuda.is_available()))
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop.to_dict(), scaling_config=scaling, run_config=run,
-                        torch_config=TorchConfig(backend=backend_for(resources, torch.cuda.is_available())))
+                        torch_config=torch_config)
+
+
+def _without_process_group(torch_config_cls):
+    """A TorchConfig whose backend sets nothing up: a one-worker trial needs no torch.distributed process
+    group, and creating one opens its rendezvous store (c10d's TCPStore), which torch binds to every
+    interface for the whole trial, with no setting to keep it on loopback."""
+    from ray.train.backend import Backend
+
+    class SingleWorker(torch_config_cls):
+        @property
+        def backend_cls(self):
+            return Backend
+
+    return SingleWorker()
 
 
 def env_vars() -> dict[str, str]:

@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -146,8 +147,39 @@ def ray_init(address: str | None, **local: Any):
         env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         # address="local": always a new instance of our own, never a cluster that `ray start` left
         # running on this host (ray.init's default would join it); clusters are joined by `address`.
-        return ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
-                        dashboard_host="127.0.0.1", dashboard_port=port, **{"log_to_driver": False, **local})
+        with _loopback_only(ray):
+            return ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
+                            dashboard_host="127.0.0.1", dashboard_port=port, **{"log_to_driver": False, **local})
+
+
+#: Ray's single-machine switch: read into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is
+#: imported; "0" keeps a node's IP at 127.0.0.1.
+_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextmanager
+def _loopback_only(ray):
+    """While a local instance starts, make every one of its listeners bind to 127.0.0.1 alone.
+
+    Ray 2.60 binds its gRPC servers (GCS, raylet, workers, driver) and its agents (dashboard, metrics,
+    runtime env, autoscaler monitor) to loopback only when the node's IP is exactly "127.0.0.1"; on
+    Linux it replaces a loopback node IP with the host's outbound address unless its single-machine
+    switch is off. Ray has no public setting for this, so the switch is turned off for the start (the
+    processes it spawns inherit the environment variable) and restored after it: a later connection to
+    a cluster in this process must advertise the host's address again.
+    """
+    constants = ray._private.ray_constants
+    saved_flag, saved_env = constants.ENABLE_RAY_CLUSTER, os.environ.get(_SINGLE_MACHINE_ENV)
+    constants.ENABLE_RAY_CLUSTER = False
+    os.environ[_SINGLE_MACHINE_ENV] = "0"
+    try:
+        yield
+    finally:
+        constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(_SINGLE_MACHINE_ENV, None)
+        else:
+            os.environ[_SINGLE_MACHINE_ENV] = saved_env
 
 
 def _local_gpus() -> float:

@@ -7,16 +7,19 @@ interrupted with Ctrl+C (SIGINT) in a separate driver process checks resume.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import psutil
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
@@ -46,6 +49,43 @@ def _rows(path: Path) -> list[dict]:
     return out
 
 
+class ListenerWatch:
+    """Polls the listening sockets of this process and all its descendants (the local instance's GCS,
+    raylet, agents and workers) every ``interval`` seconds while a sweep runs."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval, self.seen = interval, {}  # (process name, ip, port) -> count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        me = psutil.Process()
+        while not self._stop.is_set():
+            for proc in [me, *me.children(recursive=True)]:
+                try:
+                    name = proc.name()  # gcs_server, raylet, ray::<actor or task>, python3 (driver, agents)
+                    for c in proc.net_connections(kind="inet"):
+                        if c.status == psutil.CONN_LISTEN:
+                            key = (name, c.laddr.ip, c.laddr.port)
+                            self.seen[key] = self.seen.get(key, 0) + 1
+                except psutil.Error:
+                    pass  # a worker that ended between the listing and the look
+            self._stop.wait(self.interval)
+
+    @staticmethod
+    def is_loopback(ip: str) -> bool:
+        address = ipaddress.ip_address(ip.split("%")[0])
+        return (getattr(address, "ipv4_mapped", None) or address).is_loopback
+
+
 @pytest.fixture(scope="module")
 def asha8(ray_local, tmp_path_factory, sweep_file):
     """8 trials, 4 at a time, each worker holding 0.25 GPU and 0.5 CPU; ASHA with rungs at 1 and 2
@@ -66,10 +106,24 @@ def asha8(ray_local, tmp_path_factory, sweep_file):
         resources={"num_workers": 1, "cpus_per_worker": 0.5, "gpu_fraction": 0.25},
     )
     t0 = time.perf_counter()
-    result = hvae_ray.run_sweep(path, storage=str(root / "runs"), name="asha8")
+    with ListenerWatch() as listeners:
+        result = hvae_ray.run_sweep(path, storage=str(root / "runs"), name="asha8")
     wall = time.perf_counter() - t0
     exp = result.experiment_dir
-    return SimpleNamespace(root=root, exp=exp, result=result, table=hvae_ray.load_trials(exp), wall=wall)
+    return SimpleNamespace(root=root, exp=exp, result=result, table=hvae_ray.load_trials(exp), wall=wall,
+                           listeners=listeners.seen)
+
+
+def test_a_local_sweep_listens_on_loopback_only(asha8):
+    """Every socket the local instance's processes listen on while the 8-trial sweep runs (GCS, raylet,
+    dashboard and its agent, runtime-env agent, metrics, the driver, every trial's workers) is bound to
+    127.0.0.1: a sweep on a laptop in a café is not open to the network."""
+    seen = asha8.listeners
+    names = {name for name, _, _ in seen}
+    assert len(seen) >= 8 and {"gcs_server", "raylet"} <= names, sorted(seen)
+    assert any(name.startswith("ray::") for name in names), sorted(seen)  # trials' workers
+    open_ = sorted((name, ip, port) for name, ip, port in seen if not ListenerWatch.is_loopback(ip))
+    assert not open_, f"listening beyond loopback: {open_}"
 
 
 def test_logical_gpu_is_declared(ray_local):
