@@ -792,12 +792,14 @@ def _save_epoch(trainer: Trainer, save_dir: Path | None, epoch: int, is_best: bo
 
 
 def _patience_ran_out(trainer: Trainer, epoch: int, progress: bool) -> bool:
-    """True once ``patience`` epochs (when > 0) have passed since the best one."""
-    patience = trainer.cfg.patience
-    if patience <= 0 or epoch - trainer.best_epoch < patience:
+    """True once ``patience`` epochs (when > 0) have passed since the best one and since the end of a linear
+    KL warm-up: while β still rises the run is not judged (the model it is trained for is not there yet)."""
+    cfg = trainer.cfg
+    capped = cfg.kl_warmup_epochs if cfg.kl_schedule == "linear" else 0  # first epoch at the cap
+    if cfg.patience <= 0 or epoch - max(trainer.best_epoch, capped) < cfg.patience:
         return False
-    line = (f"early stop after epoch {epoch + 1}: no better {OBJECTIVE_METRICS[trainer.cfg.objective]} "
-            f"for {patience} epochs (best epoch {trainer.best_epoch + 1})")
+    line = (f"early stop after epoch {epoch + 1}: no better {OBJECTIVE_METRICS[cfg.objective]} "
+            f"for {cfg.patience} epochs (best epoch {trainer.best_epoch + 1})")
     log.info(line)
     if progress and trainer.rank == 0:
         print(line, file=sys.stderr)

@@ -406,10 +406,13 @@ def test_checkpoint_loading_never_runs_code(tmp_path):
 
 def test_patience_stops_a_run_whose_score_no_longer_improves(few_jets, tmp_path):
     """At a learning rate too small to move a float32 weight the score never improves after the first
-    epoch: with patience 3 the run stops after epoch 4 of 20, keeping epoch 1 as its best."""
-    cfg = small_config(epochs=20, patience=3, learning_rate=1e-12, **{"model.dropout": 0.0})
+    epoch: with patience 3 and no warm-up the run stops after epoch 4 of 20, keeping epoch 1 as its best;
+    with a 6-epoch KL warm-up the 3 epochs count from the first at the cap (epoch 7), so it stops after 10."""
+    cfg = small_config(epochs=20, patience=3, learning_rate=1e-12, kl_warmup_epochs=0, **{"model.dropout": 0.0})
     result = engine.fit(cfg, few_jets, save_dir=tmp_path / "run", progress=False)
     assert (result["epochs_run"], result["best_epoch"]) == (4, 0)
     assert (tmp_path / "run" / "best" / "checkpoint.pt").exists()
+    warmed = engine.fit(cfg.with_overrides({"kl_warmup_epochs": 6}), few_jets, progress=False)
+    assert warmed["epochs_run"] == 10
     unlimited = engine.fit(cfg.with_overrides({"patience": 0, "epochs": 5}), few_jets, progress=False)
     assert unlimited["epochs_run"] == 5
