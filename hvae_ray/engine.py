@@ -564,7 +564,9 @@ class Trainer:
         ``val_fpd`` (Fréchet distance of the 36 d ≤ 4 EFPs, extrapolated over subsample sizes n/2…n
         as jetnet does, with fewer draws) and ``val_generation``, their mean ratio to the fidelity
         targets (:data:`GENERATION_TARGETS`): at most 1 when a model meets all three on average.
-        Full-sized numbers to quote are ``hvae-ray evaluate``'s on held-out jets.
+        Full-sized numbers to quote are ``hvae-ray evaluate``'s on held-out jets. Jets are encoded,
+        decoded and their EFPs computed in validation's batches (``max(64, batch_size)`` jets), so the
+        score's device memory stays within a validation pass's, which the trial's GPU share is sized by.
         """
         from scipy.stats import wasserstein_distance
 
@@ -573,30 +575,30 @@ class Trainer:
         from hvae_ray.latent import GaussianMixture, decode, encode
 
         val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
-        n = len(val)
+        n, size = len(val), max(64, self.cfg.batch_size)
         if self.cfg.generation_prior == "fitted":
             train = self.splits.sample.subset(self.splits.train[:n])
             model = self.model
             if not self.dense:  # the PyG model encodes PyG batches: its dense twin takes the same weights
                 model = HyperVAE(self.cfg.model).to(self.device)
                 model.load_state_dict(self.model.state_dict())
-            mu, _ = encode(model, self.normaliser, self.cfg, train.particles, train.mask, self.device)
+            mu, _ = encode(model, self.normaliser, self.cfg, train.particles, train.mask, self.device, size)
             if not np.isfinite(mu).all():
                 return {k: math.inf for k in GENERATION_KEYS}
             gmm = GaussianMixture.fit(mu, components=20, seed=self.cfg.seed, iterations=100, tol=1e-4,
                                       device=self.device)
-            gen_p, gen_m = decode(self.model, self.normaliser, gmm.sample(n, seed=self.cfg.seed), self.device)
+            gen_p, gen_m = decode(self.model, self.normaliser, gmm.sample(n, seed=self.cfg.seed), self.device, size)
         else:
             gen_p, gen_m = generate(self.model, self.normaliser, n, seed=self.cfg.seed, device=self.device)
         if not np.isfinite(gen_p).all():
             return {k: math.inf for k in GENERATION_KEYS}
         efp_device = self.device if self.device.type == "cuda" else None  # numpy is the faster on a CPU
         if self._val_efps is None:
-            self._val_efps = efps(val.particles, val.mask, device=efp_device)
+            self._val_efps = efps(val.particles, val.mask, chunk_size=size, device=efp_device)
         out = {"val_w1m": float(wasserstein_distance(jet_mass(val.particles, val.mask), jet_mass(gen_p, gen_m)))}
         out["val_w1p"] = float(np.mean([wasserstein_distance(val.particles[..., f][val.mask], gen_p[..., f][gen_m])
                                         for f in range(gen_p.shape[-1])]))
-        gen_efps = efps(gen_p, gen_m, device=efp_device)
+        gen_efps = efps(gen_p, gen_m, chunk_size=size, device=efp_device)
         if np.isfinite(gen_efps).all() and n >= 4:
             out["val_fpd"] = float(fpd(self._val_efps, gen_efps, min_samples=max(2, n // 2), max_samples=n,
                                        num_batches=4, num_points=4, seed=self.cfg.seed)[0])

@@ -109,7 +109,7 @@ def _memory_key(cfg, steps: int, torch_version: str) -> str:
     import os
     import socket
 
-    shape = {"model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn, "engine": cfg.engine,
+    shape = {"probe": 2, "model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn, "engine": cfg.engine,
              "accum": cfg.gradient_accumulation_steps,
              "mixed_precision": cfg.mixed_precision, "steps": steps, "torch": torch_version,
              "host": socket.gethostname(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
@@ -152,7 +152,8 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     """What a trial does on the GPU, briefly, through the engine's own :class:`~hvae_ray.engine.Trainer`:
     an epoch of at least ``steps`` training batches of synthetic 30-particle jets (the worst case: all
     slots full), a validation pass (its batches of ``max(64, batch_size)`` jets peak above training's),
-    and 1500 jets sampled as validation's W1m does."""
+    1500 jets sampled as validation's W1m does, and the generation score (in validation's batches), on a
+    validation split of at least one such batch."""
     import numpy as np
     import torch
 
@@ -165,7 +166,8 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     used0 = _device_used(dev)
     rng = np.random.default_rng(0)
     train_share = 1.0 - cfg.data.val_fraction - cfg.data.test_fraction
-    n_jets = max(n_jets, math.ceil(steps * cfg.batch_size / train_share) + 2)
+    n_jets = max(n_jets, math.ceil(steps * cfg.batch_size / train_share) + 2,
+                 math.ceil(max(64, cfg.batch_size) / cfg.data.val_fraction) + 2)
     p = np.zeros((n_jets, 30, 3), np.float32)
     p[..., :2] = rng.normal(0, 0.2, (n_jets, 30, 2))
     pt = rng.exponential(1, (n_jets, 30))
@@ -176,6 +178,7 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     trainer.train_epoch(epoch)
     trainer.evaluate(epoch)
     engine.generate(trainer.model, splits.normaliser, 1500, device=dev)
+    trainer.generation_metrics()
     torch.cuda.synchronize()
     used1 = _device_used(dev)
     return {"allocated_peak": float(torch.cuda.max_memory_allocated(dev)),
