@@ -1,14 +1,11 @@
-"""Core costs; the trial parts each in a fresh process, so that memory figures are clean. Ray is not imported.
+"""Core costs, the trial parts each in a fresh process (clean memory figures); Ray is not imported.
 
-generation  jets/s of Pythia 8 + FastJet generation, 1 worker and every core; io: Parquet write and read of
-            those jets (of --data with --skip generation); graphs: raw_features, FeatureNormaliser.fit and
-            build_graphs (best of 2 after a warm-up).
-phases      a Trainer at the default config (+ --set) on --jets jets: training epoch (jets/s, batches/s, steps/s),
-            validation and the per-epoch generation score (sampling, W1m, W1p, FPD) from each prior, s per call
-            after a warm-up and the score's share of an epoch; on CUDA torch's peaks and the whole process (NVML
-            delta, nvidia-smi) per phase, and whether device_memory_used(torch.device('cuda')) initialises CUDA.
-fit         engine.fit as a trial runs it, capped to --share of a --card-gb card: epoch times; on CUDA torch's
-            peaks, the process's peak (nvidia-smi), CUDA context, whether it fits, the runner's sizing and share.
+generation  Pythia 8 + FastJet jets/s (1 worker, every core); io: Parquet write + read; graphs: raw_features,
+            FeatureNormaliser.fit, build_graphs.
+phases      a default-config (+ --set) Trainer: s per call of training, validation and each prior's generation
+            score (its share of an epoch); on CUDA torch's and the process's memory per phase.
+fit         engine.fit as a trial runs it, capped to --share of a --card-gb card: epoch times, memory, CUDA context,
+            the runner's sizing and share.
 
   python benchmarks/bench_core.py [--data FILE] [--jets 2000] [--device auto] [--skip generation,io,graphs,phases,fit]
 """
@@ -18,13 +15,11 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import harness
 import numpy as np
 import torch
-from harness import MiB
 
 from hvae_ray import engine
 from hvae_ray.config import Config
@@ -36,22 +31,17 @@ from hvae_ray.sweep.resources import CUDA_CONTEXT
 
 def data_parts(a) -> list[dict]:
     rows, sample = [], None
-    if "generation" not in a.skip:
-        for w in dict.fromkeys([1, os.cpu_count() or 1]):
-            t = time.perf_counter()
-            sample = generate_jets(a.flavor, a.gen_jets, a.seed, workers=w, progress=False)
-            rows.append({"part": f"generation, {a.flavor} jets, {w} worker(s)", "jets": a.gen_jets,
-                         "s": time.perf_counter() - t})
+    for w in dict.fromkeys([1, os.cpu_count() or 1]) if "generation" not in a.skip else []:
+        sample, s = harness.clock(generate_jets, a.flavor, a.gen_jets, a.seed, workers=w, progress=False)
+        rows.append({"part": f"generation, {a.flavor} jets, {w} worker(s)", "jets": a.gen_jets, "s": s})
     sample = sample or harness.load_sample(a.data, a.jets)
     if "io" not in a.skip:
         with tempfile.TemporaryDirectory() as tmp:
             path, reps = Path(tmp) / "bench.parquet", max(1, 200_000 // len(sample))
             for part, fn in (("parquet write", lambda: save_parquet(sample, path, overwrite=True)),
                              ("parquet read", lambda: load_jets(path))):
-                t = time.perf_counter()
-                for _ in range(reps):
-                    fn()
-                rows.append({"part": part, "jets": reps * len(sample), "s": time.perf_counter() - t,
+                s = sum(harness.clock(fn)[1] for _ in range(reps))
+                rows.append({"part": part, "jets": reps * len(sample), "s": s,
                              "bytes_per_jet": path.stat().st_size / len(sample)})
             rows.append({"part": "parquet write + read", "jets": rows[-1]["jets"], "s": rows[-1]["s"] + rows[-2]["s"]})
     if "graphs" not in a.skip:
@@ -60,17 +50,12 @@ def data_parts(a) -> list[dict]:
         raw = raw_features(sample.subset(np.arange(min(64, len(sample)))), knn)
         build_graphs(raw, FeatureNormaliser.fit(raw))  # warm-up: the first calls of the ops
         for _ in range(2):
-            t = [time.perf_counter()]
-            raw = raw_features(sample, knn)
-            t.append(time.perf_counter())
-            norm = FeatureNormaliser.fit(raw)
-            t.append(time.perf_counter())
-            build_graphs(raw, norm)
-            runs.append(t + [time.perf_counter()])
-        t = min(runs, key=lambda t: t[3] - t[0])
-        rows += [{"part": f"graph building{k}", "jets": len(sample), "s": y - x, "threads": torch.get_num_threads()}
-                 for k, x, y in (("", t[0], t[3]), (": raw_features", t[0], t[1]), (": normaliser fit", t[1], t[2]),
-                                 (": build_graphs", t[2], t[3]))]
+            raw, t1 = harness.clock(raw_features, sample, knn)
+            norm, t2 = harness.clock(FeatureNormaliser.fit, raw)
+            t3 = harness.clock(build_graphs, raw, norm)[1]
+            runs.append((t1 + t2 + t3, t1, t2, t3))
+        rows += [{"part": f"graph building{k}", "jets": len(sample), "s": s, "threads": torch.get_num_threads()}
+                 for k, s in zip(("", ": raw_features", ": normaliser fit", ": build_graphs"), min(runs))]
     return [{**r, "jets_per_s": r["jets"] / r["s"]} for r in rows]
 
 
@@ -88,26 +73,22 @@ def phases(data: str | None, jets: int, device: str, sets: list, calls: int) -> 
 
     def timed(name: str, fn) -> None:
         fn()  # warm-up: CUDA graph capture, the validation EFPs
+        harness.sync(dev)
         if cuda:
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
+        res[f"{name}_s"] = harness.clock(lambda: [fn() for _ in range(calls)], dev=dev)[1] / calls
         if cuda:
-            torch.cuda.synchronize()
-            res[f"{name}_mib"] = [torch.cuda.max_memory_allocated() / MiB, torch.cuda.max_memory_reserved() / MiB,
-                                  harness.nvml_used(0) - used0, harness.process_mib(os.getpid())]
-        res[f"{name}_s"] = (time.perf_counter() - t) / calls
+            res[f"{name}_mib"] = [*harness.torch_peaks().values(), harness.nvml_used(0) - used0,
+                                  harness.process_mib(os.getpid())]
 
     timed("train", lambda: tr.train_epoch(20))
     timed("evaluate", lambda: tr.evaluate(20))
     for prior in ("fitted", "standard"):
         tr.cfg = cfg.with_overrides({"generation_prior": prior})
         timed(f"generation_{prior}", tr.generation_metrics)
+        res[f"generation_{prior}_share"] = [res[f"generation_{prior}_s"] / res["train_s"],
+                                            res[f"generation_{prior}_s"] / res["train_s"] / cfg.generation_every]
     batches, t = math.ceil(tr.n_train / cfg.batch_size), res["train_s"]
-    for k in ("generation_fitted", "generation_standard"):
-        res[f"{k}_share"] = [res[f"{k}_s"] / t, res[f"{k}_s"] / t / cfg.generation_every]
     return {**res, "n_train": tr.n_train, "n_val": len(tr.splits.val), "batch_size": cfg.batch_size,
             "accum": cfg.gradient_accumulation_steps, "generation_jets": cfg.generation_jets,
             "generation_every": cfg.generation_every, "step_mode": tr.step_mode, "jets_per_s": tr.n_train / t,
@@ -131,35 +112,33 @@ def main() -> None:
     res, md = {"host": harness.host()}, []
     if not {"generation", "io", "graphs"} <= a.skip:
         res["data"] = data_parts(a)
-        md.append(harness.table(res["data"], ["part", "jets", "s", "jets_per_s", "bytes_per_jet", "threads"]))
+        md.append(harness.table(res["data"], "part jets s jets_per_s bytes_per_jet threads"))
     if "phases" not in a.skip:
-        r = res["phases"] = harness.Child(phases, {"data": a.data, "jets": a.jets, "device": a.device, "sets": a.set,
-                                                   "calls": a.calls}).result()
-        keys = ("train", "evaluate", "generation_fitted", "generation_standard")
-        md += [harness.table([r], ["device", "n_train", "n_val", "batch_size", "accum", "step_mode", "jets_per_s",
-                                   "batches_per_s", "steps_per_s", "generation_jets", "generation_every",
-                                   "baseline_read_inits_cuda", "context_mib_of_that_read", "error"], "Phases"),
+        r = res["phases"] = harness.Child(phases, dict(data=a.data, jets=a.jets, device=a.device, sets=a.set,
+                                                       calls=a.calls)).result()
+        md += [harness.table([r], "device n_train n_val batch_size accum step_mode jets_per_s batches_per_s "
+                             "steps_per_s generation_jets generation_every baseline_read_inits_cuda "
+                             "context_mib_of_that_read error", "Phases"),
                harness.table([{"phase": k, "s": r.get(f"{k}_s"), "share": r.get(f"{k}_share"), "mib": r.get(f"{k}_mib")}
-                              for k in keys], ["phase", "s", "share", "mib"],
-                             "s per call; share of an epoch at generation_every 1 and at the config's; MiB: peak "
-                             "allocated, peak reserved, process (NVML delta), process (nvidia-smi)")]
+                              for k in ("train", "evaluate", "generation_fitted", "generation_standard")],
+                             "phase s share mib", "s per call; share of an epoch at generation_every 1 and at the "
+                             "config's; MiB: peak allocated, peak reserved, process (NVML delta), process "
+                             "(nvidia-smi)")]
     if "fit" not in a.skip:
         with harness.GpuSampler() as gpu:
-            c = harness.Child(harness.fit_child, {"data": a.data, "jets": a.jets, "epochs": a.fit_epochs, "sets": a.set,
-                                                  "device": a.device, "share": a.share, "card_gb": a.card_gb,
-                                                  "memory_steps": a.memory_steps})
+            c = harness.Child(harness.fit_child, dict(data=a.data, jets=a.jets, epochs=a.fit_epochs, sets=a.set,
+                                                      device=a.device, share=a.share, card_gb=a.card_gb,
+                                                      memory_steps=a.memory_steps))
             r = res["fit"] = c.result()
         peak, share = gpu.peaks().get(c.pid), a.card_gb * 1024 * a.share
         r.update(process_peak_mib=peak, share_mib=share, fits_share=bool(peak and peak <= share),
                  context_mib=peak - r["peak_reserved_mib"] if peak and "peak_reserved_mib" in r else None,
-                 assumed_context_mib=CUDA_CONTEXT / MiB)
-        md.append(harness.table([r], ["device", "jets", "epochs", "threads_in_training", "epoch_time_s", "startup_s",
-                                      "allocator_fraction", "peak_allocated_mib", "peak_reserved_mib",
-                                      "process_peak_mib", "context_mib", "assumed_context_mib", "share_mib",
-                                      "fits_share", "runner_measured_mib", "runner_share", "error"],
+                 assumed_context_mib=CUDA_CONTEXT / harness.MiB)
+        md.append(harness.table([r], "device jets epochs threads_in_training epoch_time_s startup_s allocator_fraction "
+                                "peak_allocated_mib peak_reserved_mib process_peak_mib context_mib assumed_context_mib "
+                                "share_mib fits_share runner_measured_mib runner_share error",
                                 f"engine.fit, validation and W1m included, {a.share:g} of a {a.card_gb:g} GB card"))
-    harness.save(a, res, "\n\n".join(md))
-
+    harness.save(a, res, *md)
 
 if __name__ == "__main__":
     harness.entry(main, globals())

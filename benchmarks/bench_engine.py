@@ -1,14 +1,10 @@
-"""Training throughput and memory of the engines, each run in a fresh process. Ray is not imported.
+"""Training throughput and memory of the engines, each run in a fresh process; Ray is not imported.
 
-batches  per --batches setting (batch x accumulation) and engine on --device, the Trainer's warm-up epoch (PyG
-         hypergraphs, the dense CUDA graph), then --epochs timed epochs: jets/s, ms per optimiser step, batches/s,
-         torch's peak memory, the whole process (NVML delta), start-up (import_s from process start); at --check
-         the captured dense step against the eager one; at --compiled also the dense engine compiled.
---cpu    the default-config fit epoch (training, validation, W1m; fit as a trial runs it) per engine, --repeats
-         runs alternating: wall and process CPU time of the fastest epoch after the first (instead of the batches).
---pack   K,...: K processes at the default config (+ --set) training at once, phase by phase (started and warmed
-         up once), each capped to 1/4 of a --pack-card-gb card: aggregate jets/s against K = 1, per-process jets/s
-         and memory (nvidia-smi), GPU busy fraction. Default 1,4 with CUDA.
+batches  per --batches setting (batch x accumulation) and engine: jets/s, ms per step, memory, start-up after a
+         warm-up epoch; --check: the CUDA-graph step against eager; --compiled: the dense engine compiled too.
+--cpu    instead: the default-config fit epoch per engine, --repeats runs alternating (wall and CPU time).
+--pack   K,...: K processes training at once, each capped to 1/4 of a --pack-card-gb card: aggregate and per
+         process jets/s against K = 1, memory, GPU busy fraction (default 1,4 with CUDA).
 
   python benchmarks/bench_engine.py [--data FILE] [--batches 8x4,32,128,512,8192] [--pack 1,2,4,6] [--out DIR]
   python benchmarks/bench_engine.py --cpu [--data FILE] [--cpu-jets 1000] [--epochs 3] [--pack 1,2]
@@ -25,15 +21,9 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import MiB, say
+from harness import say, sync
 
 from hvae_ray import engine as eng
-from hvae_ray.sweep.resources import allocator_fraction
-
-
-def sync(dev) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def batch_run(engine: str, batch: int, accum: int, steps: int, epochs: int, device: str, data: str | None,
@@ -46,35 +36,27 @@ def batch_run(engine: str, batch: int, accum: int, steps: int, epochs: int, devi
                               "epochs": epochs + 1})
     if device == "cuda" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)  # as fit() does on CUDA
-    t = time.perf_counter()
-    splits = eng.prepare(cfg, harness.load_sample(data, math.ceil(steps * batch * accum / 0.95) + 2, True), device=dev)
-    sync(dev)
-    res["prepare_s"], t = time.perf_counter() - t, time.perf_counter()
-    tr = eng.Trainer(cfg, splits, dev, compile_model=compile)
-    res.update(trainer_s=time.perf_counter() - t, step_mode=tr.step_mode, n_train=tr.n_train,
-               amp=str(tr.amp_dtype)[6:] if tr.use_amp else "float32")
+    sample = harness.load_sample(data, math.ceil(steps * batch * accum / 0.95) + 2, True)
+    splits, res["prepare_s"] = harness.clock(eng.prepare, cfg, sample, device=dev, dev=dev)
+    tr, res["trainer_s"] = harness.clock(eng.Trainer, cfg, splits, dev, compile_model=compile)
+    res.update(step_mode=tr.step_mode, n_train=tr.n_train, amp=str(tr.amp_dtype)[6:] if tr.use_amp else "float32")
     for epoch in range(epochs + 1):
-        sync(dev)
-        t = time.perf_counter()
-        res["train_total"] = tr.train_epoch(epoch)["train_total"]
-        sync(dev)
-        res["epoch_s"].append(time.perf_counter() - t)
+        out, s = harness.clock(tr.train_epoch, epoch, dev=dev)
+        res["train_total"] = out["train_total"]
+        res["epoch_s"].append(s)
         res.setdefault("start_to_first_epoch_end_s", time.perf_counter() - t_start)
     per_epoch, n_batches = sum(res["epoch_s"][1:]) / epochs, math.ceil(tr.n_train / batch)
     res.update(first_epoch_s=res["epoch_s"][0], jets_per_s=tr.n_train / per_epoch, batches_per_s=n_batches / per_epoch,
                ms_per_step=1000 * per_epoch / math.ceil(n_batches / accum))
     if device == "cuda":
-        res.update(peak_allocated_mib=torch.cuda.max_memory_allocated(dev) / MiB,
-                   peak_reserved_mib=torch.cuda.max_memory_reserved(dev) / MiB,
-                   process_mib=None if used0 is None else harness.nvml_used(0) - used0)
+        res.update(**harness.torch_peaks(dev), process_mib=None if used0 is None else harness.nvml_used(0) - used0)
     if check and tr.dense and tr.graphed:
         res["graph_check"] = graph_check(cfg, splits, dev)
     return res
 
 
 def graph_check(cfg, splits, dev) -> dict:
-    """The captured step against the eager one from the same start, dropout off and fp32: both losses and the
-    largest weight difference after one optimiser step (before any update) and after two epochs."""
+    """Captured against eager step from one start, no dropout, fp32: losses, largest weight difference."""
     cfg = cfg.with_overrides({"model.dropout": 0.0, "mixed_precision": False})
     one = cfg.batch_size * cfg.gradient_accumulation_steps
     first = eng.Splits(splits.train[:one], splits.val[:8], splits.test, splits.normaliser, splits.sample, splits.knn)
@@ -94,11 +76,9 @@ def graph_check(cfg, splits, dev) -> dict:
 def pack_worker(index: int, ks: list[int], barrier: str, data: str | None, jets: int, epochs: int, sets: list,
                 card_gb: float) -> dict:
     """One packed process: prepares and warms up once, then trains in each phase k with index < k."""
-    cuda, frac, bar = torch.cuda.is_available(), None, Path(barrier)
+    cuda, bar = torch.cuda.is_available(), Path(barrier)
     dev = torch.device("cuda" if cuda else "cpu")
-    if cuda and card_gb:
-        frac = allocator_fraction(0.25, card_gb * harness.GiB, torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.set_per_process_memory_fraction(frac, 0)
+    frac = harness.cap_allocator(0.25, card_gb) if cuda and card_gb else None
     cfg, sample = harness.config(sets, {"device": dev.type}), harness.load_sample(data, jets)
     splits = eng.prepare(cfg, sample, device=dev)
     eng.Trainer(cfg, eng.prepare(cfg, sample.subset(splits.train[:80]), splits.normaliser, dev), dev).train_epoch(0)
@@ -117,7 +97,7 @@ def pack_worker(index: int, ks: list[int], barrier: str, data: str | None, jets:
                 tr.train_epoch(e)
             sync(dev)
             res.update(t0=t0, t1=time.time(), jets=len(splits.train) * epochs,
-                       peak_reserved_mib=torch.cuda.max_memory_reserved() / MiB if cuda else None)
+                       peak_reserved_mib=torch.cuda.max_memory_reserved() / harness.MiB if cuda else None)
         (bar / f"done.{k}.{index}").write_text(json.dumps(res))
     return {"ok": True}
 
@@ -126,12 +106,12 @@ def pack(a, ks: list[int]) -> dict:
     out: dict = {"jets": a.pack_jets, "epochs": a.pack_epochs, "card_gb": a.pack_card_gb, "threads": a.pack_threads,
                  "idle_used_mib": harness.smi("--query-gpu=memory.used")[:1], "phases": []}
     with tempfile.TemporaryDirectory() as bar, harness.GpuSampler() as gpu:
-        kw = {"ks": ks, "barrier": bar, "data": a.data, "jets": a.pack_jets, "epochs": a.pack_epochs, "sets": a.set,
-              "card_gb": a.pack_card_gb}
+        kw = dict(ks=ks, barrier=bar, data=a.data, jets=a.pack_jets, epochs=a.pack_epochs, sets=a.set,
+                  card_gb=a.pack_card_gb)
         procs = [harness.Child(pack_worker, {**kw, "index": i}, timeout=a.worker_timeout * (len(ks) + 1),
                                env={"OMP_NUM_THREADS": str(a.pack_threads)}) for i in range(max(ks))]
         while len(list(Path(bar).glob("ready.*"))) < len(procs) and not out.get("error"):
-            if any(p.proc.poll() is not None for p in procs):
+            if any(p.poll() is not None for p in procs):
                 out["error"] = "a packed process failed to start"
             time.sleep(0.1)
         for k in [] if out.get("error") else ks:
@@ -171,7 +151,7 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="the CPU fit comparison instead of the batch runs")
     p.add_argument("--cpu-jets", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=2, help="--cpu: runs of each engine, alternating")
-    p.add_argument("--pack", default=None, help="process counts packed on one device, e.g. 1,2,4,6 ('' for none)")
+    p.add_argument("--pack", default=None, help="process counts packed on one device, e.g. 1,2,4,6 ('' or 0: none)")
     p.add_argument("--pack-jets", type=int, default=3000)
     p.add_argument("--pack-epochs", type=int, default=1)
     p.add_argument("--pack-card-gb", type=float, default=4.0, help="cap each to 1/4 of a card this size (0: no cap)")
@@ -182,9 +162,8 @@ def main() -> None:
     say(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, CUDA {torch.cuda.is_available()}, data {a.data}")
     if a.cpu:
         for engine in a.engines.split(",") * a.repeats:  # alternating, so that other load falls on both alike
-            r = harness.Child(harness.fit_child, {"data": a.data, "jets": a.cpu_jets, "epochs": a.epochs,
-                                                  "device": "cpu", "sets": [f"engine={engine}"]},
-                              timeout=a.worker_timeout * 10).result()
+            kw = dict(data=a.data, jets=a.cpu_jets, epochs=a.epochs, device="cpu", sets=[f"engine={engine}"])
+            r = harness.Child(harness.fit_child, kw, timeout=a.worker_timeout * 10).result()
             res["runs"].append({"engine": engine, **r})
             say(f"CPU {engine}: {r.get('error', r.get('epoch_time_s'))}")
         ok = [r for r in res["runs"] if "error" not in r]
@@ -199,11 +178,9 @@ def main() -> None:
                 continue
             steps = a.pyg_steps if engine == "pyg" else a.steps if b < 2048 else max(10, a.steps // 4)
             say(f"start {engine} {spec}, {steps} steps per epoch")
-            r = harness.Child(batch_run, {"engine": engine.split("+")[0], "batch": b, "accum": acc, "steps": steps,
-                                          "epochs": a.epochs, "device": a.device, "data": a.data,
-                                          "compile": "+compile" in engine,
-                                          "check": engine == "dense" and spec in a.check.split(",")},
-                              timeout=a.worker_timeout).result()
+            kw = dict(engine=engine.split("+")[0], batch=b, accum=acc, steps=steps, epochs=a.epochs, device=a.device,
+                      data=a.data, compile="+compile" in engine, check=engine == "dense" and spec in a.check.split(","))
+            r = harness.Child(batch_run, kw, timeout=a.worker_timeout).result()
             pyg = next((x for x in res["runs"] if x["engine"] == "pyg" and x["batch"] == spec), {})
             res["runs"].append(r := {"engine": engine, "batch": spec, **r,
                                      "x_pyg": harness.ratio(r.get("jets_per_s"), pyg.get("jets_per_s"))})
@@ -211,18 +188,17 @@ def main() -> None:
                 + (f"; graph vs eager: {r['graph_check']}" if "graph_check" in r else ""))
             harness.save(a, res)  # what is done so far survives a run stopped at its limit
     spec = a.pack if a.pack is not None else ("" if a.cpu or not torch.cuda.is_available() else "1,4")
-    pk = res["packing"] = pack(a, [int(k) for k in spec.split(",")]) if spec.strip() else {}
-    harness.save(a, res, "\n\n".join(x for x in [
-        harness.table([] if a.cpu else res["runs"], [
-            "engine", "batch", "jets_per_s", "x_pyg", "ms_per_step", "batches_per_s", "peak_allocated_mib",
-            "peak_reserved_mib", "process_mib", "step_mode", "amp", "import_s", "prepare_s", "trainer_s",
-            "first_epoch_s", "error"]),
-        harness.table(res.get("cpu_best", []), ["engine", "epoch_min_s", "epoch_cpu_min_s"], "CPU fit epoch"),
-        harness.table(pk.get("phases", []), ["k", "jets_per_s", "x_k1", "per_process_jets_per_s", "process_mib",
-                                             "peak_reserved_mib", "busy_fraction", "util_mean_pct", "used_peak_mib"],
-                      f"Packing: {pk.get('jets')} jets (70 % train), {pk.get('epochs')} epoch(s) per phase, "
-                      f"{pk.get('threads')} thread(s) each, 1/4 of a {pk.get('card_gb')} GB card each"),
-        pk.get("error")] if x))
+    ks = [int(k) for k in spec.split(",") if k.strip() and int(k)]
+    pk = res["packing"] = pack(a, ks) if ks else {}
+    harness.save(a, res, harness.table([] if a.cpu else res["runs"], "engine batch jets_per_s x_pyg ms_per_step "
+                                       "batches_per_s peak_allocated_mib peak_reserved_mib process_mib step_mode amp "
+                                       "import_s prepare_s trainer_s first_epoch_s error"),
+                 harness.table(res.get("cpu_best", []), "engine epoch_min_s epoch_cpu_min_s", "CPU fit epoch"),
+                 harness.table(pk.get("phases", []), "k jets_per_s x_k1 per_process_jets_per_s process_mib "
+                               "peak_reserved_mib busy_fraction util_mean_pct used_peak_mib",
+                               f"Packing: {pk.get('jets')} jets (70 % train), {pk.get('epochs')} epoch(s) per phase, "
+                               f"{pk.get('threads')} thread(s) each, 1/4 of a {pk.get('card_gb')} GB card each"),
+                 pk.get("error"))
 
 
 if __name__ == "__main__":

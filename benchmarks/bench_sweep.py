@@ -1,21 +1,18 @@
-"""Sweep-level costs, each sweep in a child process with its own Ray instance and a time limit (a sweep that hangs
-still reports what its experiment directory holds). Run alone: another Ray instance competes for the devices.
+"""Sweep-level costs, each sweep in a child process with its own Ray instance and a time limit. Run it alone.
 
-overhead  per --scales JETS:EPOCHS, engine.fit in a fresh process (as a trial runs it) against a one-trial sweep
-          with each --workers count (N > 1: data parallel over NCCL, gloo on CPUs): epoch time and report interval
-          (medians, first epoch excluded), start-up, when each Ray actor came up, whether Ray frees its CPUs/GPUs;
-          x_one_worker is the data-parallel speed-up (goal >= 1.8 on 2 GPUs at 100k jets).
-sweep     --sweep FILE (+ --sweep-set KEY=VALUE): wall time, trials and epochs per hour, aggregate jets/s, trial
-          start-up (Tune's, and the critical path from the worker's launch), report gaps, the GPU share and trial
-          memory chosen, GPU busy fraction (nvidia-smi every 0.2 s), the trial table, the best trial's curve;
-          --one-device runs it again on one GPU (one CPU): x_one_device (goal >= 1.9 on 2 GPUs).
-evaluate  --evaluate HELDOUT: --gen-jets jets sampled from the best trial, scored against HELDOUT.
+overhead  per --scales JETS:EPOCHS, bare engine.fit against a one-trial sweep per --workers count: epoch time,
+          report interval, start-up, each Ray actor's start, whether Ray frees its CPUs/GPUs; x_one_worker: the
+          data-parallel speed-up (goal >= 1.8 on 2 GPUs at 100k jets).
+sweep     --sweep FILE (+ --sweep-set): wall time, trials and epochs per hour, jets/s, trial start-up, report gaps,
+          GPU share, trial memory, GPU busy fraction, trial table, best trial's curve; --one-device: x_one_device
+          (goal >= 1.9 on 2 GPUs); --evaluate HELDOUT scores --gen-jets jets of the best trial.
 
   python benchmarks/bench_sweep.py [--data FILE] [--scales 250:6,10000:4] [--sweep FILE] [--out DIR]
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -58,24 +55,27 @@ def actor_timeline(logs: Path, t0: float) -> list[dict]:
     return sorted(out, key=lambda e: e.get("actor_create", e.get("process_start", 0)))
 
 
+def ray_instances() -> int:
+    """Ray instances on this host: the distinct --gcs-address flags of raylet processes."""
+    cmds = []
+    for f in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            cmds.append(f.read_bytes().decode(errors="replace").replace("\0", " ").split())
+    return len({x for c in cmds if c and "raylet" in Path(c[0]).name for x in c if x.startswith("--gcs-address=")})
+
+
 def sweep_child(sweep: str, overrides: dict, name: str, storage: str, release_wait: float) -> dict:
     """A Ray instance of its own and one run_sweep call: what Ray saw, when each actor came up, the process groups
     set up, then how long until every CPU/GPU was free again (a placement group left behind would show)."""
+    import ray
+
     from hvae_ray.sweep.tune import ray_init, run_sweep
 
     t = time.perf_counter()
-    ctx = ray_init(None)
-    import ray
-
-    total = ray.cluster_resources()
+    ctx, total = ray_init(None), ray.cluster_resources()
     out: dict = {"ray_init_s": time.perf_counter() - t, "ray_cpus": total.get("CPU", 0.0),
-                 "ray_gpus": total.get("GPU", 0.0), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
-    try:
-        from ray._private.services import find_gcs_addresses
-
-        out["ray_instances_on_host"] = len(find_gcs_addresses())
-    except Exception:  # noqa: BLE001 - Ray's layout differs: not recorded
-        pass
+                 "ray_gpus": total.get("GPU", 0.0), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                 "ray_instances_on_host": ray_instances()}
     t, out["t0"] = time.perf_counter(), time.time()
     r = run_sweep(sweep, overrides or None, name=name, storage=storage)
     out.update(run_sweep_s=time.perf_counter() - t, t1=time.time(), experiment_dir=str(r.experiment_dir))
@@ -94,9 +94,8 @@ def sweep_child(sweep: str, overrides: dict, name: str, storage: str, release_wa
         if not held:
             break
         time.sleep(0.25)
-    out["resources_released_after_s"] = None if held else time.perf_counter() - t
-    out["resources_still_held"] = held
-    return out
+    return {**out, "resources_released_after_s": None if held else time.perf_counter() - t,
+            "resources_still_held": held}
 
 
 def run(a, path, overrides: dict, label: str, storage: Path, env: dict | None = None) -> dict:
@@ -105,30 +104,29 @@ def run(a, path, overrides: dict, label: str, storage: Path, env: dict | None = 
     harness.say(f"sweep {label}: {Path(path).name} {json.dumps(overrides)} {json.dumps(env or {})}")
     with harness.GpuSampler() as gpu:
         t = time.time()
-        r = harness.Child(sweep_child, {"sweep": str(path), "overrides": overrides, "name": name, "release_wait":
-                                        a.release_wait, "storage": str(storage)}, timeout=a.timeout, env=env,
+        r = harness.Child(sweep_child, dict(sweep=str(path), overrides=overrides, name=name, storage=str(storage),
+                                            release_wait=a.release_wait), timeout=a.timeout, env=env,
                           log=storage / f"{name}.log").result()
     r.update(label=label, env=env or {}, gpu=gpu.window(r.get("t0", t), r.get("t1", time.time())))
     exp = Path(r.setdefault("experiment_dir", str(storage / name)))
     r["trials"] = {t.root.name: [x for x in read_jsonl(t.results) if "epoch_time_s" in x]
                    for t in (trial_paths(exp) if exp.is_dir() else [])}
-    tune, path, gaps, tgaps, ep, iv = [], [], [], [], [], []
-    for rs in (rs for rs in r["trials"].values() if rs):
-        tune.append(rs[0].get("time_this_iter_s", float("nan")) - rs[0]["epoch_time_s"])
-        if "worker_started_at" in rs[0]:
-            path.append(rs[0]["reported_at"] - rs[0]["worker_started_at"] - rs[0]["epoch_time_s"])
-        gaps += [y["reported_at"] - x["reported_at"] - y["epoch_time_s"] for x, y in zip(rs, rs[1:])
-                 if "reported_at" in y]
-        tgaps += [x["time_this_iter_s"] - x["epoch_time_s"] for x in rs[1:] if "time_this_iter_s" in x]
-        ep += [x["epoch_time_s"] for x in rs[1:]]
-        iv += [x["time_this_iter_s"] for x in rs[1:] if "time_this_iter_s" in x]
+    runs = [x for x in r["trials"].values() if x]
+    later = [x for rs in runs for x in rs[1:]]  # the first epoch of each trial carries its start-up
+    tune = [rs[0].get("time_this_iter_s", float("nan")) - rs[0]["epoch_time_s"] for rs in runs]
+    path = [rs[0]["reported_at"] - rs[0]["worker_started_at"] - rs[0]["epoch_time_s"] for rs in runs
+            if "worker_started_at" in rs[0]]
+    gaps = [y["reported_at"] - x["reported_at"] - y["epoch_time_s"] for rs in runs for x, y in zip(rs, rs[1:])
+            if "reported_at" in y]
+    iv = [x["time_this_iter_s"] for x in later if "time_this_iter_s" in x]
+    tgaps = [x["time_this_iter_s"] - x["epoch_time_s"] for x in later if "time_this_iter_s" in x]
     r.update(epochs_total=sum(map(len, r["trials"].values())), tune_startup_s=tune, critical_startup_s=path,
              tune_startup_median_s=median(tune), critical_startup_median_s=median(path),
-             report_gap_median_s=median(gaps), tune_report_gap_median_s=median(tgaps), epoch_time_median_s=median(ep),
-             interval_median_s=median(iv),
+             report_gap_median_s=median(gaps), tune_report_gap_median_s=median(tgaps),
+             epoch_time_median_s=median([x["epoch_time_s"] for x in later]), interval_median_s=median(iv),
+             ray_cpus_gpus=[r.get("ray_cpus"), r.get("ray_gpus")],
+             released=r.get("resources_still_held") or r.get("resources_released_after_s"),
              **{k: r["gpu"][k] for k in ("busy_fraction", "util_mean_pct", "used_peak_mib", "process_peak_mib")})
-    r["ray_cpus_gpus"] = [r.get("ray_cpus"), r.get("ray_gpus")]
-    r["released"] = r.get("resources_still_held") or r.get("resources_released_after_s")
     harness.say(f"  {label}: {r['epochs_total']} epochs in {len(r['trials'])} trials, {fmt(r.get('run_sweep_s'))} s"
                 + (f"; FAILED: {r['error']}" if "error" in r else ""))
     return r
@@ -138,16 +136,16 @@ def overhead(a, data: str, storage: Path, cuda: bool) -> list[dict]:
     out, cores = [], os.cpu_count() or 1
     for scale in a.scales.split(","):
         jets, epochs = (int(x) for x in scale.split(":"))
+        bare = {}
         if "bare" not in a.skip:
             cpus = int(a.trial_cpus or max(1, cores - 1))  # Ray gives a worker OMP_NUM_THREADS = its CPUs
             harness.say(f"bare engine.fit: {jets} jets x {epochs} epochs, {cpus} threads")
-            b = harness.Child(harness.fit_child, {"data": data, "jets": jets, "epochs": epochs, "sets": a.set},
+            b = harness.Child(harness.fit_child, dict(data=data, jets=jets, epochs=epochs, sets=a.set),
                               timeout=a.timeout, env={"OMP_NUM_THREADS": str(cpus)}).result()
-            out.append({**b, "label": f"bare {jets}x{epochs}", "run_sweep_s": b.get("total_s"),
-                        "epoch_time_median_s": median(b.get("epoch_time_s", [])[1:]),
-                        "interval_median_s": median(b.get("interval_s", [])[1:]),
-                        "tune_startup_median_s": b.get("startup_s")})
-        bare = out[-1] if "bare" not in a.skip else {}
+            out.append(bare := {**b, "label": f"bare {jets}x{epochs}", "run_sweep_s": b.get("total_s"),
+                                "epoch_time_median_s": median(b.get("epoch_time_s", [])[1:]),
+                                "interval_median_s": median(b.get("interval_s", [])[1:]),
+                                "tune_startup_median_s": b.get("startup_s")})
         for w in (int(x) for x in a.workers.split(",")):
             res = {"num_workers": w, "cpus_per_worker": a.trial_cpus or max(0.9, (cores - 1) / w),
                    "gpu_fraction": a.overhead_gpu_fraction if cuda else 0,
@@ -158,11 +156,10 @@ def overhead(a, data: str, storage: Path, cuda: bool) -> list[dict]:
                 "num_samples": 1, "scheduler": {"max_t": epochs, "grace_period": epochs}, "resources": res,
                 "data": {"path": data}, "storage": str(storage)}))
             r = run(a, f, {}, label, storage)
-            r.update(x_bare_epoch=ratio(r["epoch_time_median_s"], bare.get("epoch_time_median_s")),
-                     x_bare_interval=ratio(r["interval_median_s"], bare.get("interval_median_s")),
-                     x_one_worker=ratio(next((x["epoch_time_median_s"] for x in out if x["label"] == label[:-2] + "1w"),
-                                             None), r["epoch_time_median_s"]))
-            out.append(r)
+            one = next((x["epoch_time_median_s"] for x in out if x["label"] == label[:-2] + "1w"), None)
+            out.append({**r, "x_bare_epoch": ratio(r["epoch_time_median_s"], bare.get("epoch_time_median_s")),
+                        "x_bare_interval": ratio(r["interval_median_s"], bare.get("interval_median_s")),
+                        "x_one_worker": ratio(one, r["epoch_time_median_s"])})
     return out
 
 
@@ -198,50 +195,37 @@ def summarise(r: dict) -> dict:
     return s
 
 
-def evaluate(a, best: dict, storage: Path, cuda: bool) -> dict:
-    gen, dev, t0 = storage / "generated.npz", "cuda" if cuda else "cpu", time.perf_counter()
-    api.sample(best["best_checkpoint"], a.gen_jets, gen, device=dev, overwrite=True)
-    t1 = time.perf_counter()
-    m = api.evaluate(a.evaluate, gen)
-    return {"metrics": m, "sample_s": t1 - t0, "evaluate_s": time.perf_counter() - t1,
-            "commands": [f"hvae-ray sample --checkpoint {best['best_checkpoint']} --n-jets {a.gen_jets} --out {gen} "
-                         f"--device {dev}", f"hvae-ray evaluate --real {a.evaluate} --generated {gen} --json"]}
-
-
-def markdown(res: dict) -> str:
-    cols = ["label", "epochs_total", "epoch_time_median_s", "interval_median_s", "tune_startup_median_s",
-            "critical_startup_median_s", "report_gap_median_s", "tune_report_gap_median_s", "run_sweep_s",
-            "ray_cpus_gpus", "released", "busy_fraction", "util_mean_pct", "used_peak_mib", "process_peak_mib", "error"]
-    ov, sw, md = res.get("overhead", []), res.get("sweeps", []), []
-    md.append(harness.table(ov, [*cols[:-1], "x_bare_epoch", "x_bare_interval", "x_one_worker", "error"],
-                            "Ray overhead: bare engine.fit against one-trial sweeps (medians, first epoch excluded; "
-                            "x_one_worker: the data-parallel speed-up, goal >= 1.8 with 2 GPUs)"))
+def markdown(res: dict) -> list[str]:
+    cols = ("epochs_total epoch_time_median_s interval_median_s tune_startup_median_s critical_startup_median_s "
+            "report_gap_median_s tune_report_gap_median_s run_sweep_s ray_cpus_gpus released busy_fraction "
+            "util_mean_pct used_peak_mib process_peak_mib")
+    ov, sw, ev = res.get("overhead", []), res.get("sweeps", []), res.get("evaluate", {})
+    md = [harness.table(ov, f"label {cols} x_bare_epoch x_bare_interval x_one_worker error",
+                        "Ray overhead: bare engine.fit against one-trial sweeps (medians, first epoch excluded; "
+                        "x_one_worker: the data-parallel speed-up, goal >= 1.8 with 2 GPUs)")]
     md += [f"{r['label']} timeline (s after run_sweep): " + "; ".join(
         f"{e['actor']} {fmt(e.get('process_start'))} / {fmt(e.get('actor_create'))} / {fmt(e.get('actor_ready'))}"
         for e in r["timeline"]) + f"; process groups {r.get('process_groups')}" for r in ov if r.get("timeline")]
     for r in sw:
         r["x_one_device"] = ratio(r.get("jets_per_s"), sw[-1].get("jets_per_s")) if r is not sw[-1] else None
-    md.append(harness.table(sw, ["label", "trials_done", "statuses", "wall_s", "trials_per_hour", "epochs_per_hour",
-                                 "jets_per_s", "x_one_device", "gpu_share", "trial_memory_mib", *cols[1:]],
+    md.append(harness.table(sw, "label trials_done statuses wall_s trials_per_hour epochs_per_hour jets_per_s "
+                                f"x_one_device gpu_share trial_memory_mib {cols} error",
                             f"Sweep {res.get('sweep')} {json.dumps(res.get('sweep_overrides'))} (x_one_device: "
                             "goal >= 1.9 with 2 GPUs)"))
-    best = (sw or [{}])[0].get("best")
-    if best:
+    if best := (sw or [{}])[0].get("best"):
         md.append(harness.table(sorted(sw[0]["table"], key=lambda t: t["best_val_objective"] or 1e300),
                                 ["trial_id", "status", *sw[0]["params"], "loss_weights", "best_val_objective",
                                  "last_val_kl", "kl_slope_last10", "epochs"], "Trials"))
         md.append(harness.table([dict(zip(("epoch", "val_kl", "train_total"), x)) for x in
                                  zip(best["epoch"], best["val_kl"], best["train_total"])][-8:],
-                                ["epoch", "val_kl", "train_total"], f"Best trial {best['trial_id']}, last epochs"))
-    m = res.get("evaluate", {}).get("metrics")
-    md.append(harness.table([{"metric": k, "generated": m[k], "err": m.get(k + "_err"), "floor": m.get(k + "_floor"),
-                              "floor_err": m.get(k + "_floor_err")} for k in harness.METRICS] if m else [],
-                            ["metric", "generated", "err", "floor", "floor_err"],
-                            f"Best trial: {m and m.get('n_gen')} generated vs {m and m.get('n_real')} held-out jets: "
-                            + "; ".join(f"`{c}`" for c in res["evaluate"]["commands"]) if m else ""))
-    if res.get("evaluate", {}).get("error"):
-        md.append(f"evaluate: {res['evaluate']['error']}")
-    return "\n\n".join(x for x in md if x)
+                                "epoch val_kl train_total", f"Best trial {best['trial_id']}, last epochs"))
+    if m := ev.get("metrics"):
+        md.append(harness.table([{"metric": k, "generated": m[k], "err": m.get(k + "_err"),
+                                  "floor": m.get(k + "_floor"), "floor_err": m.get(k + "_floor_err")}
+                                 for k in harness.METRICS], "metric generated err floor floor_err",
+                                f"Best trial: {m.get('n_gen')} generated vs {m.get('n_real')} held-out jets: "
+                                + "; ".join(f"`{c}`" for c in ev["commands"])))
+    return [*md, f"evaluate: {ev['error']}" if ev.get("error") else ""]
 
 
 def main() -> None:
@@ -289,10 +273,16 @@ def main() -> None:
             r = run(a, a.sweep, ov, label.replace(" ", "_"), storage, env)
             res["sweeps"].append({**r, **summarise(r)})
             harness.save(a, res)
-        best = res["sweeps"][0].get("best")
-        if a.evaluate:
-            res["evaluate"] = evaluate(a, best, storage, cuda) if best else {"error": "no trial has a best checkpoint"}
-    harness.save(a, res, markdown(res))
+        if a.evaluate and not (best := res["sweeps"][0].get("best")):
+            res["evaluate"] = {"error": "no trial has a best checkpoint"}
+        elif a.evaluate:  # --gen-jets jets of the best trial against HELDOUT
+            gen, dev, ckpt = storage / "generated.npz", "cuda" if cuda else "cpu", best["best_checkpoint"]
+            sample_s = harness.clock(api.sample, ckpt, a.gen_jets, gen, device=dev, overwrite=True)[1]
+            m, evaluate_s = harness.clock(api.evaluate, a.evaluate, gen)
+            res["evaluate"] = {"metrics": m, "sample_s": sample_s, "evaluate_s": evaluate_s, "commands": [
+                f"hvae-ray sample --checkpoint {ckpt} --n-jets {a.gen_jets} --out {gen} --device {dev}",
+                f"hvae-ray evaluate --real {a.evaluate} --generated {gen} --json"]}
+    harness.save(a, res, *markdown(res))
     tmp.cleanup()
 
 

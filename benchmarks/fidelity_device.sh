@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The fidelity sweep on one GPU host without network (the device of benchmarks/results/fidelity-*):
-# installs the offline Ray bundle (../shared/tools/offline-ray-kit.sh .raykit), runs
-# sweeps/fidelity_q.yaml within a time limit, and copies the trial table, the winner's config, its
-# best checkpoint and a flow prior fitted to it into $OUT.   usage: benchmarks/fidelity_device.sh [SECONDS]
+# The fidelity sweep on one GPU host without network (benchmarks/results/fidelity-*): installs the offline Ray bundle
+# .raykit (../shared/tools/offline-ray-kit.sh .raykit), runs sweeps/fidelity_q.yaml within SECONDS, copies the trial
+# table, the winner's config, best checkpoint and a flow prior fitted to it into $OUT.  usage: $0 [SECONDS]
 set -euo pipefail
 LIMIT=${1:-520}
 mkdir -p /tmp/kit /tmp/site
@@ -19,12 +18,9 @@ E=$(ls -d runs/sweeps/fidelity_q-* | tail -1)
 python3 -m hvae_ray trials "$E" | tee "$OUT/trials.txt"
 python3 -m hvae_ray trials "$E" --export "$OUT/trials.csv"
 python3 -m hvae_ray trials "$E" --best > "$OUT/best.yaml"
-BEST=$(python3 - "$OUT/trials.csv" <<'PY'
-import csv, sys
+BEST=$(python3 -c 'import csv, sys
 rows = [r for r in csv.DictReader(open(sys.argv[1])) if r.get("best_val_generation") not in (None, "", "inf")]
-print(min(rows, key=lambda r: float(r["best_val_generation"]))["trial_id"])
-PY
-)
+print(min(rows, key=lambda r: float(r["best_val_generation"]))["trial_id"])' "$OUT/trials.csv")
 D=$(ls -d "$E"/*"$BEST"*/engine/best)
 echo "best trial $BEST: $D"
 python3 -m hvae_ray prior fit --checkpoint "$D" --data-path data/q_train30k.parquet --device cuda

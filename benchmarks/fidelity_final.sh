@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# The sweep winner trained longer, alone on the GPU, then its priors compared on held-out jets:
-#   benchmarks/fidelity_final.sh BEST_YAML EPOCHS SECONDS     (writes into $OUT)
-# `hvae-ray train --config BEST_YAML --set epochs=EPOCHS` within SECONDS (the last finished epoch and
-# the best one by val_generation stay on disk if the limit ends it), then benchmarks/fidelity.py priors.
+# The sweep winner trained alone on the GPU within SECONDS (the last and the best epoch by val_generation stay on
+# disk), then its priors compared on held-out jets by fidelity.py priors:  $0 BEST_YAML EPOCHS SECONDS  (into $OUT)
 set -uo pipefail
 BEST=$1; EPOCHS=$2; LIMIT=$3
 export PYTHONPATH=$PWD

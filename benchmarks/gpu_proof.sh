@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The GPU proof on one GPU host: one trial's memory (bench_core.py), k trials packed on the card (bench_engine.py
-# --pack), Ray's per-epoch overhead, the 250-jet seed case and kl_caps.yaml with its best trial evaluated on held-out
-# jets (bench_sweep.py); one folder per part in OUT, gpu_proof.md of them all. On a CPU host: a dry run on CPUs.
+# The GPU proof on one GPU host (a dry run on a CPU host), one folder per part in OUT and gpu_proof.md of them all:
+# a trial's memory (bench_core.py), k trials packed on the card (bench_engine.py --pack), Ray's per-epoch overhead,
+# the 250-jet seed sweep and kl_caps.yaml, its best trial evaluated on held-out jets (bench_sweep.py).
 #   benchmarks/gpu_proof.sh --data JETS --heldout REAL_JETS [--out OUT]
 # Sizes from the environment: CARD_GB=4 MEMORY_JETS=2000 MEMORY_EPOCHS=3 PACK_KS=1,2,4,6 PACK_JETS=3000 SEED_SAMPLES=8
 # SEED_MAX_T=45 SEED_GRACE=15 REAL_JETS=20000 REAL_SAMPLES=4 REAL_MAX_T=3 GEN_JETS=10000 SWEEP_TIMEOUT=480 STANDBY=

@@ -1,11 +1,12 @@
 """What the benchmark scripts share: child processes, GPU sampling, jets and configs, tables, arguments.
 
-A script's function runs in a fresh process with ``Child(fn, kwargs).result()`` when the script ends with
-``harness.entry(main, globals())``: the child prints ``RESULT <json>``, the parent parses it."""
+``Child(fn, kwargs).result()`` runs ``fn`` of a script that ends in ``harness.entry(main, globals())`` in a fresh
+process: the child prints ``RESULT <json>``, the parent parses it."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -50,42 +51,36 @@ def say(msg: str) -> None:
     print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
 
 
-class Child:
-    """``target`` (a function of a script ending in :func:`entry`, or code reading its JSON argument from
-    ``sys.argv[1]``) in a fresh process group, output to ``log``; :meth:`result` waits until ``timeout`` s
-    after the start, then stops the whole group (a sweep's Ray instance included)."""
+class Child(subprocess.Popen):
+    """``target(**kwargs)`` in a fresh process group, output to ``log``; stopped (Ray too) ``timeout`` s on."""
 
     def __init__(self, target, kwargs: dict | None = None, *, timeout: float = 600, env: dict | None = None,
                  log: str | Path | None = None):
-        arg = json.dumps(kwargs or {}, default=str)
-        cmd = ([os.path.abspath(sys.modules[target.__module__].__file__), FLAG, target.__name__, arg]
-               if callable(target) else ["-c", target, arg])
         self.timeout, self.t0, self.keep = timeout, time.perf_counter(), log is not None
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
+        cmd = [os.path.abspath(sys.modules[target.__module__].__file__), FLAG, target.__name__,
+               json.dumps(kwargs or {}, default=str)]
         with open(self.log, "w") as fh:
-            self.proc = subprocess.Popen([sys.executable, "-u", *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env={**os.environ, **CHILD_ENV, **(env or {})})
-        self.pid = self.proc.pid
+            super().__init__([sys.executable, "-u", *cmd], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                             env={**os.environ, **CHILD_ENV, **(env or {})})
 
     def stop(self, sig=signal.SIGKILL) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def result(self) -> dict:
         """The child's RESULT dict with child_s, returncode and timed_out; {"error", "log_tail"} without one."""
         timed_out = False
         try:
-            self.proc.wait(timeout=max(1.0, self.timeout - (time.perf_counter() - self.t0)))
+            self.wait(timeout=max(1.0, self.timeout - (time.perf_counter() - self.t0)))
         except subprocess.TimeoutExpired:
             timed_out = True
             self.stop(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=20)
+                self.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 self.stop()
-                self.proc.wait()
+                self.wait()
         text = self.log.read_text(errors="replace")
         if not self.keep:
             self.log.unlink(missing_ok=True)
@@ -94,8 +89,7 @@ class Child:
             last = [x for x in text.splitlines() if x.strip()] or ["no output"]
             res = {"error": f"timed out after {self.timeout:.0f} s" if timed_out else last[-1],
                    "log_tail": text[-3000:]}
-        return {**res, "child_s": time.perf_counter() - self.t0, "returncode": self.proc.returncode,
-                "timed_out": timed_out}
+        return {**res, "child_s": time.perf_counter() - self.t0, "returncode": self.returncode, "timed_out": timed_out}
 
 
 def entry(main, namespace: dict) -> None:
@@ -122,7 +116,6 @@ def num(x: str) -> float:
 
 
 def process_mib(pid: int) -> float | None:
-    """What nvidia-smi shows for process ``pid``, MiB."""
     return next((num(r[1]) for r in smi("--query-compute-apps=pid,used_memory") if r[0] == str(pid)), None)
 
 
@@ -134,30 +127,54 @@ def nvml_used(index: int = 0) -> float | None:
         return None
 
 
-class GpuSampler:
-    """nvidia-smi polled in a thread every ``interval`` s while in a ``with`` block: each card's utilisation and
-    used memory, and each compute process's memory. Records nothing without nvidia-smi."""
+def sync(dev="cpu") -> None:
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
 
-    def __init__(self, interval: float = 0.2):
-        self.interval, self.util, self.apps = interval, [], []  # (t, card, util %, MiB), (t, {pid: MiB})
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def _poll(self) -> None:
-        while not self._stop.is_set():
-            t = time.time()
+def clock(fn, *args, dev="cpu", **kw):
+    """``fn(*args, **kw)`` and its wall time in s, CUDA synchronised before and after on ``dev``."""
+    sync(dev)
+    t = time.perf_counter()
+    out = fn(*args, **kw)
+    sync(dev)
+    return out, time.perf_counter() - t
+
+
+def torch_peaks(dev=None) -> dict:
+    """torch's peak allocated and reserved CUDA memory, MiB."""
+    return {"peak_allocated_mib": torch.cuda.max_memory_allocated(dev) / MiB,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved(dev) / MiB}
+
+
+def cap_allocator(share: float, card_gb: float) -> float:
+    """Cap the allocator to ``share`` of a ``card_gb`` card, as the runner caps a trial; the fraction set."""
+    frac = rs.allocator_fraction(share, card_gb * GiB, torch.cuda.get_device_properties(0).total_memory)
+    torch.cuda.set_per_process_memory_fraction(frac, 0)
+    return frac
+
+
+class GpuSampler(threading.Thread):
+    """nvidia-smi every 0.2 s in a ``with`` block: each card's utilisation and memory, each process's memory."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.util, self.apps, self.halt = [], [], threading.Event()  # (t, card, util %, MiB), (t, {pid: MiB})
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            t, apps = time.time(), smi("--query-compute-apps=pid,used_memory")
             self.util += [(t, r[0], num(r[1]), num(r[2])) for r in smi("--query-gpu=index,utilization.gpu,memory.used")]
-            apps = smi("--query-compute-apps=pid,used_memory")
             self.apps.append((t, {int(r[0]): num(r[1]) for r in apps if r[0].isdigit()}))
-            self._stop.wait(self.interval)
+            self.halt.wait(0.2)
 
     def __enter__(self) -> GpuSampler:
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
+        self.halt.set()
+        self.join(timeout=30)
 
     def window(self, t0: float = 0.0, t1: float = math.inf) -> dict:
         """Within [t0, t1] (unix time), card by card: busy fraction (utilisation > 0), mean utilisation, peak and
@@ -179,8 +196,7 @@ class GpuSampler:
 
 
 def load_sample(data: str | None, jets: int = 0, tile: bool = False):
-    """The first ``jets`` jets of ``data`` (all with 0; repeated up to ``jets`` with ``tile``), or synthetic jets
-    of 10-30 particles when ``data`` is None."""
+    """``jets`` jets of ``data`` (0: all; ``tile``: repeated), or synthetic ones of 10-30 particles without it."""
     if data:
         s = load_jets(data)
         return s.subset(np.resize(np.arange(len(s)), jets) if tile else np.arange(min(jets or len(s), len(s))))
@@ -197,40 +213,31 @@ def parse_sets(items) -> dict:
 
 
 def config(sets=(), extra: dict | None = None):
-    """The default config with ``--set`` overrides, then ``extra``."""
     return Config().with_overrides({**parse_sets(sets), **(extra or {})})
 
 
 def fit_child(data: str | None, jets: int, epochs: int, device: str = "auto", sets=(), share: float = 0.0,
               card_gb: float = 0.0, memory_steps: int = 0) -> dict:
-    """engine.fit as a trial runs it (save_dir and TensorBoard dir), the allocator capped to ``share`` of a
-    ``card_gb`` card as the runner caps a trial: epoch times, report-to-report intervals, start-up, CPU threads;
-    on CUDA torch's peaks and, with ``memory_steps``, the runner's sizing burst and the share it gives."""
+    """engine.fit as a trial runs it, capped to ``share`` of a ``card_gb`` card: epoch wall and CPU times, report
+    intervals, start-up, threads; on CUDA torch's peaks and the runner's sizing burst (``memory_steps``) and share."""
     t_start = started()
     cfg, dev, stamps = config(sets, {"epochs": epochs, "data.max_jets": jets or None}), resolve_device(device), []
     res: dict = {"pid": os.getpid(), "device": str(dev), "jets": jets, "epochs": epochs}
     if dev.type == "cuda" and share:
-        res["allocator_fraction"] = rs.allocator_fraction(share, card_gb * GiB,
-                                                          torch.cuda.get_device_properties(0).total_memory)
-        torch.cuda.set_per_process_memory_fraction(res["allocator_fraction"], 0)
-
-    def stamp(report) -> None:  # process CPU time: less sensitive than wall time to other jobs on the host
-        stamps.append((report.metrics["epoch_time_s"], time.perf_counter(), torch.get_num_threads(),
-                       time.process_time()))
-
-    with tempfile.TemporaryDirectory() as tmp:
+        res["allocator_fraction"] = cap_allocator(share, card_gb)
+    with tempfile.TemporaryDirectory() as tmp:  # process CPU time: less sensitive to other jobs on the host
         cpu0 = time.process_time()
         fit(cfg, load_sample(data, 0 if data else jets), save_dir=Path(tmp) / "run", log_dir=Path(tmp) / "tb",
-            progress=False, device=dev, callbacks=[stamp])
+            progress=False, device=dev, callbacks=[lambda r: stamps.append((
+                r.metrics["epoch_time_s"], time.perf_counter(), torch.get_num_threads(), time.process_time()))])
     t_end, (ep, at, threads, cpu) = time.perf_counter(), zip(*stamps)
+    cpu_s = [b - a for a, b in zip((cpu0, *cpu), cpu)]
     res.update(epoch_time_s=ep, threads_in_training=threads[-1], total_s=t_end - t_start,
                after_last_report_s=t_end - at[-1], startup_s=at[0] - t_start - ep[0],
-               interval_s=[at[0] - t_start] + [b - a for a, b in zip(at, at[1:])],
-               epoch_cpu_s=[b - a for a, b in zip((cpu0, *cpu), cpu)], epoch_min_s=min(ep[1:] or ep))
-    res["epoch_cpu_min_s"] = min(res["epoch_cpu_s"][1:] or res["epoch_cpu_s"])
+               interval_s=[at[0] - t_start] + [b - a for a, b in zip(at, at[1:])], epoch_cpu_s=cpu_s,
+               epoch_min_s=min(ep[1:] or ep), epoch_cpu_min_s=min(cpu_s[1:] or cpu_s))
     if dev.type == "cuda":
-        res.update(peak_allocated_mib=torch.cuda.max_memory_allocated() / MiB,
-                   peak_reserved_mib=torch.cuda.max_memory_reserved() / MiB, process_mib_now=process_mib(os.getpid()))
+        res.update(**torch_peaks(), process_mib_now=process_mib(os.getpid()))
         measured = rs.measure_trial_memory(memory_steps, cfg=cfg, use_cache=False) if memory_steps else None
         if measured:
             res["runner_measured_mib"] = {k: v / MiB for k, v in measured.items() if isinstance(v, float)}
@@ -259,15 +266,15 @@ def fmt(x, d: int | str = 1, unit: str = "") -> str:
     return "n/a" if x is None else f"{x}{unit}"
 
 
-def table(items: list[dict], keys: list[str], title: str = "") -> str:
-    """A Markdown table of ``items``, one column per key (numbers to 4 significant digits); "" without items."""
+def table(items: list[dict], keys: str | list[str], title: str = "") -> str:
+    """A Markdown table of ``items``, a column per key (space-separated; numbers to 4 digits); "" without items."""
+    keys = keys.split() if isinstance(keys, str) else keys
     head = ([f"**{title}**", ""] if title else []) + ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     rows = ["| " + " | ".join(fmt(x.get(k), ".4g").replace("|", "\\|") for k in keys) + " |" for x in items]
     return "\n".join(head + rows) if items else ""
 
 
 def host() -> dict:
-    """Where and with what a benchmark ran."""
     return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "node": platform.node(), "cpu_cores": os.cpu_count(),
             "command": shlex.join([Path(sys.executable).name, *sys.argv]), "python": platform.python_version(),
             "torch": torch.__version__, "cuda": torch.cuda.is_available(),
@@ -286,9 +293,9 @@ def parser(doc: str, *common: str) -> argparse.ArgumentParser:
     return p
 
 
-def save(a: argparse.Namespace, results: dict, markdown: str = "") -> None:
-    """Print ``markdown``; write it and ``results`` to ``--out`` (called again as parts finish)."""
-    if markdown:
+def save(a: argparse.Namespace, results: dict, *parts: str) -> None:
+    """Print the Markdown ``parts``; write them and ``results`` to ``--out`` (called again as parts finish)."""
+    if markdown := "\n\n".join(x for x in parts if x):
         print(markdown, flush=True)
     if getattr(a, "out", None):
         Path(a.out).mkdir(parents=True, exist_ok=True)

@@ -1,39 +1,29 @@
 """Parity of hvae-ray's generation metrics with jetnet 0.2.5, the field's reference implementation.
 
-jetnet cannot share a virtual environment with hvae-ray (it needs numpy < 2 through energyflow and
-wasserstein, then pyarrow < 16), so its numbers are made in a side environment and committed as a
-fixture that the tests read without jetnet (steps 2 and 3 import no hvae-ray code):
+jetnet needs numpy < 2 and pyarrow < 16: its numbers are made in a side venv (steps 2 and 3 import no hvae-ray
+code) and committed as the fixture tests/fixtures/jetnet_parity/ that the tests read without jetnet:
 
     python benchmarks/jetnet_parity.py inputs     # 1. project venv: fixed samples of our generator
     python3 -m venv /tmp/jetnet-venv && . /tmp/jetnet-venv/bin/activate
     pip install torch==2.13.0 jetnet==0.2.5 "numpy<2" "pyarrow<16"
     python benchmarks/jetnet_parity.py reference  # 2. side venv: jetnet's numbers on them
     python benchmarks/jetnet_parity.py metrics real.parquet gen.npz  # 3. side venv: beside `hvae-ray evaluate`
-
-Step 1 writes ``tests/fixtures/jetnet_parity/inputs.npz``: q jets (two seeds), g jets, and the first q
-sample with pT_rel smeared by a log-normal factor (a deliberately distorted generator). Step 2 writes
-``reference.json`` beside it: energyflow's EFPs of the first jets of each sample and jetnet's w1m, w1p,
-w1efp, fpd, kpd for three pairs at jetnet's default sizes, the W1 metrics with jetnet's module generator
-seeded by ``SEED`` before each metric (the draws hvae-ray makes with that seed) and by ``OTHER_SEED``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "jetnet_parity"
 SAMPLES = {"q_a": ("q", 3000, 11), "q_b": ("q", 3000, 12), "g": ("g", 3000, 13)}
-SMEAR = 0.2  # σ of ln(pT_rel factor) for the distorted sample
-SMEAR_SEED = 14
+SMEAR, SMEAR_SEED = 0.2, 14  # σ of ln(pT_rel factor) for the distorted sample, its seed
 PAIRS = (("q_a", "g"), ("q_a", "q_b"), ("q_a", "q_smear"))
 N_EFP_JETS = 50
-SEED = 42
-OTHER_SEED = 7
+SEED, OTHER_SEED = 42, 7
 
 
 def make_inputs(out: Path) -> None:
@@ -43,9 +33,8 @@ def make_inputs(out: Path) -> None:
     arrays = {k: generate_jets(f, n, seed, progress=False).particles.astype(np.float32)
               for k, (f, n, seed) in SAMPLES.items()}
     q = arrays["q_a"].copy()
-    real = (q != 0).any(axis=2)
-    factor = np.exp(np.random.default_rng(SMEAR_SEED).normal(0.0, SMEAR, size=real.shape))
-    q[..., 2] = np.where(real, q[..., 2] * factor, 0.0)
+    factor = np.exp(np.random.default_rng(SMEAR_SEED).normal(0.0, SMEAR, size=q.shape[:2]))
+    q[..., 2] = np.where((q != 0).any(axis=2), q[..., 2] * factor, 0.0)
     arrays["q_smear"] = q
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
@@ -53,39 +42,39 @@ def make_inputs(out: Path) -> None:
 
 
 def _read(path: Path) -> np.ndarray:
-    """(N, P, 3) float64 (η_rel, φ_rel, pT_rel) from our Parquet, a JetNet .npz, or a fixture key."""
+    """(N, P, 3) float64 (η_rel, φ_rel, pT_rel) from our Parquet or a JetNet .npz (masked particles zeroed)."""
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         t = pq.read_table(path, columns=["etarel", "phirel", "ptrel"]).to_pydict()
         x = np.zeros((len(t["ptrel"]), 30, 3))
-        for j, row in enumerate(zip(t["etarel"], t["phirel"], t["ptrel"])):
-            k = len(row[2])
-            x[j, :k] = np.stack(row, axis=1)
+        for c, column in enumerate(t.values()):
+            for j, v in enumerate(column):
+                x[j, :len(v), c] = v
         return x
     with np.load(path, allow_pickle=False) as f:
         feats = f["particle_features"]
-        x = feats[..., :3].astype(np.float64)
-        if feats.shape[-1] > 3:  # a mask column: masked particles are padding
-            x = np.where(feats[..., 3:4] > 0, x, 0.0)
-        return x
+    x = feats[..., :3].astype(np.float64)
+    return np.where(feats[..., 3:4] > 0, x, 0.0) if feats.shape[-1] > 3 else x  # a 4th column is the mask
 
 
 def _jetnet_metrics(real: np.ndarray, gen: np.ndarray, w1_seed: int | None) -> dict:
-    """jetnet's metrics at its defaults; the W1 generator seeded with ``w1_seed`` before each metric."""
+    """jetnet's W1 metrics at its defaults, its module generator seeded with ``w1_seed`` before each."""
     from jetnet.evaluation import gen_metrics as gm
 
-    def seeded():
+    out: dict = {}
+    for key, fn in (("w1m", gm.w1m), ("w1p", gm.w1p), ("w1efp", lambda r, g: gm.w1efp(r, g, efp_jobs=1))):
         if w1_seed is not None:
             gm.rng = np.random.default_rng(w1_seed)
-
-    seeded()
-    out = {"w1m": [float(v) for v in gm.w1m(real, gen)]}
-    for key, fn in (("w1p", gm.w1p), ("w1efp", lambda r, g: gm.w1efp(r, g, efp_jobs=1))):
-        seeded()
-        means, stds = fn(real, gen)
-        out[key] = {"means": means.tolist(), "stds": stds.tolist()}
+        v = fn(real, gen)
+        out[key] = [float(x) for x in v] if key == "w1m" else {"means": v[0].tolist(), "stds": v[1].tolist()}
     return out
+
+
+def _fpd_kpd(real_features: np.ndarray, gen_features: np.ndarray) -> dict:
+    from jetnet.evaluation import gen_metrics as gm
+
+    return {k: [float(v) for v in fn(real_features, gen_features)] for k, fn in (("fpd", gm.fpd), ("kpd", gm.kpd))}
 
 
 def make_reference(inputs: Path, out: Path) -> None:
@@ -99,18 +88,15 @@ def make_reference(inputs: Path, out: Path) -> None:
     ref: dict = {"versions": {"jetnet": jetnet.__version__, "energyflow": energyflow.__version__,
                               "numpy": np.__version__}, "seed": SEED, "other_seed": OTHER_SEED,
                  "n_efp_jets": N_EFP_JETS, "efps_d4": {}, "efps_prime": {}, "pairs": {}}
-    features = {}
+    features = {k: gm.get_fpd_kpd_jet_features(x, efp_jobs=1) for k, x in data.items()}
     for name, x in data.items():
-        features[name] = gm.get_fpd_kpd_jet_features(x, efp_jobs=1)
         ref["efps_d4"][name] = features[name][:N_EFP_JETS].tolist()
         ref["efps_prime"][name] = efps(x[:N_EFP_JETS], efp_jobs=1).tolist()
-    for real_name, gen_name in PAIRS:
-        real, gen = data[real_name], data[gen_name]
-        print(f"{real_name} vs {gen_name}", flush=True)
-        ref["pairs"][f"{real_name}/{gen_name}"] = {
-            "seeded": _jetnet_metrics(real, gen, SEED), "other_seed": _jetnet_metrics(real, gen, OTHER_SEED),
-            **{k: [float(v) for v in fn(features[real_name], features[gen_name])] for k, fn in (("fpd", gm.fpd),
-                                                                                              ("kpd", gm.kpd))}}
+    for a, b in PAIRS:
+        print(f"{a} vs {b}", flush=True)
+        ref["pairs"][f"{a}/{b}"] = {"seeded": _jetnet_metrics(data[a], data[b], SEED),
+                                    "other_seed": _jetnet_metrics(data[a], data[b], OTHER_SEED),
+                                    **_fpd_kpd(features[a], features[b])}
     out.write_text(json.dumps(ref, indent=1) + "\n")
     print(f"wrote {out}")
 
@@ -119,14 +105,14 @@ def print_metrics(real_path: Path, gen_path: Path) -> None:
     from jetnet.evaluation import gen_metrics as gm
 
     real, gen = _read(real_path), _read(gen_path)
-    res, fr, fg = _jetnet_metrics(real, gen, SEED), gm.get_fpd_kpd_jet_features(real), gm.get_fpd_kpd_jet_features(gen)
-    res.update(fpd=[float(v) for v in gm.fpd(fr, fg)], kpd=[float(v) for v in gm.kpd(fr, fg)], n_real=len(real),
+    res = _jetnet_metrics(real, gen, SEED)
+    res.update(_fpd_kpd(gm.get_fpd_kpd_jet_features(real), gm.get_fpd_kpd_jet_features(gen)), n_real=len(real),
                n_gen=len(gen), w1p_mean=float(np.mean(res["w1p"]["means"])),
                w1efp_mean=float(np.mean(res["w1efp"]["means"])))
     print(json.dumps(res, indent=1))
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("inputs", help="make the fixture's input samples (project venv)")
@@ -135,15 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("real", type=Path)
     m.add_argument("generated", type=Path)
     a = ap.parse_args(argv)
-    inputs = FIXTURE_DIR / "inputs.npz"
     if a.cmd == "inputs":
-        make_inputs(inputs)
+        make_inputs(FIXTURE_DIR / "inputs.npz")
     elif a.cmd == "reference":
-        make_reference(inputs, FIXTURE_DIR / "reference.json")
+        make_reference(FIXTURE_DIR / "inputs.npz", FIXTURE_DIR / "reference.json")
     else:
         print_metrics(a.real, a.generated)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
