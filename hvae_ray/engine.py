@@ -302,6 +302,7 @@ class Trainer:
         self._graph = None
         self._val_efps = None
         self.generation: dict[str, float] | None = None  # the last generation metrics (generation_every)
+        self.first_step_at: float | None = None  # Unix time [s] this process launched its first optimiser step
         self.node_stats = tuple(torch.tensor(self.normaliser.stats["nodes"][k], dtype=torch.float32, device=device)
                                 for k in ("mean", "std"))
         if self.dense:
@@ -366,6 +367,8 @@ class Trainer:
                 rows[s].copy_(self._rows)
             else:
                 rows[s] = self._step(pos[s], valid[s])
+            if self.first_step_at is None:
+                self.first_step_at = time.time()
             if bar is not None:
                 bar.update(1)
                 if (s + 1) % POSTFIX_EVERY == 0 or s + 1 == steps:
@@ -767,6 +770,8 @@ def _epoch_metrics(trainer: Trainer, epoch: int, progress: bool) -> dict[str, An
     cfg = trainer.cfg
     t0 = time.perf_counter()
     train = trainer.train_epoch(epoch, progress)
+    if epoch == trainer.start_epoch:  # the end of this process's start-up, for a sweep's critical path
+        train["first_step_at"] = trainer.first_step_at
     metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": trainer.opt.param_groups[0]["lr"],
                **train, **trainer.evaluate(epoch)}
     if trainer.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1:

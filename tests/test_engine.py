@@ -4,6 +4,7 @@ callbacks, test-split indices and safe checkpoint loading."""
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -416,3 +417,15 @@ def test_patience_stops_a_run_whose_score_no_longer_improves(few_jets, tmp_path)
     assert warmed["epochs_run"] == 10
     unlimited = engine.fit(cfg.with_overrides({"patience": 0, "epochs": 5}), few_jets, progress=False)
     assert unlimited["epochs_run"] == 5
+
+
+def test_the_first_epoch_reports_when_the_first_optimiser_step_was_launched(few_jets):
+    """A sweep's start-up critical path ends at the first optimiser step: the first epoch's metrics carry
+    its Unix time, between the call and the end of that epoch; later epochs do not repeat it."""
+    reports = []
+    t0 = time.time()
+    engine.fit(small_config(epochs=2), few_jets, callbacks=[lambda r: reports.append((r, time.time()))],
+               progress=False)
+    first, at_first = reports[0]
+    assert t0 < first.metrics["first_step_at"] < at_first
+    assert "first_step_at" not in reports[1][0].metrics

@@ -237,8 +237,9 @@ class EpochReport:
     """The row a trial reports after each epoch: the engine's numeric metrics and the trial's own keys.
 
     worker_started_at (when the worker process was launched), loop_started_at (when its training
-    function began, after its GPU share was granted) and reported_at are Unix times [s]: start-up on a
-    trial's critical path is the first reported_at − worker_started_at − epoch_time_s.
+    function began, after its GPU share was granted) and reported_at are Unix times [s], as is the first
+    row's ``first_step_at`` (the engine's first optimiser step): start-up on a trial's critical path is
+    first_step_at − loop_started_at once the share is granted, first_step_at − worker_started_at in all.
     """
 
     metrics: dict[str, float]

@@ -109,8 +109,8 @@ def _memory_key(cfg, steps: int, torch_version: str) -> str:
     import os
     import socket
 
-    shape = {"probe": 2, "model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn, "engine": cfg.engine,
-             "accum": cfg.gradient_accumulation_steps,
+    shape = {"probe": 2, "model": cfg.to_dict()["model"], "batch_size": cfg.batch_size, "knn": cfg.data.knn,
+             "engine": cfg.engine, "accum": cfg.gradient_accumulation_steps,
              "mixed_precision": cfg.mixed_precision, "steps": steps, "torch": torch_version,
              "host": socket.gethostname(), "visible": os.environ.get("CUDA_VISIBLE_DEVICES", "")}
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]

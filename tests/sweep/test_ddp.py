@@ -153,8 +153,9 @@ def one_process(data_path):
 
 
 def metrics(record: dict, run: str) -> list[dict]:
-    """A rank's per-epoch metrics of one run, less the epoch's wall time."""
-    return [{k: v for k, v in rep["metrics"].items() if k != "epoch_time_s"} for rep in record[run]]
+    """A rank's per-epoch metrics of one run, less the epoch's wall time and its first step's clock time."""
+    return [{k: v for k, v in rep["metrics"].items() if k not in ("epoch_time_s", "first_step_at")}
+            for rep in record[run]]
 
 
 def test_ranks_train_on_disjoint_shards_that_cover_the_training_split(two_workers, data_path):
