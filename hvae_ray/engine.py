@@ -567,9 +567,9 @@ class Trainer:
         ``val_fpd`` (Fréchet distance of the 36 d ≤ 4 EFPs, extrapolated over subsample sizes n/2…n
         as jetnet does, with fewer draws) and ``val_generation``, their mean ratio to the fidelity
         targets (:data:`GENERATION_TARGETS`): at most 1 when a model meets all three on average.
-        Full-sized numbers to quote are ``hvae-ray evaluate``'s on held-out jets. Jets are encoded,
-        decoded and their EFPs computed in validation's batches (``max(64, batch_size)`` jets), so the
-        score's device memory stays within a validation pass's, which the trial's GPU share is sized by.
+        Full-sized numbers to quote are ``hvae-ray evaluate``'s on held-out jets. On a GPU jets are
+        encoded, decoded and their EFPs computed in validation's batches (``max(64, batch_size)`` jets),
+        so the score's memory stays within a validation pass's, which the trial's GPU share is sized by.
         """
         from scipy.stats import wasserstein_distance
 
@@ -578,7 +578,7 @@ class Trainer:
         from hvae_ray.latent import GaussianMixture, decode, encode
 
         val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
-        n, size = len(val), max(64, self.cfg.batch_size)
+        n, size = len(val), max(64, self.cfg.batch_size) if self.device.type == "cuda" else 1024
         if self.cfg.generation_prior == "fitted":
             train = self.splits.sample.subset(self.splits.train[:n])
             model = self.model
