@@ -51,9 +51,12 @@ def _rows(path: Path) -> list[dict]:
 
 class ListenerWatch:
     """Polls the listening sockets of this process and all its descendants (the local instance's GCS,
-    raylet, agents and workers) every ``interval`` seconds while a sweep runs."""
+    raylet, agents and workers) every ``interval`` seconds while a sweep runs. Servers listen for their
+    process's lifetime (tens of seconds for a trial's workers), so a few seconds between polls see them
+    all; each poll reads the socket tables of some thirty processes, so polling faster takes CPU from
+    the sweep on a 2-core machine."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, interval: float = 2.0):
         self.interval, self.seen = interval, {}  # (process name, ip, port) -> count
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
