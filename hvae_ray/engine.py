@@ -78,6 +78,11 @@ Callback = Callable[[EpochReport], "bool | None"]
 
 
 
+def validation_batch_size(cfg: Config) -> int:
+    """Jets per batch of a validation pass (and, on a GPU, of the generation score): max(64, batch_size)."""
+    return max(64, cfg.batch_size)
+
+
 def split_indices(n: int, cfg: Config) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Seeded permutation of ``n`` jets into train/val/test (at least one jet in train and val)."""
     perm = np.random.default_rng(cfg.seed).permutation(n)
@@ -534,7 +539,7 @@ class Trainer:
 
     def _val_batches(self):
         """(jets in the batch, terms, KL) over the validation split in batches of max(64, batch_size)."""
-        size = max(64, self.cfg.batch_size)
+        size = validation_batch_size(self.cfg)
         if self.dense:
             parts, mask = self.val_jets
             for s in range(0, parts.shape[0], size):
@@ -578,7 +583,7 @@ class Trainer:
         from hvae_ray.latent import GaussianMixture, decode, encode
 
         val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
-        n, size = len(val), max(64, self.cfg.batch_size) if self.device.type == "cuda" else 1024
+        n, size = len(val), validation_batch_size(self.cfg) if self.device.type == "cuda" else 1024
         if self.cfg.generation_prior == "fitted":
             train = self.splits.sample.subset(self.splits.train[:n])
             model = self.model

@@ -167,7 +167,7 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     rng = np.random.default_rng(0)
     train_share = 1.0 - cfg.data.val_fraction - cfg.data.test_fraction
     n_jets = max(n_jets, math.ceil(steps * cfg.batch_size / train_share) + 2,
-                 math.ceil(max(64, cfg.batch_size) / cfg.data.val_fraction) + 2)
+                 math.ceil(engine.validation_batch_size(cfg) / cfg.data.val_fraction) + 2)
     p = np.zeros((n_jets, 30, 3), np.float32)
     p[..., :2] = rng.normal(0, 0.2, (n_jets, 30, 2))
     pt = rng.exponential(1, (n_jets, 30))
