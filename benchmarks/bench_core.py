@@ -6,11 +6,7 @@ phases      a default-config (+ --set) Trainer: s per call of training, validati
             score (its share of an epoch); on CUDA torch's and the process's memory per phase.
 fit         engine.fit as a trial runs it, capped to --share of a --card-gb card: epoch times, memory, CUDA context,
             the runner's sizing and share.
-
-  python benchmarks/bench_core.py [--data FILE] [--jets 2000] [--device auto] [--skip generation,io,graphs,phases,fit]
 """
-
-from __future__ import annotations
 
 import math
 import os
@@ -37,12 +33,11 @@ def data_parts(a) -> list[dict]:
     sample = sample or harness.load_sample(a.data, a.jets)
     if "io" not in a.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            path, reps = Path(tmp) / "bench.parquet", max(1, 200_000 // len(sample))
+            path, reps, n = Path(tmp) / "bench.parquet", max(1, 200_000 // len(sample)), len(sample)
             for part, fn in (("parquet write", lambda: save_parquet(sample, path, overwrite=True)),
                              ("parquet read", lambda: load_jets(path))):
-                s = sum(harness.clock(fn)[1] for _ in range(reps))
-                rows.append({"part": part, "jets": reps * len(sample), "s": s,
-                             "bytes_per_jet": path.stat().st_size / len(sample)})
+                rows.append({"part": part, "jets": reps * n, "s": sum(harness.clock(fn)[1] for _ in range(reps)),
+                             "bytes_per_jet": path.stat().st_size / n})
             rows.append({"part": "parquet write + read", "jets": rows[-1]["jets"], "s": rows[-1]["s"] + rows[-2]["s"]})
     if "graphs" not in a.skip:
         knn, runs = Config().data.knn, []
@@ -96,15 +91,11 @@ def phases(data: str | None, jets: int, device: str, sets: list, calls: int) -> 
 
 
 def main() -> None:
-    p = harness.parser(__doc__, "data", "set", "out", "skip")
+    p = harness.parser(__doc__, "data", "set", "out", "skip", flavor="q", seed=0, device="auto", fit_epochs=3)
     p.add_argument("--jets", type=int, default=2000, help="jets of phases and fit (split 70/15/15)")
     p.add_argument("--gen-jets", type=int, default=400, help="generation: jets generated")
-    p.add_argument("--flavor", default="q")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--graph-jets", type=int, default=0, help="graphs: jets (default: as many as there are)")
-    p.add_argument("--device", default="auto")
     p.add_argument("--calls", type=int, default=3, help="phases: timed calls of each, after one warm-up")
-    p.add_argument("--fit-epochs", type=int, default=3)
     p.add_argument("--card-gb", type=float, default=4.0, help="fit: the card trials are sized for")
     p.add_argument("--share", type=float, default=0.25, help="fit: one trial's share of that card")
     p.add_argument("--memory-steps", type=int, default=20, help="fit: steps of the runner's sizing burst (0: none)")
@@ -114,22 +105,20 @@ def main() -> None:
         res["data"] = data_parts(a)
         md.append(harness.table(res["data"], "part jets s jets_per_s bytes_per_jet threads"))
     if "phases" not in a.skip:
-        r = res["phases"] = harness.Child(phases, dict(data=a.data, jets=a.jets, device=a.device, sets=a.set,
-                                                       calls=a.calls)).result()
+        kw = dict(data=a.data, jets=a.jets, device=a.device, sets=a.set, calls=a.calls)
+        r = res["phases"] = harness.Child(phases, kw).result()
         md += [harness.table([r], "device n_train n_val batch_size accum step_mode jets_per_s batches_per_s "
                              "steps_per_s generation_jets generation_every baseline_read_inits_cuda "
                              "context_mib_of_that_read error", "Phases"),
                harness.table([{"phase": k, "s": r.get(f"{k}_s"), "share": r.get(f"{k}_share"), "mib": r.get(f"{k}_mib")}
                               for k in ("train", "evaluate", "generation_fitted", "generation_standard")],
-                             "phase s share mib", "s per call; share of an epoch at generation_every 1 and at the "
-                             "config's; MiB: peak allocated, peak reserved, process (NVML delta), process "
-                             "(nvidia-smi)")]
+                             "phase s share mib", "s per call; epoch share at generation_every 1 and at the config's; "
+                             "MiB: peak allocated, peak reserved, process (NVML delta), process (nvidia-smi)")]
     if "fit" not in a.skip:
+        kw = dict(data=a.data, jets=a.jets, epochs=a.fit_epochs, sets=a.set, device=a.device, share=a.share,
+                  card_gb=a.card_gb, memory_steps=a.memory_steps)
         with harness.GpuSampler() as gpu:
-            c = harness.Child(harness.fit_child, dict(data=a.data, jets=a.jets, epochs=a.fit_epochs, sets=a.set,
-                                                      device=a.device, share=a.share, card_gb=a.card_gb,
-                                                      memory_steps=a.memory_steps))
-            r = res["fit"] = c.result()
+            r = res["fit"] = (c := harness.Child(harness.fit_child, kw)).result()
         peak, share = gpu.peaks().get(c.pid), a.card_gb * 1024 * a.share
         r.update(process_peak_mib=peak, share_mib=share, fits_share=bool(peak and peak <= share),
                  context_mib=peak - r["peak_reserved_mib"] if peak and "peak_reserved_mib" in r else None,
@@ -140,5 +129,6 @@ def main() -> None:
                                 f"engine.fit, validation and W1m included, {a.share:g} of a {a.card_gb:g} GB card"))
     harness.save(a, res, *md)
 
+
 if __name__ == "__main__":
-    harness.entry(main, globals())
+    main()

@@ -5,12 +5,7 @@ batches  per --batches setting (batch x accumulation) and engine: jets/s, ms per
 --cpu    instead: the default-config fit epoch per engine, --repeats runs alternating (wall and CPU time).
 --pack   K,...: K processes training at once, each capped to 1/4 of a --pack-card-gb card: aggregate and per
          process jets/s against K = 1, memory, GPU busy fraction (default 1,4 with CUDA).
-
-  python benchmarks/bench_engine.py [--data FILE] [--batches 8x4,32,128,512,8192] [--pack 1,2,4,6] [--out DIR]
-  python benchmarks/bench_engine.py --cpu [--data FILE] [--cpu-jets 1000] [--epochs 3] [--pack 1,2]
 """
-
-from __future__ import annotations
 
 import json
 import math
@@ -42,8 +37,7 @@ def batch_run(engine: str, batch: int, accum: int, steps: int, epochs: int, devi
     res.update(step_mode=tr.step_mode, n_train=tr.n_train, amp=str(tr.amp_dtype)[6:] if tr.use_amp else "float32")
     for epoch in range(epochs + 1):
         out, s = harness.clock(tr.train_epoch, epoch, dev=dev)
-        res["train_total"] = out["train_total"]
-        res["epoch_s"].append(s)
+        res.update(train_total=out["train_total"], epoch_s=[*res["epoch_s"], s])
         res.setdefault("start_to_first_epoch_end_s", time.perf_counter() - t_start)
     per_epoch, n_batches = sum(res["epoch_s"][1:]) / epochs, math.ceil(tr.n_train / batch)
     res.update(first_epoch_s=res["epoch_s"][0], jets_per_s=tr.n_train / per_epoch, batches_per_s=n_batches / per_epoch,
@@ -78,27 +72,27 @@ def pack_worker(index: int, ks: list[int], barrier: str, data: str | None, jets:
     """One packed process: prepares and warms up once, then trains in each phase k with index < k."""
     cuda, bar = torch.cuda.is_available(), Path(barrier)
     dev = torch.device("cuda" if cuda else "cpu")
-    frac = harness.cap_allocator(0.25, card_gb) if cuda and card_gb else None
+    if cuda and card_gb:
+        harness.cap_allocator(0.25, card_gb)
     cfg, sample = harness.config(sets, {"device": dev.type}), harness.load_sample(data, jets)
     splits = eng.prepare(cfg, sample, device=dev)
     eng.Trainer(cfg, eng.prepare(cfg, sample.subset(splits.train[:80]), splits.normaliser, dev), dev).train_epoch(0)
     tr = eng.Trainer(cfg, splits, dev)
     sync(dev)
     (bar / f"ready.{index}").touch()
-    for k in ks:
+    for k in (k for k in ks if index < k):
         while not (bar / f"go.{k}").exists():
             time.sleep(0.01)
-        res: dict = {"k": k, "active": index < k, "pid": os.getpid(), "allocator_fraction": frac}
-        if index < k:
-            if cuda:
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.time()
-            for e in range(epochs):
-                tr.train_epoch(e)
-            sync(dev)
-            res.update(t0=t0, t1=time.time(), jets=len(splits.train) * epochs,
-                       peak_reserved_mib=torch.cuda.max_memory_reserved() / harness.MiB if cuda else None)
-        (bar / f"done.{k}.{index}").write_text(json.dumps(res))
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        for e in range(epochs):
+            tr.train_epoch(e)
+        sync(dev)
+        res = {"pid": os.getpid(), "t0": t0, "t1": time.time(), "jets": len(splits.train) * epochs,
+               "peak_reserved_mib": torch.cuda.max_memory_reserved() / harness.MiB if cuda else None}
+        (bar / f"tmp.{index}").write_text(json.dumps(res))
+        (bar / f"tmp.{index}").rename(bar / f"done.{k}.{index}")  # whole, for the parent to read
     return {"ok": True}
 
 
@@ -118,10 +112,9 @@ def pack(a, ks: list[int]) -> dict:
             say(f"packing: {k} process(es) at once")
             Path(bar, f"go.{k}").touch()
             t = time.time()
-            while len(list(Path(bar).glob(f"done.{k}.*"))) < len(procs) and time.time() - t < a.worker_timeout:
+            while len(done := list(Path(bar).glob(f"done.{k}.*"))) < k and time.time() - t < a.worker_timeout:
                 time.sleep(0.2)
-            act = [r for r in (json.loads(f.read_text()) for f in Path(bar).glob(f"done.{k}.*")) if r["active"]]
-            if len(act) < k:
+            if len(act := [json.loads(f.read_text()) for f in done]) < k:
                 out["error"] = f"phase k={k}: {len(act)} of {k} processes finished"
                 break
             t0, t1, peaks = min(r["t0"] for r in act), max(r["t1"] for r in act), gpu.peaks()
@@ -138,25 +131,18 @@ def pack(a, ks: list[int]) -> dict:
 
 
 def main() -> None:
-    p = harness.parser(__doc__, "data", "set", "out")
+    p = harness.parser(__doc__, "data", "set", "out", engines="pyg,dense", check="8x4,128", compiled="512", repeats=2,
+                       cpu_jets=1000, pack_jets=3000, pack_epochs=1, worker_timeout=240.0)
     p.add_argument("--batches", default="8x4,32,128,512,8192", help="batch x accumulation settings ('' for none)")
-    p.add_argument("--engines", default="pyg,dense")
     p.add_argument("--device", default="cuda", help="device of the batch runs")
     p.add_argument("--pyg-max-batch", type=int, default=512, help="largest batch the PyG engine runs at")
     p.add_argument("--steps", type=int, default=100, help="dense optimiser steps per epoch (a quarter from batch 2048)")
     p.add_argument("--pyg-steps", type=int, default=30, help="PyG optimiser steps per epoch")
     p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up (--cpu: fit epochs)")
-    p.add_argument("--check", default="8x4,128", help="settings where the captured step is checked against eager")
-    p.add_argument("--compiled", default="512", help="settings also run with torch.compile (dense engine)")
     p.add_argument("--cpu", action="store_true", help="the CPU fit comparison instead of the batch runs")
-    p.add_argument("--cpu-jets", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=2, help="--cpu: runs of each engine, alternating")
     p.add_argument("--pack", default=None, help="process counts packed on one device, e.g. 1,2,4,6 ('' or 0: none)")
-    p.add_argument("--pack-jets", type=int, default=3000)
-    p.add_argument("--pack-epochs", type=int, default=1)
     p.add_argument("--pack-card-gb", type=float, default=4.0, help="cap each to 1/4 of a card this size (0: no cap)")
     p.add_argument("--pack-threads", type=int, default=1, help="CPU threads per packed process")
-    p.add_argument("--worker-timeout", type=float, default=240)
     a = p.parse_args()
     res: dict = {"host": harness.host(), "runs": []}
     say(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, CUDA {torch.cuda.is_available()}, data {a.data}")
@@ -184,7 +170,7 @@ def main() -> None:
             pyg = next((x for x in res["runs"] if x["engine"] == "pyg" and x["batch"] == spec), {})
             res["runs"].append(r := {"engine": engine, "batch": spec, **r,
                                      "x_pyg": harness.ratio(r.get("jets_per_s"), pyg.get("jets_per_s"))})
-            say(f"done  {engine} {spec}: {r.get('error') or harness.fmt(r['jets_per_s'], 0, ' jets/s')}"
+            say(f"done  {engine} {spec}: {r.get('error') or harness.fmt(r['jets_per_s'], 0) + ' jets/s'}"
                 + (f"; graph vs eager: {r['graph_check']}" if "graph_check" in r else ""))
             harness.save(a, res)  # what is done so far survives a run stopped at its limit
     spec = a.pack if a.pack is not None else ("" if a.cpu or not torch.cuda.is_available() else "1,4")
@@ -202,4 +188,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    harness.entry(main, globals())
+    main()

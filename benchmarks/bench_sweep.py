@@ -6,13 +6,8 @@ overhead  per --scales JETS:EPOCHS, bare engine.fit against a one-trial sweep pe
 sweep     --sweep FILE (+ --sweep-set): wall time, trials and epochs per hour, jets/s, trial start-up, report gaps,
           GPU share, trial memory, GPU busy fraction, trial table, best trial's curve; --one-device: x_one_device
           (goal >= 1.9 on 2 GPUs); --evaluate HELDOUT scores --gen-jets jets of the best trial.
-
-  python benchmarks/bench_sweep.py [--data FILE] [--scales 250:6,10000:4] [--sweep FILE] [--out DIR]
 """
 
-from __future__ import annotations
-
-import contextlib
 import json
 import os
 import re
@@ -22,6 +17,7 @@ from pathlib import Path
 
 import harness
 import numpy as np
+import psutil
 import torch
 import yaml
 from harness import fmt, median, ratio
@@ -29,39 +25,26 @@ from harness import fmt, median, ratio
 from hvae_ray import api, load_config, load_trials
 from hvae_ray.data.io import load_jets, save_parquet
 from hvae_ray.engine import split_indices
-from hvae_ray.sweep.layout import is_experiment, read_jsonl, read_sweep_state, trial_paths
+from hvae_ray.sweep.layout import TrialPaths, is_experiment, read_jsonl, read_sweep_state, trial_paths
 
 
 def actor_timeline(logs: Path, t0: float) -> list[dict]:
     """When each trial driver (ImplicitFunc), TrainController and RayTrainWorker process started, created its
     actor and finished constructing it, in s after ``t0``, from Ray's worker logs."""
     out, stamp = [], re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+    marks = (("process_start", ""), ("actor_create", "Creating actor"), ("actor_ready", "Actor creation task finished"))
     for f in logs.glob("worker-*.out"):
         name = next((x.split(":", 2)[2] for x in f.read_text(errors="replace").splitlines()[:3]
                      if x.startswith(":actor_name:")), None)
         core = next(logs.glob(f"python-core-worker-*_{f.stem.rsplit('-', 1)[-1]}.log"), None)
         if name not in ("ImplicitFunc", "TrainController", "RayTrainWorker") or core is None:
             continue
-        ev: dict = {"actor": name}
+        out.append(ev := {"actor": name})
         for line in core.read_text(errors="replace").splitlines():
-            if m := stamp.match(line):
+            if m := stamp.match(line):  # the first stamped line, then the first line with each of the other marks
                 t = time.mktime(time.strptime(m[1], "%Y-%m-%d %H:%M:%S")) + int(m[2]) / 1000 - t0
-                ev.setdefault("process_start", t)
-                if "Creating actor" in line:
-                    ev.setdefault("actor_create", t)
-                elif "Actor creation task finished" in line:
-                    ev.setdefault("actor_ready", t)
-        out.append(ev)
+                ev.update({k: t for k, mark in marks if mark in line and k not in ev})
     return sorted(out, key=lambda e: e.get("actor_create", e.get("process_start", 0)))
-
-
-def ray_instances() -> int:
-    """Ray instances on this host: the distinct --gcs-address flags of raylet processes."""
-    cmds = []
-    for f in Path("/proc").glob("[0-9]*/cmdline"):
-        with contextlib.suppress(OSError):
-            cmds.append(f.read_bytes().decode(errors="replace").replace("\0", " ").split())
-    return len({x for c in cmds if c and "raylet" in Path(c[0]).name for x in c if x.startswith("--gcs-address=")})
 
 
 def sweep_child(sweep: str, overrides: dict, name: str, storage: str, release_wait: float) -> dict:
@@ -73,9 +56,10 @@ def sweep_child(sweep: str, overrides: dict, name: str, storage: str, release_wa
 
     t = time.perf_counter()
     ctx, total = ray_init(None), ray.cluster_resources()
+    raylets = [p.info["cmdline"] or [] for p in psutil.process_iter(["name", "cmdline"]) if p.info["name"] == "raylet"]
     out: dict = {"ray_init_s": time.perf_counter() - t, "ray_cpus": total.get("CPU", 0.0),
                  "ray_gpus": total.get("GPU", 0.0), "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
-                 "ray_instances_on_host": ray_instances()}
+                 "ray_instances_on_host": len({x for c in raylets for x in c if x.startswith("--gcs-address=")})}
     t, out["t0"] = time.perf_counter(), time.time()
     r = run_sweep(sweep, overrides or None, name=name, storage=storage)
     out.update(run_sweep_s=time.perf_counter() - t, t1=time.time(), experiment_dir=str(r.experiment_dir))
@@ -94,36 +78,33 @@ def sweep_child(sweep: str, overrides: dict, name: str, storage: str, release_wa
         if not held:
             break
         time.sleep(0.25)
-    return {**out, "resources_released_after_s": None if held else time.perf_counter() - t,
-            "resources_still_held": held}
+    return out | {"resources_released_after_s": None if held else time.perf_counter() - t, "resources_still_held": held}
 
 
-def run(a, path, overrides: dict, label: str, storage: Path, env: dict | None = None) -> dict:
+def run(a, sweep, overrides: dict, label: str, storage: Path, env: dict | None = None) -> dict:
     """One sweep in a child process, with the GPU sampled, each trial's rows and the timing over them."""
     name = f"{label}-{int(time.time())}"
-    harness.say(f"sweep {label}: {Path(path).name} {json.dumps(overrides)} {json.dumps(env or {})}")
+    kw = dict(sweep=str(sweep), overrides=overrides, name=name, storage=str(storage), release_wait=a.release_wait)
+    harness.say(f"sweep {label}: {Path(sweep).name} {json.dumps(overrides)} {json.dumps(env or {})}")
     with harness.GpuSampler() as gpu:
         t = time.time()
-        r = harness.Child(sweep_child, dict(sweep=str(path), overrides=overrides, name=name, storage=str(storage),
-                                            release_wait=a.release_wait), timeout=a.timeout, env=env,
-                          log=storage / f"{name}.log").result()
+        r = harness.Child(sweep_child, kw, timeout=a.timeout, env=env, log=storage / f"{name}.log").result()
     r.update(label=label, env=env or {}, gpu=gpu.window(r.get("t0", t), r.get("t1", time.time())))
     exp = Path(r.setdefault("experiment_dir", str(storage / name)))
     r["trials"] = {t.root.name: [x for x in read_jsonl(t.results) if "epoch_time_s" in x]
                    for t in (trial_paths(exp) if exp.is_dir() else [])}
     runs = [x for x in r["trials"].values() if x]
     later = [x for rs in runs for x in rs[1:]]  # the first epoch of each trial carries its start-up
-    tune = [rs[0].get("time_this_iter_s", float("nan")) - rs[0]["epoch_time_s"] for rs in runs]
-    path = [rs[0]["reported_at"] - rs[0]["worker_started_at"] - rs[0]["epoch_time_s"] for rs in runs
-            if "worker_started_at" in rs[0]]
+    timed = [x for x in later if "time_this_iter_s" in x]
+    tune = [x.get("time_this_iter_s", float("nan")) - x["epoch_time_s"] for x, *_ in runs]
+    crit = [x["reported_at"] - x["worker_started_at"] - x["epoch_time_s"] for x, *_ in runs if "worker_started_at" in x]
     gaps = [y["reported_at"] - x["reported_at"] - y["epoch_time_s"] for rs in runs for x, y in zip(rs, rs[1:])
             if "reported_at" in y]
-    iv = [x["time_this_iter_s"] for x in later if "time_this_iter_s" in x]
-    tgaps = [x["time_this_iter_s"] - x["epoch_time_s"] for x in later if "time_this_iter_s" in x]
-    r.update(epochs_total=sum(map(len, r["trials"].values())), tune_startup_s=tune, critical_startup_s=path,
-             tune_startup_median_s=median(tune), critical_startup_median_s=median(path),
-             report_gap_median_s=median(gaps), tune_report_gap_median_s=median(tgaps),
-             epoch_time_median_s=median([x["epoch_time_s"] for x in later]), interval_median_s=median(iv),
+    r.update(epochs_total=sum(map(len, r["trials"].values())), tune_startup_s=tune, critical_startup_s=crit,
+             tune_startup_median_s=median(tune), critical_startup_median_s=median(crit),
+             report_gap_median_s=median(gaps), epoch_time_median_s=median([x["epoch_time_s"] for x in later]),
+             tune_report_gap_median_s=median([x["time_this_iter_s"] - x["epoch_time_s"] for x in timed]),
+             interval_median_s=median([x["time_this_iter_s"] for x in timed]),
              ray_cpus_gpus=[r.get("ray_cpus"), r.get("ray_gpus")],
              released=r.get("resources_still_held") or r.get("resources_released_after_s"),
              **{k: r["gpu"][k] for k in ("busy_fraction", "util_mean_pct", "used_peak_mib", "process_peak_mib")})
@@ -132,10 +113,12 @@ def run(a, path, overrides: dict, label: str, storage: Path, env: dict | None = 
     return r
 
 
-def overhead(a, data: str, storage: Path, cuda: bool) -> list[dict]:
-    out, cores = [], os.cpu_count() or 1
-    for scale in a.scales.split(","):
-        jets, epochs = (int(x) for x in scale.split(":"))
+def overhead(a, storage: Path, cuda: bool) -> list[dict]:
+    out, cores, scales = [], os.cpu_count() or 1, [[int(x) for x in s.split(":")] for s in a.scales.split(",")]
+    data = str(Path(a.data).resolve() if a.data else storage / "synthetic.parquet")
+    if not a.data:  # synthetic jets, as many as the largest scale has
+        save_parquet(harness.load_sample(None, max(jets for jets, _ in scales)), data, overwrite=True)
+    for jets, epochs in scales:
         bare = {}
         if "bare" not in a.skip:
             cpus = int(a.trial_cpus or max(1, cores - 1))  # Ray gives a worker OMP_NUM_THREADS = its CPUs
@@ -147,13 +130,13 @@ def overhead(a, data: str, storage: Path, cuda: bool) -> list[dict]:
                                 "interval_median_s": median(b.get("interval_s", [])[1:]),
                                 "tune_startup_median_s": b.get("startup_s")})
         for w in (int(x) for x in a.workers.split(",")):
-            res = {"num_workers": w, "cpus_per_worker": a.trial_cpus or max(0.9, (cores - 1) / w),
-                   "gpu_fraction": a.overhead_gpu_fraction if cuda else 0,
-                   "backend": "auto" if w == 1 else "nccl" if cuda else "gloo"}
             label, f = f"{jets}x{epochs}_{w}w", storage / f"{jets}x{epochs}_{w}w.yaml"
             f.write_text(yaml.safe_dump({  # one trial: no search space, an ASHA that never stops it
                 "name": label, "config": {"epochs": epochs, "data.max_jets": jets, **harness.parse_sets(a.set)},
-                "num_samples": 1, "scheduler": {"max_t": epochs, "grace_period": epochs}, "resources": res,
+                "num_samples": 1, "scheduler": {"max_t": epochs, "grace_period": epochs}, "resources": {
+                    "num_workers": w, "cpus_per_worker": a.trial_cpus or max(0.9, (cores - 1) / w),
+                    "gpu_fraction": a.overhead_gpu_fraction if cuda else 0,
+                    "backend": "auto" if w == 1 else "nccl" if cuda else "gloo"},
                 "data": {"path": data}, "storage": str(storage)}))
             r = run(a, f, {}, label, storage)
             one = next((x["epoch_time_median_s"] for x in out if x["label"] == label[:-2] + "1w"), None)
@@ -171,26 +154,25 @@ def summarise(r: dict) -> dict:
     n_file, table = len(load_jets(state.data_path)), load_trials(exp).to_pylist()
     params, rows = [c for c in (table[0] if table else {}) if c.startswith("param.")], []
     for t in table:
-        d = Path(t["trial_dir"]) / "engine"
-        cfg = load_config(d / "config.yaml") if (d / "config.yaml").is_file() else None
-        kl = [x["val_kl"] for x in read_jsonl(d / "metrics.jsonl") if "val_kl" in x][-10:]
+        paths = TrialPaths(Path(t["trial_dir"]))
+        cfg = load_config(paths.engine / "config.yaml") if (paths.engine / "config.yaml").is_file() else None
+        kl = [x["val_kl"] for x in read_jsonl(paths.metrics_log) if "val_kl" in x][-10:]
         n = len(split_indices(min(cfg.data.max_jets or n_file, n_file), cfg)[0]) if cfg else 0
         rows.append({**{k: t.get(k) for k in ("trial_id", "status", *params, "best_val_objective", "last_val_kl",
                                                "epochs", "wall_time_s", "error", "best_checkpoint", "trial_dir")},
                      "loss_weights": cfg.to_dict().get("loss_weights") if cfg else None, "train_jets": n,
-                     "jets_trained": n * len(r["trials"].get(Path(t["trial_dir"]).name, [])),
+                     "jets_trained": n * len(r["trials"].get(paths.root.name, [])),
                      "kl_slope_last10": float(np.polyfit(np.arange(len(kl)), kl, 1)[0]) if len(kl) >= 3 else None})
     statuses = {s: sum(t["status"] == s for t in table) for s in {t["status"] for t in table}}
     wall = r.get("run_sweep_s") or r["child_s"]
     done = sum(n for s, n in statuses.items() if s not in ("running", "pending"))
     s = {"params": params, "table": rows, "statuses": statuses, "gpu_share": state.gpu_share, "wall_s": wall,
-         "trial_memory_mib": (state.trial_bytes or 0) / harness.MiB or None, "context_mib": (state.context_bytes or 0) /
-         harness.MiB or None, "trials_done": done, "trials_per_hour": done / wall * 3600,
+         "trial_memory_mib": (state.trial_bytes or 0) / harness.MiB or None, "trials_done": done,
+         "context_mib": (state.context_bytes or 0) / harness.MiB or None, "trials_per_hour": done / wall * 3600,
          "epochs_per_hour": r["epochs_total"] / wall * 3600, "jets_per_s": sum(t["jets_trained"] for t in rows) / wall}
     scored = [t for t in rows if t.get("best_val_objective") is not None]
-    if scored:
-        best = min(scored, key=lambda t: t["best_val_objective"])
-        log = [x for x in read_jsonl(Path(best["trial_dir"]) / "engine" / "metrics.jsonl") if "epoch" in x]
+    if best := min(scored, key=lambda t: t["best_val_objective"], default=None):
+        log = [x for x in read_jsonl(TrialPaths(Path(best["trial_dir"])).metrics_log) if "epoch" in x]
         s["best"] = {**best, **{k: [x.get(k) for x in log] for k in ("epoch", "val_kl", "train_total")}}
     return s
 
@@ -229,19 +211,15 @@ def markdown(res: dict) -> list[str]:
 
 
 def main() -> None:
-    p = harness.parser(__doc__, "data", "set", "out", "skip")
-    p.add_argument("--scales", default="250:6", help="JETS:EPOCHS list of the overhead runs")
-    p.add_argument("--workers", default="1", help="Ray Train workers of the overhead sweeps, e.g. 1,2")
+    p = harness.parser(__doc__, "data", "set", "out", "skip", scales="250:6", workers="1", trial_memory_mb="auto",
+                       gen_jets=10000, sweep=str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"))
     p.add_argument("--trial-cpus", type=float, default=0, help="CPUs per worker (default cores-1, over the workers)")
     p.add_argument("--overhead-gpu-fraction", type=float, default=1.0, help="GPU share of each overhead worker")
-    p.add_argument("--sweep", default=str(harness.REPO / "sweeps" / "quickstart.yaml"))
     p.add_argument("--sweep-set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep-file key")
     p.add_argument("--gpu-memory-gb", type=float, default=4.0, help="with CUDA: the card size trials are sized for")
-    p.add_argument("--trial-memory-mb", default="auto")
     p.add_argument("--gpu-fraction", type=float, default=None, help="with CUDA: a fixed GPU share instead")
     p.add_argument("--one-device", action="store_true", help="run the sweep again on one GPU (CPU) only")
     p.add_argument("--evaluate", default=None, metavar="HELDOUT", help="evaluate the best trial against these jets")
-    p.add_argument("--gen-jets", type=int, default=10000)
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per sweep (then killed)")
     p.add_argument("--release-wait", type=float, default=15, help="seconds to wait for Ray to free all CPUs/GPUs")
     p.add_argument("--storage", default=None, help="experiment storage, kept (default: a temporary directory)")
@@ -250,11 +228,7 @@ def main() -> None:
     storage = Path(a.storage or tmp.name).resolve()
     storage.mkdir(parents=True, exist_ok=True)
     if "overhead" not in a.skip:
-        n = max(int(s.split(":")[0]) for s in a.scales.split(","))
-        data = str(Path(a.data).resolve()) if a.data else str(storage / "synthetic.parquet")
-        if not a.data:
-            save_parquet(harness.load_sample(None, n), data, overwrite=True)
-        res["overhead"] = overhead(a, data, storage, cuda)
+        res["overhead"] = overhead(a, storage, cuda)
         harness.save(a, res)
     if "sweep" not in a.skip:
         n = (yaml.safe_load(Path(a.sweep).read_text()).get("data") or {}).get("n_jets", 1000)
@@ -287,4 +261,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    harness.entry(main, globals())
+    main()

@@ -11,8 +11,6 @@ priors  one checkpoint sampled from fitted flows and mixtures (KIND[COMPONENTS]:
   python benchmarks/fidelity.py priors --checkpoint DIR --train Q.parquet --heldout H.parquet --priors flow:1,gmm20:1
 """
 
-from __future__ import annotations
-
 import json
 import os
 import shutil
@@ -20,7 +18,6 @@ import time
 from pathlib import Path
 
 import harness
-import torch
 from harness import METRICS
 
 from hvae_ray import api, load_config
@@ -30,8 +27,7 @@ from hvae_ray.evaluation.metrics import evaluate_generation
 SOURCES = ("standard N(0,1)", "fitted prior (GMM-20)", "q(z|x) of held-out jets")
 
 
-def variant(name: str, overrides: dict, train: str, heldout: str, out: str, seconds: float, threads: int) -> dict:
-    torch.set_num_threads(threads)
+def variant(name: str, overrides: dict, train: str, heldout: str, out: str, seconds: float) -> dict:
     out, end, t0 = Path(out), time.monotonic() + seconds, time.time()
     result = api.train(None, train, save_dir=out / "run", overrides=overrides, progress=False,
                        callbacks=[lambda report: time.monotonic() > end])  # a callback returning True stops training
@@ -47,10 +43,6 @@ def variant(name: str, overrides: dict, train: str, heldout: str, out: str, seco
             "train_result": {k: v for k, v in result.items() if isinstance(v, (int, float, str))}, "metrics": metrics}
 
 
-def score(real: str, generated: str) -> dict:
-    return api.evaluate(real, generated)
-
-
 def bound(a, out: Path) -> tuple[dict, list[dict]]:
     shared = {"epochs": a.epochs, "batch_size": a.batch_size, "gradient_accumulation_steps": 1,
               **harness.parse_sets(a.set)}
@@ -59,7 +51,7 @@ def bound(a, out: Path) -> tuple[dict, list[dict]]:
         name, _, sets = v.partition(":")
         overrides = {**shared, **harness.parse_sets(x for x in sets.split(",") if x)}
         load_config(None, overrides)  # a bad override fails here, before anything trains
-        jobs.append({"name": name, "overrides": overrides, "train": a.train, "heldout": a.heldout, "threads": a.threads,
+        jobs.append({"name": name, "overrides": overrides, "train": a.train, "heldout": a.heldout,
                      "out": str(out / name.replace("/", "_")), "seconds": 60 * a.minutes})
     t0 = time.time()
     procs = [harness.Child(variant, j, timeout=60 * a.minutes + a.eval_timeout, log=j["out"] + ".log",
@@ -89,7 +81,7 @@ def priors(a, out: Path) -> tuple[dict, list[dict]]:
     harness.say(f"sampled {len(gens)} sets of {n} jets")
     names, width, metrics = list(gens), os.cpu_count() or 1, {}
     for i in range(0, len(names), width):
-        procs = {k: harness.Child(score, {"real": a.heldout, "generated": str(gens[k])}, timeout=a.eval_timeout,
+        procs = {k: harness.Child(api.evaluate, {"real": a.heldout, "generated": str(gens[k])}, timeout=a.eval_timeout,
                                   env={"OMP_NUM_THREADS": "1"}) for k in names[i:i + width]}
         metrics.update({k: p.result() for k, p in procs.items()})
     return ({"checkpoint": a.checkpoint, "n_heldout": n, "total_s": time.time() - t0, "metrics": metrics},
@@ -128,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    harness.entry(main, globals())
+    main()

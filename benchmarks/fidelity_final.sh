@@ -13,6 +13,5 @@ echo "train wall time: $(( $(date +%s) - t0 )) s"
 python3 benchmarks/fidelity.py priors --checkpoint /tmp/final/best --train data/q_train30k.parquet \
   --heldout data/q_heldout10k.parquet --priors gmm100:1,gmm20:1,flow:0.8 --device cuda --out /tmp/pc 2>&1 \
   | grep -v Warning | tee "$OUT/prior_compare.log"
-cp /tmp/pc/prior_compare.json /tmp/final/best/checkpoint.pt /tmp/final/config.yaml "$OUT/"
-cp /tmp/pc/prior_gmm100/prior.pt "$OUT/prior.pt"
+cp /tmp/pc/prior_compare.json /tmp/final/best/checkpoint.pt /tmp/final/config.yaml /tmp/pc/prior_gmm100/prior.pt "$OUT/"
 echo "total: $(( $(date +%s) - t0 )) s"

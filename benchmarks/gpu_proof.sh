@@ -2,14 +2,15 @@
 # The GPU proof on one GPU host (a dry run on a CPU host), one folder per part in OUT and gpu_proof.md of them all:
 # a trial's memory (bench_core.py), k trials packed on the card (bench_engine.py --pack), Ray's per-epoch overhead,
 # the 250-jet seed sweep and kl_caps.yaml, its best trial evaluated on held-out jets (bench_sweep.py).
-#   benchmarks/gpu_proof.sh --data JETS --heldout REAL_JETS [--out OUT]
+#   benchmarks/gpu_proof.sh --data JETS --heldout REAL_JETS [--out OUT] [--sweep-timeout S] [--standby N]
 # Sizes from the environment: CARD_GB=4 MEMORY_JETS=2000 MEMORY_EPOCHS=3 PACK_KS=1,2,4,6 PACK_JETS=3000 SEED_SAMPLES=8
 # SEED_MAX_T=45 SEED_GRACE=15 REAL_JETS=20000 REAL_SAMPLES=4 REAL_MAX_T=3 GEN_JETS=10000 SWEEP_TIMEOUT=480 STANDBY=
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=benchmarks/results/gpu-proof-$(date +%F)
 while [ $# -gt 0 ]; do
-  case $1 in --data) DATA=$2;; --heldout) HELD=$2;; --out) OUT=$2;; -h|--help) sed -n 2,7p "$0"; exit;; *) exit 2;; esac
+  case $1 in --data) DATA=$2;; --heldout) HELD=$2;; --out) OUT=$2;; --sweep-timeout) SWEEP_TIMEOUT=$2;;
+    --standby) STANDBY=$2;; -h|--help) sed -n 2,7p "$0"; exit;; *) echo "$0: unknown option $1" >&2; exit 2;; esac
   shift 2
 done
 py() { PYTHONUNBUFFERED=1 "${PYTHON:-python3}" "$@"; }

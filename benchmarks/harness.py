@@ -1,19 +1,16 @@
 """What the benchmark scripts share: child processes, GPU sampling, jets and configs, tables, arguments.
 
-``Child(fn, kwargs).result()`` runs ``fn`` of a script that ends in ``harness.entry(main, globals())`` in a fresh
-process: the child prints ``RESULT <json>``, the parent parses it."""
-
-from __future__ import annotations
+``Child(fn, kwargs).result()``: ``fn`` (of a script here or of hvae_ray) in a fresh process that prints its result."""
 
 import argparse
 import contextlib
+import importlib
 import json
 import math
 import os
 import platform
 import shlex
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,9 +29,7 @@ from hvae_ray.sweep import resources as rs
 from hvae_ray.sweep.spec import ResourceSpec
 
 MiB, GiB = 2**20, 2**30
-REPO = Path(__file__).resolve().parent.parent
 METRICS = ("w1m", "w1p_mean", "w1efp_mean", "fpd", "kpd")  # the generation metrics the tables show
-FLAG = "--harness-child"
 # NCCL_NVLS_ENABLE=0: no NVLink multicast (shared hosts). RAY_ADDRESS=local: a child's ray.init starts its own
 # instance, never joining a cluster that `ray start` left on the host.
 CHILD_ENV = {"NCCL_NVLS_ENABLE": "0", "RAY_ADDRESS": "local", "PYTHONUNBUFFERED": "1"}
@@ -58,8 +53,8 @@ class Child(subprocess.Popen):
                  log: str | Path | None = None):
         self.timeout, self.t0, self.keep = timeout, time.perf_counter(), log is not None
         self.log = Path(log) if log else Path(tempfile.mkstemp(prefix="bench-", suffix=".log")[1])
-        cmd = [os.path.abspath(sys.modules[target.__module__].__file__), FLAG, target.__name__,
-               json.dumps(kwargs or {}, default=str)]
+        mod = target.__module__ if target.__module__ != "__main__" else Path(sys.modules["__main__"].__file__).stem
+        cmd = [os.path.abspath(__file__), mod, target.__name__, json.dumps(kwargs or {}, default=str)]
         with open(self.log, "w") as fh:
             super().__init__([sys.executable, "-u", *cmd], stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
                              env={**os.environ, **CHILD_ENV, **(env or {})})
@@ -70,45 +65,33 @@ class Child(subprocess.Popen):
 
     def result(self) -> dict:
         """The child's RESULT dict with child_s, returncode and timed_out; {"error", "log_tail"} without one."""
-        timed_out = False
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.wait(timeout=max(1.0, self.timeout - (time.perf_counter() - self.t0)))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        if timed_out := self.returncode is None:  # SIGTERM, then 20 s on SIGKILL
             self.stop(signal.SIGTERM)
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 self.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.stop()
-                self.wait()
-        text = self.log.read_text(errors="replace")
+        if self.returncode is None:
+            self.stop()
+            self.wait()
+        lines = (text := self.log.read_text(errors="replace")).splitlines()
         if not self.keep:
             self.log.unlink(missing_ok=True)
-        res = next((json.loads(x[7:]) for x in reversed(text.splitlines()) if x.startswith("RESULT ")), None)
+        res = next((json.loads(x[7:]) for x in reversed(lines) if x.startswith("RESULT ")), None)
         if res is None:
-            last = [x for x in text.splitlines() if x.strip()] or ["no output"]
-            res = {"error": f"timed out after {self.timeout:.0f} s" if timed_out else last[-1],
-                   "log_tail": text[-3000:]}
+            last = next((x for x in reversed(lines) if x.strip()), "no output")
+            res = {"error": f"timed out after {self.timeout:.0f} s" if timed_out else last, "log_tail": text[-3000:]}
         return {**res, "child_s": time.perf_counter() - self.t0, "returncode": self.returncode, "timed_out": timed_out}
-
-
-def entry(main, namespace: dict) -> None:
-    """A script's ``__main__``: serve a :class:`Child` call, else run ``main``."""
-    if len(sys.argv) == 4 and sys.argv[1] == FLAG:
-        print("RESULT " + json.dumps(namespace[sys.argv[2]](**json.loads(sys.argv[3])), default=str), flush=True)
-    else:
-        main()
 
 
 def smi(query: str) -> list[list[str]]:
     """Rows of ``nvidia-smi --query-...`` (csv, no header, no units); [] without nvidia-smi."""
     try:
         out = subprocess.run(["nvidia-smi", query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
+                             timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):  # no nvidia-smi, it failed or hung
         return []
-    lines = out.stdout.splitlines() if out.returncode == 0 else []
-    return [[x.strip() for x in line.split(",")] for line in lines if line.strip()]
+    return [[x.strip() for x in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
 def num(x: str) -> float:
@@ -121,10 +104,9 @@ def process_mib(pid: int) -> float | None:
 
 def nvml_used(index: int = 0) -> float | None:
     """Used memory of GPU ``index`` in MiB through NVML (an int index does not initialise CUDA), or None."""
-    try:
+    with contextlib.suppress(Exception):  # no NVML: no figure
         return torch.cuda.device_memory_used(index) / MiB
-    except Exception:  # noqa: BLE001 - no NVML: no figure
-        return None
+    return None
 
 
 def sync(dev="cpu") -> None:
@@ -154,12 +136,13 @@ def cap_allocator(share: float, card_gb: float) -> float:
     return frac
 
 
-class GpuSampler(threading.Thread):
+class GpuSampler(threading.Thread, contextlib.AbstractContextManager):
     """nvidia-smi every 0.2 s in a ``with`` block: each card's utilisation and memory, each process's memory."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.util, self.apps, self.halt = [], [], threading.Event()  # (t, card, util %, MiB), (t, {pid: MiB})
+        self.start()
 
     def run(self) -> None:
         while not self.halt.is_set():
@@ -167,10 +150,6 @@ class GpuSampler(threading.Thread):
             self.util += [(t, r[0], num(r[1]), num(r[2])) for r in smi("--query-gpu=index,utilization.gpu,memory.used")]
             self.apps.append((t, {int(r[0]): num(r[1]) for r in apps if r[0].isdigit()}))
             self.halt.wait(0.2)
-
-    def __enter__(self) -> GpuSampler:
-        self.start()
-        return self
 
     def __exit__(self, *exc) -> None:
         self.halt.set()
@@ -184,11 +163,10 @@ class GpuSampler(threading.Thread):
         apps = [a for t, a in self.apps if t0 <= t <= t1] if s else []
         per = [m for a in apps for m in a.values()]
         return {"busy_fraction": [sum(x[2] > 0 for x in c) / len(c) for c in by],
-                "util_mean_pct": [statistics.fmean(x[2] for x in c) for c in by],
+                "util_mean_pct": [float(np.mean([x[2] for x in c])) for c in by], "process_median_mib": median(per),
                 "used_peak_mib": [max(x[3] for x in c) for c in by], "used_min_mib": [min(x[3] for x in c) for c in by],
                 "process_present_fraction": sum(map(bool, apps)) / len(apps) if apps else None,
-                "processes_at_once_max": max(map(len, apps), default=None), "process_peak_mib": max(per, default=None),
-                "process_median_mib": median(per)}
+                "processes_at_once_max": max(map(len, apps), default=None), "process_peak_mib": max(per, default=None)}
 
     def peaks(self) -> dict[int, float]:
         """pid → the most memory the process held, MiB."""
@@ -201,11 +179,9 @@ def load_sample(data: str | None, jets: int = 0, tile: bool = False):
         s = load_jets(data)
         return s.subset(np.resize(np.arange(len(s)), jets) if tile else np.arange(min(jets or len(s), len(s))))
     rng = np.random.default_rng(0)
-    p = np.zeros((jets, 30, 3), np.float32)
-    p[..., :2] = rng.normal(0, 0.15, (jets, 30, 2))
+    eta_phi = rng.normal(0, 0.15, (jets, 30, 2))
     pt = rng.exponential(1, (jets, 30)) * (np.arange(30)[None] < rng.integers(10, 31, jets)[:, None])
-    p[..., 2] = pt / pt.sum(1, keepdims=True)
-    return from_padded(p)
+    return from_padded(np.concatenate([eta_phi, (pt / pt.sum(1, keepdims=True))[..., None]], -1).astype(np.float32))
 
 
 def parse_sets(items) -> dict:
@@ -232,10 +208,9 @@ def fit_child(data: str | None, jets: int, epochs: int, device: str = "auto", se
                 r.metrics["epoch_time_s"], time.perf_counter(), torch.get_num_threads(), time.process_time()))])
     t_end, (ep, at, threads, cpu) = time.perf_counter(), zip(*stamps)
     cpu_s = [b - a for a, b in zip((cpu0, *cpu), cpu)]
-    res.update(epoch_time_s=ep, threads_in_training=threads[-1], total_s=t_end - t_start,
-               after_last_report_s=t_end - at[-1], startup_s=at[0] - t_start - ep[0],
-               interval_s=[at[0] - t_start] + [b - a for a, b in zip(at, at[1:])], epoch_cpu_s=cpu_s,
-               epoch_min_s=min(ep[1:] or ep), epoch_cpu_min_s=min(cpu_s[1:] or cpu_s))
+    res.update(epoch_time_s=ep, threads_in_training=threads[-1], total_s=t_end - t_start, epoch_cpu_s=cpu_s,
+               after_last_report_s=t_end - at[-1], startup_s=at[0] - t_start - ep[0], epoch_min_s=min(ep[1:] or ep),
+               interval_s=[b - a for a, b in zip((t_start, *at), at)], epoch_cpu_min_s=min(cpu_s[1:] or cpu_s))
     if dev.type == "cuda":
         res.update(**torch_peaks(), process_mib_now=process_mib(os.getpid()))
         measured = rs.measure_trial_memory(memory_steps, cfg=cfg, use_cache=False) if memory_steps else None
@@ -248,22 +223,22 @@ def fit_child(data: str | None, jets: int, epochs: int, device: str = "auto", se
 
 def median(xs):
     xs = [x for x in xs if x is not None and math.isfinite(x)]
-    return statistics.median(xs) if xs else None
+    return float(np.median(xs)) if xs else None
 
 
 def ratio(a, b):
     return a / b if a and b else None
 
 
-def fmt(x, d: int | str = 1, unit: str = "") -> str:
-    """``x`` to ``d`` decimals (or the format spec ``d``) with ``unit``; n/a for None; lists item by item."""
-    if isinstance(x, (list, tuple)):
-        return ", ".join(fmt(v, d) for v in x) + unit
+def fmt(x, d: int | str = 1) -> str:
+    """``x`` to ``d`` decimals (or the format spec ``d``); n/a for None; lists and dicts item by item."""
     if isinstance(x, dict):
-        return ", ".join(f"{k} {fmt(v, d)}" for k, v in x.items()) + unit
+        return ", ".join(f"{k} {fmt(v, d)}" for k, v in x.items())
+    if isinstance(x, (list, tuple)):
+        return ", ".join(fmt(v, d) for v in x)
     if isinstance(x, float) and math.isfinite(x):
-        return f"{x:{f'.{d}f' if isinstance(d, int) else d}}{unit}"
-    return "n/a" if x is None else f"{x}{unit}"
+        return f"{x:{f'.{d}f' if isinstance(d, int) else d}}"
+    return "n/a" if x is None else str(x)
 
 
 def table(items: list[dict], keys: str | list[str], title: str = "") -> str:
@@ -281,8 +256,8 @@ def host() -> dict:
             "gpus": smi("--query-gpu=index,name,memory.total,driver_version")}
 
 
-def parser(doc: str, *common: str) -> argparse.ArgumentParser:
-    """An argument parser showing ``doc``, with the ``common`` options asked for: data, set, out, skip."""
+def parser(doc: str, *common: str, **plain) -> argparse.ArgumentParser:
+    """Parser showing ``doc``: the ``common`` options (data, set, out, skip), ``plain`` ones typed by their default."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, kw in (("data", {"help": "jets file (default: synthetic jets, 10-30 particles)"}),
                      ("set", {"action": "append", "default": [], "metavar": "KEY=VALUE", "help": "config override"}),
@@ -290,6 +265,8 @@ def parser(doc: str, *common: str) -> argparse.ArgumentParser:
                      ("skip", {"default": set(), "type": lambda v: set(v.split(",")), "help": "parts to leave out"})):
         if name in common:
             p.add_argument(f"--{name}", **kw)
+    for name, default in plain.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
     return p
 
 
@@ -304,5 +281,6 @@ def save(a: argparse.Namespace, results: dict, *parts: str) -> None:
             (Path(a.out) / "results.md").write_text(markdown + "\n")
 
 
-if __name__ == "__main__":
-    entry(lambda: print(__doc__), globals())
+if __name__ == "__main__":  # a Child: python harness.py MODULE FN KWARGS
+    fn = getattr(importlib.import_module(sys.argv[1]), sys.argv[2])
+    print("RESULT " + json.dumps(fn(**json.loads(sys.argv[3])), default=str), flush=True)

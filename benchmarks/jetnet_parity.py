@@ -10,8 +10,6 @@ code) and committed as the fixture tests/fixtures/jetnet_parity/ that the tests 
     python benchmarks/jetnet_parity.py metrics real.parquet gen.npz  # 3. side venv: beside `hvae-ray evaluate`
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 FIXTURE_DIR = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "jetnet_parity"
+INPUTS, REFERENCE = FIXTURE_DIR / "inputs.npz", FIXTURE_DIR / "reference.json"
 SAMPLES = {"q_a": ("q", 3000, 11), "q_b": ("q", 3000, 12), "g": ("g", 3000, 13)}
 SMEAR, SMEAR_SEED = 0.2, 14  # σ of ln(pT_rel factor) for the distorted sample, its seed
 PAIRS = (("q_a", "g"), ("q_a", "q_b"), ("q_a", "q_smear"))
@@ -26,19 +25,18 @@ N_EFP_JETS = 50
 SEED, OTHER_SEED = 42, 7
 
 
-def make_inputs(out: Path) -> None:
+def make_inputs() -> None:
     """Samples from hvae-ray's own generator, as float32 (N, 30, 3) JetNet arrays (zero padding)."""
     from hvae_ray.data.generate import generate_jets
 
     arrays = {k: generate_jets(f, n, seed, progress=False).particles.astype(np.float32)
               for k, (f, n, seed) in SAMPLES.items()}
-    q = arrays["q_a"].copy()
+    q = arrays["q_smear"] = arrays["q_a"].copy()
     factor = np.exp(np.random.default_rng(SMEAR_SEED).normal(0.0, SMEAR, size=q.shape[:2]))
     q[..., 2] = np.where((q != 0).any(axis=2), q[..., 2] * factor, 0.0)
-    arrays["q_smear"] = q
-    out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, **arrays)
-    print(f"wrote {out} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})")
+    INPUTS.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(INPUTS, **arrays)
+    print(f"wrote {INPUTS} ({', '.join(f'{k} {v.shape}' for k, v in arrays.items())})")
 
 
 def _read(path: Path) -> np.ndarray:
@@ -58,14 +56,13 @@ def _read(path: Path) -> np.ndarray:
     return np.where(feats[..., 3:4] > 0, x, 0.0) if feats.shape[-1] > 3 else x  # a 4th column is the mask
 
 
-def _jetnet_metrics(real: np.ndarray, gen: np.ndarray, w1_seed: int | None) -> dict:
+def _jetnet_metrics(real: np.ndarray, gen: np.ndarray, w1_seed: int) -> dict:
     """jetnet's W1 metrics at its defaults, its module generator seeded with ``w1_seed`` before each."""
     from jetnet.evaluation import gen_metrics as gm
 
     out: dict = {}
     for key, fn in (("w1m", gm.w1m), ("w1p", gm.w1p), ("w1efp", lambda r, g: gm.w1efp(r, g, efp_jobs=1))):
-        if w1_seed is not None:
-            gm.rng = np.random.default_rng(w1_seed)
+        gm.rng = np.random.default_rng(w1_seed)
         v = fn(real, gen)
         out[key] = [float(x) for x in v] if key == "w1m" else {"means": v[0].tolist(), "stds": v[1].tolist()}
     return out
@@ -77,28 +74,26 @@ def _fpd_kpd(real_features: np.ndarray, gen_features: np.ndarray) -> dict:
     return {k: [float(v) for v in fn(real_features, gen_features)] for k, fn in (("fpd", gm.fpd), ("kpd", gm.kpd))}
 
 
-def make_reference(inputs: Path, out: Path) -> None:
+def make_reference() -> None:
     import energyflow
     import jetnet
     from jetnet.evaluation import gen_metrics as gm
     from jetnet.utils import efps
 
-    with np.load(inputs, allow_pickle=False) as f:
+    with np.load(INPUTS, allow_pickle=False) as f:
         data = {k: f[k].astype(np.float64) for k in f.files}
+    features = {k: gm.get_fpd_kpd_jet_features(x, efp_jobs=1) for k, x in data.items()}
     ref: dict = {"versions": {"jetnet": jetnet.__version__, "energyflow": energyflow.__version__,
                               "numpy": np.__version__}, "seed": SEED, "other_seed": OTHER_SEED,
-                 "n_efp_jets": N_EFP_JETS, "efps_d4": {}, "efps_prime": {}, "pairs": {}}
-    features = {k: gm.get_fpd_kpd_jet_features(x, efp_jobs=1) for k, x in data.items()}
-    for name, x in data.items():
-        ref["efps_d4"][name] = features[name][:N_EFP_JETS].tolist()
-        ref["efps_prime"][name] = efps(x[:N_EFP_JETS], efp_jobs=1).tolist()
+                 "n_efp_jets": N_EFP_JETS, "efps_d4": {k: v[:N_EFP_JETS].tolist() for k, v in features.items()},
+                 "efps_prime": {k: efps(x[:N_EFP_JETS], efp_jobs=1).tolist() for k, x in data.items()}, "pairs": {}}
     for a, b in PAIRS:
         print(f"{a} vs {b}", flush=True)
         ref["pairs"][f"{a}/{b}"] = {"seeded": _jetnet_metrics(data[a], data[b], SEED),
                                     "other_seed": _jetnet_metrics(data[a], data[b], OTHER_SEED),
                                     **_fpd_kpd(features[a], features[b])}
-    out.write_text(json.dumps(ref, indent=1) + "\n")
-    print(f"wrote {out}")
+    REFERENCE.write_text(json.dumps(ref, indent=1) + "\n")
+    print(f"wrote {REFERENCE}")
 
 
 def print_metrics(real_path: Path, gen_path: Path) -> None:
@@ -115,18 +110,14 @@ def print_metrics(real_path: Path, gen_path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("inputs", help="make the fixture's input samples (project venv)")
-    sub.add_parser("reference", help="compute jetnet's numbers on the inputs (jetnet venv)")
+    sub.add_parser("inputs", help="make the fixture's input samples (project venv)").set_defaults(run=make_inputs)
+    sub.add_parser("reference", help="jetnet's numbers on the inputs (jetnet venv)").set_defaults(run=make_reference)
     m = sub.add_parser("metrics", help="jetnet's metrics on two files (jetnet venv)")
     m.add_argument("real", type=Path)
     m.add_argument("generated", type=Path)
+    m.set_defaults(run=lambda: print_metrics(a.real, a.generated))
     a = ap.parse_args(argv)
-    if a.cmd == "inputs":
-        make_inputs(FIXTURE_DIR / "inputs.npz")
-    elif a.cmd == "reference":
-        make_reference(FIXTURE_DIR / "inputs.npz", FIXTURE_DIR / "reference.json")
-    else:
-        print_metrics(a.real, a.generated)
+    a.run()
 
 
 if __name__ == "__main__":
