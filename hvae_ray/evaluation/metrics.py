@@ -58,6 +58,12 @@ __all__ = [
 # then the generated indices, and take scipy's ``wasserstein_distance``; report mean and std over the
 # batches. jetnet draws from an unseeded module-level generator; here it is ``default_rng(seed)``, so
 # a jetnet run whose generator is seeded alike draws the very same jets.
+#
+# A subsample drawn with replacement is the set itself with each jet counted as often as it was drawn,
+# so every metric takes the set and those counts (``_counts``) rather than a copy of ``num_eval_samples``
+# jets: the same numbers up to rounding (W1's CDFs are the same integer ratios, FPD's and KPD's moments
+# the same sums in another order), at the cost of the set's size instead of the subsample's (50,000
+# jets drawn from a 10,000-jet set sort 10,000 jets' values, not 50,000).
 
 #: The convention every metric here follows, stated in ``evaluate_generation``'s output.
 CONVENTION = "jetnet-0.2.5"
@@ -72,6 +78,18 @@ def _draws(rng: np.random.Generator, n1: int, n2: int, size: int) -> tuple[np.nd
     return rng.integers(0, n1, size=size), rng.integers(0, n2, size=size)
 
 
+def _counts(index: np.ndarray, n: int) -> np.ndarray:
+    """How often each of ``n`` items was drawn: (n,) ints, from the drawn indices."""
+    return np.bincount(index, minlength=n)
+
+
+def _w1_weighted(u: np.ndarray, v: np.ndarray, u_counts: np.ndarray, v_counts: np.ndarray) -> float:
+    """scipy's W1 of ``u`` with each value repeated ``u_counts`` times against ``v`` likewise (counts
+    of 0 left out)."""
+    ku, kv = u_counts > 0, v_counts > 0
+    return wasserstein_distance(u[ku], v[kv], u_counts[ku], v_counts[kv])
+
+
 def _w1_feature_batches(
     x1: np.ndarray, x2: np.ndarray, num_eval_samples: int, num_batches: int, rng: np.random.Generator
 ) -> np.ndarray:
@@ -82,8 +100,9 @@ def _w1_feature_batches(
     out = np.empty((num_batches, x1.shape[1]))
     for b in range(num_batches):
         i1, i2 = _draws(rng, len(x1), len(x2), num_eval_samples)
+        c1, c2 = _counts(i1, len(x1)), _counts(i2, len(x2))
         for f in range(x1.shape[1]):
-            out[b, f] = wasserstein_distance(x1[i1, f], x2[i2, f])
+            out[b, f] = _w1_weighted(x1[:, f], x2[:, f], c1, c2)
     return out
 
 
@@ -94,15 +113,17 @@ def _w1_particle_batches(
     """W1 per particle feature between the real particles of jet subsamples. Returns (num_batches, 3)."""
     nf = p1.shape[2]
     out = np.empty((num_batches, nf))
+    # each real particle once, with its jet: a particle counts as often as its jet was drawn
+    jet1, jet2 = np.nonzero(m1)[0], np.nonzero(m2)[0]
+    a, c = p1[m1], p2[m2]
     for b in range(num_batches):
         i1, i2 = _draws(rng, len(p1), len(p2), num_eval_samples)
-        a = p1[i1][m1[i1]]
-        c = p2[i2][m2[i2]]
-        if len(a) == 0 or len(c) == 0:
+        w1, w2 = _counts(i1, len(p1))[jet1], _counts(i2, len(p2))[jet2]
+        if not w1.any() or not w2.any():
             out[b] = np.inf
             continue
         for f in range(nf):
-            out[b, f] = wasserstein_distance(a[:, f], c[:, f])
+            out[b, f] = _w1_weighted(a[:, f], c[:, f], w1, w2)
     return out
 
 
@@ -264,6 +285,16 @@ def fpd_batch_sizes(min_samples: int = 20_000, max_samples: int = 50_000, num_po
     return (1.0 / np.linspace(1.0 / min_samples, 1.0 / max_samples, num_points)).astype(np.int32)
 
 
+def _moments(x: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (``np.cov``'s, ddof 1) of the rows of ``x`` each repeated ``counts`` times."""
+    keep = counts > 0
+    x, w = x[keep], counts[keep].astype(np.float64)
+    n = w.sum()
+    mean = w @ x / n
+    d = x - mean
+    return mean, (d.T * w) @ d / (n - 1)
+
+
 def _linear(t, intercept, slope):
     return intercept + slope * t
 
@@ -299,10 +330,9 @@ def fpd(
     for p, n in enumerate(sizes):
         batch = np.empty(num_batches)
         for b in range(num_batches):
-            a = x[rng.integers(0, len(x), size=n)]
-            c = y[rng.integers(0, len(y), size=n)]
-            batch[b] = frechet_distance(a.mean(axis=0), np.cov(a, rowvar=False),
-                                        c.mean(axis=0), np.cov(c, rowvar=False))
+            a = _counts(rng.integers(0, len(x), size=n), len(x))
+            c = _counts(rng.integers(0, len(y), size=n), len(y))
+            batch[b] = frechet_distance(*_moments(x, a), *_moments(y, c))
         vals[p] = batch.mean()
     inv = 1.0 / sizes
     if np.ptp(inv) == 0:  # a single size: no extrapolation possible
@@ -313,8 +343,10 @@ def fpd(
     return FPDResult(params[0], np.sqrt(max(cov[0, 0], 0.0)), sizes)
 
 
-def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int, block: int = 1024) -> float:
-    """Σ_ij (a_i·b_j / dim + 1)^degree, in row blocks to bound memory."""
+def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int, block: int = 1024,
+                     wa: np.ndarray | None = None, wb: np.ndarray | None = None) -> float:
+    """Σ_ij (a_i·b_j / dim + 1)^degree, in row blocks to bound memory; with weights ``wa``, ``wb``
+    Σ_ij wa_i wb_j (a_i·b_j / dim + 1)^degree."""
     dim = a.shape[1]
     total = 0.0
     for s in range(0, len(a), block):
@@ -326,7 +358,7 @@ def _poly_kernel_sum(a: np.ndarray, b: np.ndarray, degree: int, block: int = 102
             np.square(k, out=k)
         else:
             np.power(k, degree, out=k)
-        total += float(k.sum())
+        total += float(k.sum()) if wa is None else float(wa[s:s + block] @ k @ wb)
     return total
 
 
@@ -337,13 +369,25 @@ def mmd_poly_unbiased(x: np.ndarray, y: np.ndarray, degree: int = 4) -> float:
     (Gretton et al., JMLR 13 (2012) 723; as KID, Bińkowski et al., arXiv:1801.01401).
     x: (m, F), y: (n, F) with m, n ≥ 2. Returns a float; it can be slightly negative.
     """
-    m, n = len(x), len(y)
+    return _mmd_poly(x, None, y, None, degree)
+
+
+def _mmd_poly(x: np.ndarray, cx: np.ndarray | None, y: np.ndarray, cy: np.ndarray | None, degree: int) -> float:
+    """``mmd_poly_unbiased`` of ``x`` with row i repeated ``cx[i]`` times (once each if None) and ``y``
+    likewise: Σ_{i≠j} over the repeated rows is Σ_uv c_u c_v k_uv − Σ_u c_u k_uu."""
+    if cx is not None:
+        kx, ky = cx > 0, cy > 0
+        x, cx, y, cy = x[kx], cx[kx].astype(np.float64), y[ky], cy[ky].astype(np.float64)
+    m = len(x) if cx is None else cx.sum()
+    n = len(y) if cy is None else cy.sum()
     dim = x.shape[1]
-    kxx_diag = ((np.einsum("ij,ij->i", x, x) / dim + 1.0) ** degree).sum()
-    kyy_diag = ((np.einsum("ij,ij->i", y, y) / dim + 1.0) ** degree).sum()
-    kxx = _poly_kernel_sum(x, x, degree) - kxx_diag
-    kyy = _poly_kernel_sum(y, y, degree) - kyy_diag
-    kxy = _poly_kernel_sum(x, y, degree)
+    kxx_self = (np.einsum("ij,ij->i", x, x) / dim + 1.0) ** degree
+    kyy_self = (np.einsum("ij,ij->i", y, y) / dim + 1.0) ** degree
+    kxx_diag = kxx_self.sum() if cx is None else kxx_self @ cx
+    kyy_diag = kyy_self.sum() if cy is None else kyy_self @ cy
+    kxx = _poly_kernel_sum(x, x, degree, wa=cx, wb=cx) - kxx_diag
+    kyy = _poly_kernel_sum(y, y, degree, wa=cy, wb=cy) - kyy_diag
+    kxy = _poly_kernel_sum(x, y, degree, wa=cx, wb=cy)
     return float(kxx / (m * (m - 1)) + kyy / (n * (n - 1)) - 2.0 * kxy / (m * n))
 
 
@@ -371,8 +415,9 @@ def kpd(
     vals = np.empty(num_batches)
     for i in range(num_batches):
         rng = np.random.default_rng(seed + i * 1000)
-        vals[i] = mmd_poly_unbiased(x[rng.integers(0, len(x), size=batch_size)],
-                                    y[rng.integers(0, len(y), size=batch_size)])
+        cx = _counts(rng.integers(0, len(x), size=batch_size), len(x))
+        cy = _counts(rng.integers(0, len(y), size=batch_size), len(y))
+        vals[i] = _mmd_poly(x, cx, y, cy, 4)
     lo, hi = np.percentile(vals, [16.275, 83.725])
     return float(np.median(vals)), float((hi - lo) / 2.0)
 
