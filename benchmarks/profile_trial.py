@@ -44,7 +44,6 @@ def main() -> None:
     from hvae_ray import engine
     from hvae_ray.config import Config
     from hvae_ray.data.io import load_jets
-
     stage("import hvae_ray.engine")
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
@@ -70,15 +69,11 @@ def main() -> None:
         eager, t = engine.Trainer(cfg, splits, dev, cuda_graphs=False), time.time()
         eager.train_epoch(0)
         print(f"  eager: first step launch {eager.first_step_at - t:.3f} s")
-    else:
-        cfg = Config().with_overrides({"batch_size": a.batch, "gradient_accumulation_steps": 1,
-                                       "data.max_jets": a.jets})
-        kernels(a, torch, engine, cfg, engine.prepare(cfg, load_jets(a.data), device=dev), dev, sync)
-
-
-def kernels(a, torch, engine, cfg, splits, dev, sync) -> None:
+        return
     from torch.profiler import ProfilerActivity, profile
 
+    cfg = Config().with_overrides({"batch_size": a.batch, "gradient_accumulation_steps": 1, "data.max_jets": a.jets})
+    splits = engine.prepare(cfg, load_jets(a.data), device=dev)
     for graphs in (False, True):
         tr = engine.Trainer(cfg, splits, dev, cuda_graphs=graphs)
         tr.train_epoch(0)  # warm-up (and capture)
