@@ -53,9 +53,23 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # The fidelity targets (generated vs held-out q jets): val_generation is the mean ratio to them.
 GENERATION_TARGETS = {"val_w1m": 4e-3, "val_w1p": 4e-3, "val_fpd": 1e-2}
 GENERATION_KEYS = (*GENERATION_TARGETS, "val_generation")
+#: Jets per chunk of the score's EFPs (at least): (chunk, 30, 30) float64 powers of θ, ~60 MB at 2,048,
+#: well within a validation batch's activations; fewer chunks, fewer small kernel launches.
+EFP_CHUNK = 2048
 # The validation metric that picks best/ for each ``objective``; fit reports its best as "best_<metric>".
 OBJECTIVE_METRICS = {"reconstruction": "val_objective", "generation": "val_generation"}
 POSTFIX_EVERY = 20  # progress-bar refresh (one host sync) every this many steps
+
+
+@dataclass(frozen=True)
+class GenerationReference:
+    """The validation jets that the per-epoch generation score compares samples with, made once per run:
+    jet masses (N,) and real particles (M, 3) as float tensors on the run's device, EFPs (N, 36)."""
+
+    mass: torch.Tensor
+    particles: torch.Tensor
+    efps: np.ndarray
+    efp_device: torch.device | None  # where the EFPs are computed: the GPU, or None (numpy)
 
 
 @dataclass
@@ -305,7 +319,7 @@ class Trainer:
         self.best = math.inf
         self.best_epoch = -1
         self._graph = None
-        self._val_efps = None
+        self._generation_ref: GenerationReference | None = None
         self.generation: dict[str, float] | None = None  # the last generation metrics (generation_every)
         self.first_step_at: float | None = None  # Unix time [s] this process launched its first optimiser step
         self.node_stats = tuple(torch.tensor(self.normaliser.stats["nodes"][k], dtype=torch.float32, device=device)
@@ -567,53 +581,77 @@ class Trainer:
         to the posterior means of as many training jets at this epoch (a cheap stand-in for the
         100-component mixture that ``prior fit`` fits after training; N(0, 1) samples rank models
         poorly when the KL weight is small), or ``standard``, N(0, 1). They are compared with as many
-        validation jets (their EFPs computed once per run):
+        validation jets (their masses, particles and EFPs prepared once per run, on the run's device):
         ``val_w1m`` (relative mass), ``val_w1p`` (mean over η_rel, φ_rel, pT_rel of all particles),
         ``val_fpd`` (Fréchet distance of the 36 d ≤ 4 EFPs, extrapolated over subsample sizes n/2…n
         as jetnet does, with fewer draws) and ``val_generation``, their mean ratio to the fidelity
         targets (:data:`GENERATION_TARGETS`): at most 1 when a model meets all three on average.
         Full-sized numbers to quote are ``hvae-ray evaluate``'s on held-out jets. On a GPU jets are
-        encoded, decoded and their EFPs computed in validation's batches (``max(64, batch_size)`` jets),
-        so the score's memory stays within a validation pass's, which the trial's GPU share is sized by.
+        encoded (under the run's autocast) and decoded in validation's batches (``max(64, batch_size)``
+        jets) and their EFPs computed in chunks of :data:`EFP_CHUNK`, so the score's memory stays within
+        a validation pass's, which the trial's GPU share is sized by; the W1s are taken there too
+        (:func:`~hvae_ray.evaluation.metrics.wasserstein_1d`).
         """
-        from scipy.stats import wasserstein_distance
-
         from hvae_ray.evaluation.efp import efps, jet_mass
-        from hvae_ray.evaluation.metrics import fpd
-        from hvae_ray.latent import GaussianMixture, decode, encode
+        from hvae_ray.evaluation.metrics import fpd, wasserstein_1d
 
-        val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
-        n, size = len(val), validation_batch_size(self.cfg) if self.device.type == "cuda" else 1024
-        if self.cfg.generation_prior == "fitted":
-            train = self.splits.sample.subset(self.splits.train[:n])
-            model = self.model
-            if not self.dense:  # the PyG model encodes PyG batches: its dense twin takes the same weights
-                model = HyperVAE(self.cfg.model).to(self.device)
-                model.load_state_dict(self.model.state_dict())
-            mu, _ = encode(model, self.normaliser, self.cfg, train.particles, train.mask, self.device, size)
-            if not np.isfinite(mu).all():
-                return {k: math.inf for k in GENERATION_KEYS}
-            gmm = GaussianMixture.fit(mu, components=20, seed=self.cfg.seed, iterations=100, tol=1e-4,
-                                      device=self.device)
-            gen_p, gen_m = decode(self.model, self.normaliser, gmm.sample(n, seed=self.cfg.seed), self.device, size)
-        else:
-            gen_p, gen_m = generate(self.model, self.normaliser, n, seed=self.cfg.seed, device=self.device)
-        if not np.isfinite(gen_p).all():
+        ref = self._generation_reference()
+        n, size, efp_device = len(ref.mass), self._generation_batch(), ref.efp_device
+        gen_p, gen_m = self._generated_jets(n, size)
+        if gen_p is None or not np.isfinite(gen_p).all():
             return {k: math.inf for k in GENERATION_KEYS}
-        efp_device = self.device if self.device.type == "cuda" else None  # numpy is the faster on a CPU
-        if self._val_efps is None:
-            self._val_efps = efps(val.particles, val.mask, chunk_size=size, device=efp_device)
-        out = {"val_w1m": float(wasserstein_distance(jet_mass(val.particles, val.mask), jet_mass(gen_p, gen_m)))}
-        out["val_w1p"] = float(np.mean([wasserstein_distance(val.particles[..., f][val.mask], gen_p[..., f][gen_m])
-                                        for f in range(gen_p.shape[-1])]))
-        gen_efps = efps(gen_p, gen_m, chunk_size=size, device=efp_device)
+        gen_mass = torch.as_tensor(jet_mass(gen_p, gen_m), device=self.device)
+        gen_parts = torch.as_tensor(gen_p[gen_m], device=self.device)
+        out = {"val_w1m": wasserstein_1d(ref.mass, gen_mass),
+               "val_w1p": float(np.mean([wasserstein_1d(ref.particles[:, f], gen_parts[:, f])
+                                         for f in range(gen_p.shape[-1])]))}
+        gen_efps = efps(gen_p, gen_m, chunk_size=max(size, EFP_CHUNK), device=efp_device)
         if np.isfinite(gen_efps).all() and n >= 4:
-            out["val_fpd"] = float(fpd(self._val_efps, gen_efps, min_samples=max(2, n // 2), max_samples=n,
+            out["val_fpd"] = float(fpd(ref.efps, gen_efps, min_samples=max(2, n // 2), max_samples=n,
                                        num_batches=4, num_points=4, seed=self.cfg.seed)[0])
         else:
             out["val_fpd"] = math.inf
         out["val_generation"] = float(np.mean([out[k] / t for k, t in GENERATION_TARGETS.items()]))
         return out
+
+    def _generation_batch(self) -> int:
+        return validation_batch_size(self.cfg) if self.device.type == "cuda" else 1024
+
+    def _generation_reference(self) -> GenerationReference:
+        """The validation side of :meth:`generation_metrics`, made on the first call: the first
+        ``generation_jets`` validation jets' masses, real particles (on the run's device) and EFPs."""
+        if self._generation_ref is None:
+            from hvae_ray.evaluation.efp import efps, jet_mass
+
+            val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
+            efp_device = self.device if self.device.type == "cuda" else None  # numpy is the faster on a CPU
+            self._generation_ref = GenerationReference(
+                mass=torch.as_tensor(jet_mass(val.particles, val.mask), device=self.device),
+                particles=torch.as_tensor(val.particles[val.mask], device=self.device),
+                efps=efps(val.particles, val.mask, chunk_size=max(self._generation_batch(), EFP_CHUNK),
+                          device=efp_device),
+                efp_device=efp_device)
+        return self._generation_ref
+
+    def _generated_jets(self, n: int, size: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``n`` jets decoded from ``generation_prior``'s codes (seeded); (None, None) if the training
+        jets' posterior means are not finite. The training jets are encoded under the run's autocast."""
+        from hvae_ray.latent import GaussianMixture, decode, encode
+
+        if self.cfg.generation_prior != "fitted":
+            return generate(self.model, self.normaliser, n, seed=self.cfg.seed, device=self.device)
+        train = self.splits.sample.subset(self.splits.train[:n])
+        model = self.model
+        if not self.dense:  # the PyG model encodes PyG batches: its dense twin takes the same weights
+            model = HyperVAE(self.cfg.model).to(self.device)
+            model.load_state_dict(self.model.state_dict())
+        with self.autocast():
+            mu, _ = encode(model, self.normaliser, self.cfg, train.particles, train.mask, self.device, size)
+        if not np.isfinite(mu).all():
+            return None, None
+        gmm = GaussianMixture.fit(mu, components=20, seed=self.cfg.seed, iterations=100, tol=1e-4,
+                                  device=self.device)
+        return decode(self.model, self.normaliser, gmm.sample(n, seed=self.cfg.seed), self.device, size)
 
     # ---------------------------------------------------------------------------------------------
     # Checkpoints

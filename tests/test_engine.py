@@ -170,6 +170,35 @@ def test_generation_objective_with_set_and_jet_losses_picks_the_best_checkpoint_
 # (b) TensorBoard
 
 
+@pytest.mark.parametrize("prior", ["fitted", "standard"])
+def test_generation_metrics_are_scipys_w1_and_jetnets_fpd_of_the_jets_they_compare(jets, prior):
+    """The per-epoch score takes its W1s with torch (on the run's device) and caches the validation side:
+    each value equals scipy's W1 and our jetnet-equal FPD recomputed from the same validation jets and the
+    same seeded samples, call after call."""
+    from scipy.stats import wasserstein_distance
+
+    from hvae_ray.evaluation.efp import efps, jet_mass
+    from hvae_ray.evaluation.metrics import fpd
+
+    cfg = small_config(**{"generation_jets": 100, "generation_prior": prior, "data.val_fraction": 0.5,
+                          "data.test_fraction": 0.0})
+    tr = engine.Trainer(cfg, engine.prepare(cfg, jets), torch.device("cpu"))
+    tr.train_epoch(0)
+    first, second = tr.generation_metrics(), tr.generation_metrics()
+    assert first == second and all(math.isfinite(v) for v in first.values())
+    val = jets.subset(tr.splits.val[:cfg.generation_jets])
+    gen_p, gen_m = tr._generated_jets(len(val), 1024)
+    assert first["val_w1m"] == pytest.approx(
+        wasserstein_distance(jet_mass(val.particles, val.mask), jet_mass(gen_p, gen_m)), rel=1e-12)
+    w1p = np.mean([wasserstein_distance(val.particles[..., f][val.mask], gen_p[..., f][gen_m]) for f in range(3)])
+    assert first["val_w1p"] == pytest.approx(w1p, rel=1e-12)
+    n = len(val)
+    assert n == 60  # fewer than generation_jets: the validation split is half of 120 jets
+    expected_fpd = fpd(efps(val.particles, val.mask), efps(gen_p, gen_m), min_samples=n // 2, max_samples=n,
+                       num_batches=4, num_points=4, seed=cfg.seed)[0]
+    assert first["val_fpd"] == pytest.approx(expected_fpd, rel=1e-9, abs=1e-12)
+
+
 def test_tensorboard_has_every_required_tag_once_per_epoch(main_run):
     acc = EventAccumulator(str(main_run.log_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()

@@ -250,10 +250,11 @@ def efps(
     values = np.empty((n_jets, len(unique)))
     max_w = max((max(_multiplicities(c).values(), default=1) for c in unique), default=1)
     einsum, xt = None, x
-    if device is not None:
+    if device is not None:  # values stay on the device until the end: one copy to the host, no sync per graph
         import torch
 
         einsum, xt = _torch_einsum, torch.as_tensor(x, device=device)
+        values = torch.empty((n_jets, len(unique)), dtype=torch.float64, device=device)
     for start in range(0, n_jets, chunk_size):
         sl = slice(start, start + chunk_size)
         z = xt[sl, :, 2]  # pT_rel as given (jetnet's convention), 0 for padding
@@ -264,8 +265,9 @@ def efps(
         for w in range(2, max_w + 1):
             theta_pow[w] = theta_pow[w - 1] * theta
         for c, i in col.items():
-            v = _connected_efp(c, z, theta_pow, einsum)
-            values[sl, i] = v if einsum is None else v.cpu().numpy()
+            values[sl, i] = _connected_efp(c, z, theta_pow, einsum)
+    if einsum is not None:
+        values = values.cpu().numpy()
     out = np.ones((n_jets, len(graphs)))
     for k, comps in enumerate(decomposed):
         if not comps:  # no edges: the one-vertex graph, Σ_i z_i

@@ -40,6 +40,7 @@ __all__ = [
     "fpd_batch_sizes",
     "w1m",
     "w1p",
+    "wasserstein_1d",
     "w1efp",
     "frechet_distance",
     "fpd",
@@ -125,6 +126,24 @@ def _w1_particle_batches(
         for f in range(nf):
             out[b, f] = _w1_weighted(a[:, f], c[:, f], w1, w2)
     return out
+
+
+def wasserstein_1d(u, v) -> float:
+    """W1 between two unweighted 1-D samples, as ``scipy.stats.wasserstein_distance(u, v)``, by torch on
+    the tensors' device in float64: ∫ |F_u − F_v| dx over the merged sorted values, the empirical CDFs
+    taken by ``searchsorted`` (scipy's ``_cdf_distance`` at p = 1, to rounding). u, v: 1-D torch tensors
+    or arrays (then on the CPU). The per-epoch generation score calls it on the GPU, where the ~10⁵
+    particles of a few thousand jets take milliseconds instead of scipy's tens of."""
+    import torch
+
+    u, v = torch.as_tensor(u).double(), torch.as_tensor(v).double().to(torch.as_tensor(u).device)
+    if u.numel() < 1 or v.numel() < 1:
+        raise ValueError("W1 needs at least one value in each sample")
+    merged = torch.sort(torch.cat([u, v])).values
+    at = merged[:-1]
+    u_cdf = torch.searchsorted(torch.sort(u).values, at, right=True).double() / u.numel()
+    v_cdf = torch.searchsorted(torch.sort(v).values, at, right=True).double() / v.numel()
+    return float(((u_cdf - v_cdf).abs() * torch.diff(merged)).sum())
 
 
 def _valid_particles(x: np.ndarray, m: np.ndarray) -> np.ndarray:

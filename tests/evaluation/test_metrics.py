@@ -25,6 +25,20 @@ def test_w1p_of_a_shift_is_the_shift(one_jet):
     np.testing.assert_allclose(stds, 0.0, atol=1e-12)
 
 
+def test_wasserstein_1d_is_scipys_with_ties_unequal_sizes_and_float32():
+    from scipy.stats import wasserstein_distance
+
+    rng = np.random.default_rng(7)
+    cases = [(np.array([0.0]), np.array([2.5])),  # two points: their distance
+             (np.round(rng.normal(size=1000), 1), np.round(rng.normal(0.3, 1.2, size=700), 1)),  # many ties
+             (rng.normal(size=50_000).astype(np.float32), rng.exponential(size=40_000).astype(np.float32))]
+    for u, v in cases:
+        assert metrics.wasserstein_1d(u, v) == pytest.approx(wasserstein_distance(u, v), rel=1e-13)
+    assert metrics.wasserstein_1d(np.array([0.0]), np.array([2.5])) == 2.5
+    with pytest.raises(ValueError, match="at least one value"):
+        metrics.wasserstein_1d(np.array([]), np.array([1.0]))
+
+
 def test_w1m_of_scaled_mass(toy_jets, one_jet):
     jet = one_jet([(0.1, 0.05, 0.5), (-0.2, 0.1, 0.3), (0.05, -0.3, 0.2)])
     scaled = jet.copy()
