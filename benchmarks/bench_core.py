@@ -91,15 +91,13 @@ def phases(data: str | None, jets: int, device: str, sets: list, calls: int) -> 
 
 
 def main() -> None:
-    p = harness.parser(__doc__, "data", "set", "out", "skip", flavor="q", seed=0, device="auto", fit_epochs=3)
-    p.add_argument("--jets", type=int, default=2000, help="jets of phases and fit (split 70/15/15)")
-    p.add_argument("--gen-jets", type=int, default=400, help="generation: jets generated")
-    p.add_argument("--graph-jets", type=int, default=0, help="graphs: jets (default: as many as there are)")
-    p.add_argument("--calls", type=int, default=3, help="phases: timed calls of each, after one warm-up")
-    p.add_argument("--card-gb", type=float, default=4.0, help="fit: the card trials are sized for")
-    p.add_argument("--share", type=float, default=0.25, help="fit: one trial's share of that card")
-    p.add_argument("--memory-steps", type=int, default=20, help="fit: steps of the runner's sizing burst (0: none)")
-    a = p.parse_args()
+    a = harness.parser(
+        __doc__, "data", "set", "out", "skip", flavor="q", seed=0, device="auto", fit_epochs=3,
+        jets=(2000, "jets of phases and fit (split 70/15/15)"), gen_jets=(400, "generation: jets generated"),
+        graph_jets=(0, "graphs: jets (default: as many as there are)"),
+        calls=(3, "phases: timed calls of each, after one warm-up"),
+        card_gb=(4.0, "fit: the card trials are sized for"), share=(0.25, "fit: one trial's share of that card"),
+        memory_steps=(20, "fit: steps of the runner's sizing burst (0: none)")).parse_args()
     res, md = {"host": harness.host()}, []
     if not {"generation", "io", "graphs"} <= a.skip:
         res["data"] = data_parts(a)

@@ -5,20 +5,34 @@ batches  per --batches setting (batch x accumulation) and engine: jets/s, ms per
 --cpu    instead: the default-config fit epoch per engine, --repeats runs alternating (wall and CPU time).
 --pack   K,...: K processes training at once, each capped to 1/4 of a --pack-card-gb card: aggregate and per
          process jets/s against K = 1, memory, GPU busy fraction (default 1,4 with CUDA).
+profile  {startup,kernels} (the first argument; profile -h): one trial's process outside Ray, in this process, on
+         --data (data/q30k.parquet): what the sweep benchmarks' start-up and step totals are made of.
+  startup  the training function's stages in seconds since the process started (imports, CUDA context, data, split
+           and normaliser, Trainer, CUDA-graph capture and first step, first epoch, validation, the first and second
+           generation score), all under cProfile (top functions by cumulative time); then the same first step eager.
+  kernels  torch profiler over one epoch at --batch (no accumulation), eager and in a CUDA graph: epoch time, jets/s,
+           the kernels' share of the wall time and the top kernels.
 """
 
+import argparse
+import cProfile
 import json
 import math
 import os
+import pstats
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import harness
-import torch
-from harness import say, sync
+import psutil
 
-from hvae_ray import engine as eng
+if __name__ != "__main__" or sys.argv[1:2] != ["profile"]:  # profile times these imports itself
+    import harness
+    import torch
+    from harness import say, sync
+
+    from hvae_ray import engine as eng
 
 
 def batch_run(engine: str, batch: int, accum: int, steps: int, epochs: int, device: str, data: str | None,
@@ -130,20 +144,87 @@ def pack(a, ks: list[int]) -> dict:
     return out
 
 
+def stage(name: str, fn=lambda: None, sync=lambda: None):
+    """profile: run ``fn``, wait for the device, print the time since the process started."""
+    out = fn()
+    sync()
+    print(f"  {name:38s} {time.time() - psutil.Process().create_time():7.3f} s since process start", flush=True)
+    return out
+
+
+def profile(argv: list[str]) -> None:
+    p = argparse.ArgumentParser("bench_engine.py profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("part", choices=("startup", "kernels"))
+    p.add_argument("--data", default="data/q30k.parquet")
+    p.add_argument("--jets", type=int, default=20000, help="data.max_jets (split 70/15/15)")
+    p.add_argument("--batch", type=int, default=512, help="kernels: batch size")
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args(argv)
+    stage("python up")
+    torch = stage("import torch", lambda: __import__("torch"))
+    from hvae_ray import engine
+    from hvae_ray.config import Config
+    from hvae_ray.data.io import load_jets
+    stage("import hvae_ray.engine")
+    dev = torch.device(a.device)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else lambda: None
+    stage("cuda context", lambda: torch.zeros(1, device=dev), sync)
+    torch.set_num_threads(1)  # as fit does on CUDA
+    if a.part == "startup":
+        with cProfile.Profile() as prof:
+            sample = stage("load_jets", lambda: load_jets(a.data))
+            cfg = Config().with_overrides({"data.max_jets": a.jets})
+            splits = stage("prepare (split, normaliser)", lambda: engine.prepare(cfg, sample, device=dev), sync)
+            tr = stage("Trainer", lambda: engine.Trainer(cfg, splits, dev), sync)
+            t = time.time()
+            stage("first epoch done", lambda: tr.train_epoch(0), sync)
+            print(f"  capture + first step launch {tr.first_step_at - t:.3f} s ({tr.step_mode})")
+            stage("evaluate", lambda: tr.evaluate(0), sync)
+            stage("generation_metrics (first: val EFPs)", tr.generation_metrics, sync)
+            stage("generation_metrics (second)", tr.generation_metrics, sync)
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
+        eager, t = engine.Trainer(cfg, splits, dev, cuda_graphs=False), time.time()
+        eager.train_epoch(0)
+        print(f"  eager: first step launch {eager.first_step_at - t:.3f} s")
+        return
+    import harness
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg = Config().with_overrides({"batch_size": a.batch, "gradient_accumulation_steps": 1, "data.max_jets": a.jets})
+    splits = engine.prepare(cfg, load_jets(a.data), device=dev)
+    for graphs in (False, True):
+        tr = engine.Trainer(cfg, splits, dev, cuda_graphs=graphs)
+        harness.clock(tr.train_epoch, 0, dev=dev)  # warm-up (and capture)
+        wall = harness.clock(tr.train_epoch, 1, dev=dev)[1]
+        print(f"== batch {a.batch}, {tr.step_mode}: epoch {wall:.3f} s, {tr.n_train / wall:,.0f} jets/s, "
+              f"steps {-(-tr.n_train // a.batch)}")
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+        with profile(activities=activities) as p:
+            tr.train_epoch(2)
+            sync()
+        averages = p.key_averages()
+        busy = sum(e.self_device_time_total for e in averages) / 1e6
+        print(f"  kernel time in the epoch {busy:.3f} s of wall {wall:.3f} s ({busy / wall:.0%})")
+        print(averages.table(sort_by="self_cuda_time_total" if dev.type == "cuda" else "self_cpu_time_total",
+                             row_limit=18, max_name_column_width=60))
+
+
 def main() -> None:
-    p = harness.parser(__doc__, "data", "set", "out", engines="pyg,dense", check="8x4,128", compiled="512", repeats=2,
-                       cpu_jets=1000, pack_jets=3000, pack_epochs=1, worker_timeout=240.0)
-    p.add_argument("--batches", default="8x4,32,128,512,8192", help="batch x accumulation settings ('' for none)")
-    p.add_argument("--device", default="cuda", help="device of the batch runs")
-    p.add_argument("--pyg-max-batch", type=int, default=512, help="largest batch the PyG engine runs at")
-    p.add_argument("--steps", type=int, default=100, help="dense optimiser steps per epoch (a quarter from batch 2048)")
-    p.add_argument("--pyg-steps", type=int, default=30, help="PyG optimiser steps per epoch")
-    p.add_argument("--epochs", type=int, default=2, help="timed epochs after the warm-up (--cpu: fit epochs)")
-    p.add_argument("--cpu", action="store_true", help="the CPU fit comparison instead of the batch runs")
-    p.add_argument("--pack", default=None, help="process counts packed on one device, e.g. 1,2,4,6 ('' or 0: none)")
-    p.add_argument("--pack-card-gb", type=float, default=4.0, help="cap each to 1/4 of a card this size (0: no cap)")
-    p.add_argument("--pack-threads", type=int, default=1, help="CPU threads per packed process")
-    a = p.parse_args()
+    if sys.argv[1:2] == ["profile"]:
+        return profile(sys.argv[2:])
+    a = harness.parser(
+        __doc__, "data", "set", "out", engines="pyg,dense", check="8x4,128", compiled="512", repeats=2,
+        cpu_jets=1000, pack_jets=3000, pack_epochs=1, worker_timeout=240.0,
+        batches=("8x4,32,128,512,8192", "batch x accumulation settings ('' for none)"),
+        device=("cuda", "device of the batch runs"), pyg_max_batch=(512, "largest batch the PyG engine runs at"),
+        steps=(100, "dense optimiser steps per epoch (a quarter from batch 2048)"),
+        pyg_steps=(30, "PyG optimiser steps per epoch"),
+        epochs=(2, "timed epochs after the warm-up (--cpu: fit epochs)"),
+        cpu=(False, "the CPU fit comparison instead of the batch runs"),
+        pack=(str, "process counts packed on one device, e.g. 1,2,4,6 ('' or 0: none)"),
+        pack_card_gb=(4.0, "cap each to 1/4 of a card this size (0: no cap)"),
+        pack_threads=(1, "CPU threads per packed process")).parse_args()
     res: dict = {"host": harness.host(), "runs": []}
     say(f"torch {torch.__version__}, {os.cpu_count()} CPU cores, CUDA {torch.cuda.is_available()}, data {a.data}")
     if a.cpu:

@@ -211,19 +211,18 @@ def markdown(res: dict) -> list[str]:
 
 
 def main() -> None:
-    p = harness.parser(__doc__, "data", "set", "out", "skip", scales="250:6", workers="1", trial_memory_mb="auto",
-                       gen_jets=10000, sweep=str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"))
-    p.add_argument("--trial-cpus", type=float, default=0, help="CPUs per worker (default cores-1, over the workers)")
-    p.add_argument("--overhead-gpu-fraction", type=float, default=1.0, help="GPU share of each overhead worker")
-    p.add_argument("--sweep-set", action="append", default=[], metavar="KEY=VALUE", help="override a sweep-file key")
-    p.add_argument("--gpu-memory-gb", type=float, default=4.0, help="with CUDA: the card size trials are sized for")
-    p.add_argument("--gpu-fraction", type=float, default=None, help="with CUDA: a fixed GPU share instead")
-    p.add_argument("--one-device", action="store_true", help="run the sweep again on one GPU (CPU) only")
-    p.add_argument("--evaluate", default=None, metavar="HELDOUT", help="evaluate the best trial against these jets")
-    p.add_argument("--timeout", type=float, default=900, help="seconds allowed per sweep (then killed)")
-    p.add_argument("--release-wait", type=float, default=15, help="seconds to wait for Ray to free all CPUs/GPUs")
-    p.add_argument("--storage", default=None, help="experiment storage, kept (default: a temporary directory)")
-    a = p.parse_args()
+    a = harness.parser(
+        __doc__, "data", "set", "out", "skip", scales="250:6", workers="1", trial_memory_mb="auto", gen_jets=10000,
+        sweep=str(Path(__file__).resolve().parents[1] / "sweeps" / "quickstart.yaml"),
+        trial_cpus=(0.0, "CPUs per worker (default cores-1, over the workers)"),
+        overhead_gpu_fraction=(1.0, "GPU share of each overhead worker"), sweep_set=([], "override a sweep-file key"),
+        gpu_memory_gb=(4.0, "with CUDA: the card size trials are sized for"),
+        gpu_fraction=(float, "with CUDA: a fixed GPU share instead"),
+        one_device=(False, "run the sweep again on one GPU (CPU) only"),
+        evaluate=(str, "evaluate the best trial against these jets", "HELDOUT"),
+        timeout=(900.0, "seconds allowed per sweep (then killed)"),
+        release_wait=(15.0, "seconds to wait for Ray to free all CPUs/GPUs"),
+        storage=(str, "experiment storage, kept (default: a temporary directory)")).parse_args()
     cuda, tmp, res = torch.cuda.is_available(), tempfile.TemporaryDirectory(), {"host": harness.host()}
     storage = Path(a.storage or tmp.name).resolve()
     storage.mkdir(parents=True, exist_ok=True)

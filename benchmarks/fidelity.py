@@ -91,25 +91,15 @@ def priors(a, out: Path) -> tuple[dict, list[dict]]:
 def main() -> None:
     p = harness.parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-    b, c = sub.add_parser("bound", help="models trained side by side"), sub.add_parser("priors", help="one checkpoint")
-    for q in (b, c):
-        q.add_argument("--train", required=True)
-        q.add_argument("--heldout", required=True)
-        q.add_argument("--eval-timeout", type=float, default=7200, help="seconds allowed for sampling and evaluation")
-    b.add_argument("--epochs", type=int, default=1000)
-    b.add_argument("--minutes", type=float, default=5.0, help="training time per variant")
-    b.add_argument("--batch-size", type=int, default=256)
-    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="overrides for every variant")
-    b.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...", help="a model (repeatable)")
-    b.add_argument("--threads", type=int, default=2, help="CPU threads per variant")
-    b.add_argument("--out", required=True)
-    b.set_defaults(run=bound, report="fidelity_bound.json", cols=["model", "codes", "epochs"])
-    c.add_argument("--checkpoint", required=True)
-    c.add_argument("--priors", default="flow:1,flow:0.9,flow:0.8,gmm20:1,gmm20:0.9,gmm100:1",
-                   help="KIND[COMPONENTS]:TEMPERATURE,... (kinds flow, gmm)")
-    c.add_argument("--device", default="auto")
-    c.add_argument("--out", default="prior_compare")
-    c.set_defaults(run=priors, report="prior_compare.json", cols=["codes"])
+    shared = dict(train=..., heldout=..., eval_timeout=(7200.0, "seconds allowed for sampling and evaluation"))
+    harness.parser(sub.add_parser("bound", help="models trained side by side"), **shared, epochs=1000,
+                   minutes=(5.0, "training time per variant"), batch_size=256, set=([], "overrides for every variant"),
+                   variant=([], "a model (repeatable)", "NAME:KEY=VALUE,..."), threads=(2, "CPU threads per variant"),
+                   out=...).set_defaults(run=bound, report="fidelity_bound.json", cols=["model", "codes", "epochs"])
+    harness.parser(sub.add_parser("priors", help="one checkpoint"), **shared, checkpoint=...,
+                   priors=("flow:1,flow:0.9,flow:0.8,gmm20:1,gmm20:0.9,gmm100:1",
+                           "KIND[COMPONENTS]:TEMPERATURE,... (kinds flow, gmm)"), device="auto",
+                   out="prior_compare").set_defaults(run=priors, report="prior_compare.json", cols=["codes"])
     a = p.parse_args()
     (out := Path(a.out)).mkdir(parents=True, exist_ok=True)
     report, rows = a.run(a, out)

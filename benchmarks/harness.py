@@ -256,17 +256,26 @@ def host() -> dict:
             "gpus": smi("--query-gpu=index,name,memory.total,driver_version")}
 
 
-def parser(doc: str, *common: str, **plain) -> argparse.ArgumentParser:
-    """Parser showing ``doc``: the ``common`` options (data, set, out, skip), ``plain`` ones typed by their default."""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str | argparse.ArgumentParser, *common: str, **plain) -> argparse.ArgumentParser:
+    """A parser showing ``doc`` (or ``doc`` itself, a parser) with the ``common`` options (data, set, out, skip) and
+    ``plain`` ones, each ``name=default`` or ``name=(default, help[, metavar])``: typed by the default; a type: that
+    type, default None; ``...``: a required string; False: a flag; a list: repeatable (KEY=VALUE)."""
+    p = doc if isinstance(doc, argparse.ArgumentParser) else argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, kw in (("data", {"help": "jets file (default: synthetic jets, 10-30 particles)"}),
                      ("set", {"action": "append", "default": [], "metavar": "KEY=VALUE", "help": "config override"}),
                      ("out", {"metavar": "DIR", "help": "write results.json and results.md there"}),
                      ("skip", {"default": set(), "type": lambda v: set(v.split(",")), "help": "parts to leave out"})):
         if name in common:
             p.add_argument(f"--{name}", **kw)
-    for name, default in plain.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    for name, value in plain.items():
+        default, *text = value if isinstance(value, tuple) else (value,)
+        kw = ({"type": default, "default": None} if isinstance(default, type) else
+              {"required": True} if default is ... else
+              {"action": "store_true"} if default is False else
+              {"action": "append", "default": [], "metavar": "KEY=VALUE"} if isinstance(default, list) else
+              {"type": type(default), "default": default})
+        p.add_argument("--" + name.replace("_", "-"), **{**kw, **dict(zip(("help", "metavar"), text))})
     return p
 
 
