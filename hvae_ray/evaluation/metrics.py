@@ -12,7 +12,8 @@ PRD 107, 076017 (2023), arXiv:2211.10295:
 
 Jets are padded arrays (N, P, 3) = (η_rel, φ_rel, pT_rel) with an optional (N, P) mask, as in
 :mod:`hvae_ray.evaluation.efp`. ``tests/evaluation/test_jetnet_parity.py`` holds every function here
-to jetnet's own numbers on the same jets (``benchmarks/jetnet_parity.py`` makes that fixture).
+to jetnet's own numbers on the same jets (``tests/fixtures/jetnet_parity/make_fixture.py`` makes
+that fixture).
 
 Every metric is quoted together with a floor: the same metric between two disjoint halves of the real
 set (``evaluate_generation``). Values of all metrics grow as the samples shrink, so compare a model's

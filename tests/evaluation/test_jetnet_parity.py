@@ -1,6 +1,6 @@
 """Our generation metrics against jetnet 0.2.5's own numbers on the same jets.
 
-The fixture under tests/fixtures/jetnet_parity/ was made by ``benchmarks/jetnet_parity.py``: the
+The fixture under tests/fixtures/jetnet_parity/ was made by its ``make_fixture.py``: the
 inputs by hvae-ray's generator (q jets of two seeds, g jets, and q jets with pT_rel smeared), the
 reference by the real jetnet 0.2.5 / energyflow 1.4 in a side environment.
 """
