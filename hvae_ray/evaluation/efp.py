@@ -266,8 +266,7 @@ def efps(
             theta_pow[w] = theta_pow[w - 1] * theta
         for c, i in col.items():
             values[sl, i] = _connected_efp(c, z, theta_pow, einsum)
-    if einsum is not None:
-        values = values.cpu().numpy()
+    values = values if einsum is None else values.cpu().numpy()
     out = np.ones((n_jets, len(graphs)))
     for k, comps in enumerate(decomposed):
         if not comps:  # no edges: the one-vertex graph, Σ_i z_i
