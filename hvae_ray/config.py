@@ -73,7 +73,7 @@ class Config:
     objective_kl_weight: float = 1.0e-4
     particle_loss: str = "slot"
     objective: str = "reconstruction"
-    generation_every: int = 1
+    generation_every: int = 2
     generation_jets: int = 5000
     generation_prior: str = "fitted"
     max_kl: float = 1000.0

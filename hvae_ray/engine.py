@@ -53,9 +53,10 @@ CHECKPOINT_FILE = "checkpoint.pt"
 # The fidelity targets (generated vs held-out q jets): val_generation is the mean ratio to them.
 GENERATION_TARGETS = {"val_w1m": 4e-3, "val_w1p": 4e-3, "val_fpd": 1e-2}
 GENERATION_KEYS = (*GENERATION_TARGETS, "val_generation")
-#: Jets per chunk of the score's EFPs (at least): (chunk, 30, 30) float64 powers of θ, ~60 MB at 2,048,
-#: well within a validation batch's activations; fewer chunks, fewer small kernel launches.
-EFP_CHUNK = 2048
+#: Jets per chunk of the score's EFPs (at least): fewer chunks, fewer small kernel launches. Its (chunk, 30, 30)
+#: float64 powers of θ and einsum intermediates take ~30 MB at 512, within even a 64-jet validation batch's
+#: activations, which the trial's GPU share is sized by (2,048 raised the default config's peak by ~80 MiB).
+EFP_CHUNK = 512
 # The validation metric that picks best/ for each ``objective``; fit reports its best as "best_<metric>".
 OBJECTIVE_METRICS = {"reconstruction": "val_objective", "generation": "val_generation"}
 POSTFIX_EVERY = 20  # progress-bar refresh (one host sync) every this many steps

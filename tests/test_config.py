@@ -36,7 +36,7 @@ def test_defaults_are_the_documented_ones():
             cfg.loss_weights.hyperedge_features, cfg.loss_weights.topology,
             cfg.loss_weights.jet_features) == (1.0, 0.5, 0.3, 0.1, 0.0)
     assert (cfg.particle_loss, cfg.objective) == ("slot", "reconstruction")
-    assert (cfg.generation_every, cfg.generation_jets) == (1, 5000)
+    assert (cfg.generation_every, cfg.generation_jets) == (2, 5000)
     assert cfg.batch_size == 8
     assert cfg.gradient_accumulation_steps == 4
     assert cfg.epochs == 300
