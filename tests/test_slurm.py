@@ -77,7 +77,7 @@ def test_sbatch_runs_a_sweep_on_ray_started_by_srun(slurm, tmp_path, sweep_file,
 
     # Ray was started with the GPU that Slurm allocated on the node (SLURM_GPUS_ON_NODE), and the
     # sweep ran on that Ray: its experiment is in the job's storage directory.
-    assert re.search(r"\b0(\.0)?/1(\.0)? GPU\b", log), log[-6000:]
+    assert re.search(r"\b0(\.0)?/1(\.0)? GPUs?\b", log), log[-6000:]  # Tune: "0/1 GPUs", Ray: "0.0/1.0 GPU"
     found = re.findall(r"^experiment: (\S+)$", log, flags=re.M)
     assert found and Path(found[-1]) == storage / "on_slurm", log[-6000:]
 
