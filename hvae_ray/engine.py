@@ -70,7 +70,6 @@ class GenerationReference:
     mass: torch.Tensor
     particles: torch.Tensor
     efps: np.ndarray
-    efp_device: torch.device | None  # where the EFPs are computed: the GPU, or None (numpy)
 
 
 @dataclass
@@ -593,12 +592,12 @@ class Trainer:
         a validation pass's, which the trial's GPU share is sized by; the W1s are taken there too
         (:func:`~hvae_ray.evaluation.metrics.wasserstein_1d`).
         """
-        from hvae_ray.evaluation.efp import efps, jet_mass
+        from hvae_ray.evaluation.efp import jet_mass
         from hvae_ray.evaluation.metrics import fpd, wasserstein_1d
 
         ref = self._generation_reference()
-        n, size, efp_device = len(ref.mass), self._generation_batch(), ref.efp_device
-        gen_p, gen_m = self._generated_jets(n, size)
+        n = len(ref.mass)
+        gen_p, gen_m = self._generated_jets(n, self._generation_batch())
         if gen_p is None or not np.isfinite(gen_p).all():
             return {k: math.inf for k in GENERATION_KEYS}
         gen_mass = torch.as_tensor(jet_mass(gen_p, gen_m), device=self.device)
@@ -606,7 +605,7 @@ class Trainer:
         out = {"val_w1m": wasserstein_1d(ref.mass, gen_mass),
                "val_w1p": float(np.mean([wasserstein_1d(ref.particles[:, f], gen_parts[:, f])
                                          for f in range(gen_p.shape[-1])]))}
-        gen_efps = efps(gen_p, gen_m, chunk_size=max(size, EFP_CHUNK), device=efp_device)
+        gen_efps = self._score_efps(gen_p, gen_m)
         if np.isfinite(gen_efps).all() and n >= 4:
             out["val_fpd"] = float(fpd(ref.efps, gen_efps, min_samples=max(2, n // 2), max_samples=n,
                                        num_batches=4, num_points=4, seed=self.cfg.seed)[0])
@@ -618,20 +617,25 @@ class Trainer:
     def _generation_batch(self) -> int:
         return validation_batch_size(self.cfg) if self.device.type == "cuda" else 1024
 
+    def _score_efps(self, particles: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """The score's EFPs: on a GPU with torch in chunks of at least :data:`EFP_CHUNK`; numpy on a CPU."""
+        from hvae_ray.evaluation.efp import efps
+
+        cuda = self.device.type == "cuda"  # numpy is the faster on a CPU
+        return efps(particles, mask, chunk_size=max(self._generation_batch(), EFP_CHUNK),
+                    device=self.device if cuda else None)
+
     def _generation_reference(self) -> GenerationReference:
         """The validation side of :meth:`generation_metrics`, made on the first call: the first
         ``generation_jets`` validation jets' masses, real particles (on the run's device) and EFPs."""
         if self._generation_ref is None:
-            from hvae_ray.evaluation.efp import efps, jet_mass
+            from hvae_ray.evaluation.efp import jet_mass
 
             val = self.splits.sample.subset(self.splits.val[: self.cfg.generation_jets])
-            efp_device = self.device if self.device.type == "cuda" else None  # numpy is the faster on a CPU
             self._generation_ref = GenerationReference(
                 mass=torch.as_tensor(jet_mass(val.particles, val.mask), device=self.device),
                 particles=torch.as_tensor(val.particles[val.mask], device=self.device),
-                efps=efps(val.particles, val.mask, chunk_size=max(self._generation_batch(), EFP_CHUNK),
-                          device=efp_device),
-                efp_device=efp_device)
+                efps=self._score_efps(val.particles, val.mask))
         return self._generation_ref
 
     def _generated_jets(self, n: int, size: int) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -137,7 +137,8 @@ def wasserstein_1d(u, v) -> float:
     particles of a few thousand jets take milliseconds instead of scipy's tens of."""
     import torch
 
-    u, v = torch.as_tensor(u).double(), torch.as_tensor(v).double().to(torch.as_tensor(u).device)
+    u = torch.as_tensor(u).double()
+    v = torch.as_tensor(v, device=u.device).double()
     if u.numel() < 1 or v.numel() < 1:
         raise ValueError("W1 needs at least one value in each sample")
     merged = torch.sort(torch.cat([u, v])).values
