@@ -53,18 +53,25 @@ def train(config: Config | str | Path | None = None, data_path: str | Path | Non
     if overrides:
         cfg = cfg.with_overrides(overrides)
     save_dir = Path(save_dir)
-    if not resume and (save_dir / "last" / CHECKPOINT_FILE).exists():
-        raise DataError(f"{save_dir}: holds a previous run; continue it with `resume=True` or choose "
-                        "another `save_dir`")
+    from hvae_ray.io_safe import hold
     from hvae_ray.outputs import check_output_dir
 
+    def previous_run() -> None:
+        if not resume and (save_dir / "last" / CHECKPOINT_FILE).exists():
+            raise DataError(f"{save_dir}: holds a previous run; continue it with `resume=True` or choose "
+                            "another `save_dir`")
+
+    previous_run()
     check_output_dir(save_dir, "save folder")
     if log_dir is not None:
         check_output_dir(log_dir, "TensorBoard folder")
-    sample = load_jets(resolve_data(data_path, progress))
-    log_dir = Path(log_dir) if log_dir is not None else save_dir / "tb"
-    return fit(cfg, sample, save_dir=save_dir, log_dir=log_dir, resume=resume, progress=progress,
-               save_test_indices=save_test_indices, callbacks=callbacks)
+    # One run per save folder: a second run on it (or one resuming it) is refused while this one lives.
+    with hold(save_dir, "save folder"):
+        previous_run()  # a run that took the folder while this one started
+        sample = load_jets(resolve_data(data_path, progress))
+        log_dir = Path(log_dir) if log_dir is not None else save_dir / "tb"
+        return fit(cfg, sample, save_dir=save_dir, log_dir=log_dir, resume=resume, progress=progress,
+                   save_test_indices=save_test_indices, callbacks=callbacks)
 
 
 #: Jets decoded and written per chunk by ``sample``: bounds its memory whatever ``n_jets`` is.
@@ -100,8 +107,8 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
 
     _check_sample_args(n_jets, prior, posterior_of, temperature)
     out = check_output_file(out, overwrite=overwrite, suffix=".npz")
-    n_bytes = n_jets * MAX_PARTICLES * 4 * 4  # float32 (N, 30, 4)
-    check_free_space(out.parent, 2 * n_bytes + 2**20, f"sampling {n_jets} jets")  # array + archive
+    n_bytes = n_jets * MAX_PARTICLES * 4 * 4  # float32 (N, 30, 4), streamed into the archive
+    check_free_space(out.parent, n_bytes + n_bytes // 500 + 2**20, f"sampling {n_jets} jets")  # + zip's worst case
     model, normaliser, cfg = model_from_checkpoint(load_checkpoint(checkpoint), where=str(checkpoint))
     dev = resolve_device(device)
     decoder = _JetDecoder(model.to(dev), normaliser, cfg, dev)
@@ -160,33 +167,37 @@ class _JetDecoder:
 
 
 def _write_particle_features(out: Path, n_jets: int, seed: int, decode_chunk: _JetDecoder, progress: bool) -> None:
-    """Decode ``n_jets`` jets chunk by chunk into a memory-mapped (N, 30, 4) array, then into ``out``."""
+    """Decode ``n_jets`` jets chunk by chunk, each streamed into the archive's (N, 30, 4) array as it is
+    decoded (memory stays one chunk); the archive is written through :func:`hvae_ray.io_safe.atomic_write`.
+    A write that fails (full disk, read-only folder) is one DataError line; nothing is left behind."""
     import zipfile
 
     from tqdm.auto import tqdm
 
     from hvae_ray.data.jets import MAX_PARTICLES
+    from hvae_ray.io_safe import atomic_write, write_failed
 
-    tmp_npy = out.with_name(f".{out.name}.particle_features.npy")
-    tmp_npz = out.with_name(out.name + ".tmp.npz")
-    try:
-        arr = np.lib.format.open_memmap(tmp_npy, mode="w+", dtype=np.float32, shape=(n_jets, MAX_PARTICLES, 4))
-        with tqdm(total=n_jets, unit="jet", desc="sampling", disable=not progress, leave=False) as bar:
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf, \
+                zf.open("particle_features.npy", "w", force_zip64=True) as member, \
+                tqdm(total=n_jets, unit="jet", desc="sampling", disable=not progress, leave=False) as bar:
+            np.lib.format.write_array_header_1_0(
+                member, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                         "shape": (n_jets, MAX_PARTICLES, 4)})
             for k, start in enumerate(range(0, n_jets, SAMPLE_CHUNK)):
                 b = min(SAMPLE_CHUNK, n_jets - start)
                 chunk_seed = seed if k == 0 else int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
                 particles, mask = decode_chunk(start, b, chunk_seed)
-                arr[start:start + b, :, :3] = particles
-                arr[start:start + b, :, 3] = mask
+                arr = np.empty((b, MAX_PARTICLES, 4), dtype=np.float32)
+                arr[:, :, :3] = particles
+                arr[:, :, 3] = mask
+                member.write(arr.tobytes())
                 bar.update(b)
-        arr.flush()
-        del arr
-        with zipfile.ZipFile(tmp_npz, "w", compression=zipfile.ZIP_DEFLATED, allowZip64=True) as zf:
-            zf.write(tmp_npy, arcname="particle_features.npy")
-        tmp_npz.replace(out)
-    finally:
-        tmp_npy.unlink(missing_ok=True)
-        tmp_npz.unlink(missing_ok=True)
+
+    try:
+        atomic_write(out, write)
+    except OSError as e:
+        raise write_failed(out, e) from None
 
 
 def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, kind: str = "gmm",
@@ -295,6 +306,7 @@ SWEEP_FUNCTIONS = {
     "export_trials": ("hvae_ray.sweep.trials", "export"),
     "format_trials": ("hvae_ray.sweep.trials", "format_table"),
     "sweep_metric": ("hvae_ray.sweep.trials", "sweep_metric"),
+    "sign_experiment": ("hvae_ray.sweep.tune", "sign_experiment"),
 }
 
 

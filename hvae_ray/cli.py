@@ -110,25 +110,39 @@ def cmd_sweep_run(a: argparse.Namespace) -> int:
     return _report_sweep(res)
 
 
+#: The experiment a sweep command announced (for the resume hint if it is interrupted before its end).
+_announced: list[Path] = []
+
+
 def _announce_sweep(experiment_dir: Path) -> None:
+    _announced.append(experiment_dir)
     print(f"experiment: {experiment_dir}\nwatch it:   tensorboard --logdir {experiment_dir}", flush=True)
 
 
 def _report_sweep(res) -> int:
-    """The sweep's end: its trials, and 130 with the resume command when it was interrupted."""
+    """The sweep's end: its trials, and 130 (143 after SIGTERM) with the resume command when it was
+    interrupted."""
+    import signal
+
     print(f"experiment: {res.experiment_dir}")
     print(f"trials: {res.summary()}")
     if res.interrupted:
         for kind, ids in res.outcome().items():
             print(f"  {kind}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
         print(f"interrupted; continue with: hvae-ray sweep resume {res.experiment_dir}")
-        return 130
+        return 143 if res.signal == signal.SIGTERM else 130
     print(f"inspect: hvae-ray trials {res.experiment_dir}")
     return 0
 
 
 def cmd_sweep_resume(a: argparse.Namespace) -> int:
     return _report_sweep(api.resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep))
+
+
+def cmd_sweep_sign(a: argparse.Namespace) -> int:
+    files = api.sign_experiment(a.experiment_dir)
+    print(f"signed {len(files)} files of {a.experiment_dir} with your key; `sweep resume` will load them")
+    return 0
 
 
 def cmd_trials(a: argparse.Namespace) -> int:
@@ -258,6 +272,10 @@ def _add_sweep(sub) -> None:
     rs.add_argument("experiment_dir", help="the folder `sweep run` printed")
     rs.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
     rs.set_defaults(func=cmd_sweep_resume)
+    sg = sw.add_parser("sign", help="trust an experiment's saved state as it is now (resume refuses state "
+                                    "your own sweeps did not sign)")
+    sg.add_argument("experiment_dir", help="the folder `sweep run` printed")
+    sg.set_defaults(func=cmd_sweep_sign)
 
 
 def _add_trials(sub) -> None:
@@ -296,9 +314,11 @@ def main(argv: list[str] | None = None) -> int:
     except HvaeError as e:
         print(f"hvae-ray: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         print("hvae-ray: interrupted", file=sys.stderr)
-        return 130
+        if _announced:
+            print(f"continue with: hvae-ray sweep resume {_announced[-1]}", file=sys.stderr)
+        return 143 if type(e).__name__ == "Terminated" else 130
 
 
 if __name__ == "__main__":

@@ -19,3 +19,11 @@ class DataError(HvaeError):
 
 class TrainingDiverged(HvaeError):
     """The loss turned NaN/inf or the KL ran away; the last good checkpoint is kept."""
+
+
+class FolderInUse(HvaeError):
+    """A save folder or experiment that another run holds (its lock names the holder)."""
+
+
+class ResumeRefused(HvaeError):
+    """An experiment whose saved state cannot be shown to be this user's own: resuming it could run code."""

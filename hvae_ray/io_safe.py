@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
+from hvae_ray.errors import DataError, FolderInUse
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -46,6 +48,17 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], object], mode: in
     return path
 
 
+def write_failed(path: str | Path, exc: OSError) -> DataError:
+    """The one line for an output that could not be written (a full disk, a read-only folder, a file-size
+    limit): :func:`atomic_write` has removed its temporary file and left ``path`` as it was."""
+    import errno
+
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        reason += " (free some space, or write elsewhere)"
+    return DataError(f"{path}: could not write it: {reason}; nothing was written there")
+
+
 def atomic_write_bytes(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
     return atomic_write(path, lambda f: f.write(data), mode)
 
@@ -65,3 +78,134 @@ def atomic_copy(src: str | Path, dst: str | Path) -> Path:
 def _copy_stream(src: BinaryIO, dst: BinaryIO, chunk: int = 1 << 20) -> None:
     while block := src.read(chunk):
         dst.write(block)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One run per folder
+
+#: The lock file a running command keeps in the folder it writes (a save folder, an experiment).
+LOCK_FILE = ".hvae-ray.lock"
+
+_held: dict[str, int] = {}  # folders this process holds: resolved path -> the lock file's descriptor
+
+
+def _holder_text() -> str:
+    import json
+    import socket
+    import time
+
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}) + "\n"
+
+
+def _describe_holder(raw: bytes) -> str:
+    """``pid N on HOST since TIME`` from a lock file's record (its fields cut short: the file is not ours)."""
+    import json
+
+    try:
+        info = json.loads(raw[:4096].decode("utf-8"))
+        host, pid, started = (str(info.get(k, "?"))[:80] for k in ("host", "pid", "started"))
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return "another process (its lock record is unreadable)"
+    return f"pid {pid} on {host} since {started}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _stale(raw: bytes) -> bool:
+    """A record of a process on this host that no longer runs (for file systems without locks)."""
+    import json
+    import socket
+
+    try:
+        info = json.loads(raw[:4096].decode("utf-8"))
+        return info["host"] == socket.gethostname() and not _pid_alive(int(info["pid"]))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def acquire(folder: str | Path, what: str = "folder") -> Path:
+    """Hold ``folder`` for this process: an advisory ``flock`` on ``folder/.hvae-ray.lock`` (released by
+    the kernel when the process ends, however it ends; Linux maps it onto NFS's byte-range locks), the
+    file recording host, PID and start time for whoever is refused. Raises :class:`FolderInUse` (one line
+    naming the holder) when another run holds it. Where the file system offers no locks, a record of a
+    live process on this host holds the folder and a dead one's record is taken over. Returns the lock
+    file; :func:`release` lets go (the process's end does too)."""
+    import errno
+    import fcntl
+
+    folder = Path(folder)
+    key = str(folder.resolve())
+    if key in _held:
+        raise FolderInUse(f"{folder}: this {what} is already in use by this process")
+    path = folder / LOCK_FILE
+    for _ in range(10):
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0),
+                     0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise FolderInUse(f"{folder}: this {what} is in use by {_describe_holder(_read_fd(fd))}; "
+                                     "wait for that run to end (or stop it)") from None
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                locked = False  # no locks here: the record alone decides
+            if not locked:
+                raw = _read_fd(fd)
+                if raw.strip() and not _stale(raw):
+                    raise FolderInUse(f"{folder}: this {what} is in use by {_describe_holder(raw)}; wait for "
+                                     f"that run to end, or remove {path} if it has")
+            # The file may have been removed (and another made) between open and lock: hold it only if
+            # the path still names the file this descriptor locked.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_text().encode(), 0)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        _held[key] = fd
+        return path
+    raise FolderInUse(f"{folder}: could not take this {what}'s lock ({path} keeps changing)")
+
+
+def _read_fd(fd: int) -> bytes:
+    return os.pread(fd, 4096, 0)
+
+
+def release(folder: str | Path) -> None:
+    """Let go of a folder :func:`acquire` took (the record is emptied, the file stays: removing it would
+    let a waiting process lock a file no longer in the folder)."""
+    fd = _held.pop(str(Path(folder).resolve()), None)
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def hold(folder: str | Path, what: str = "folder"):
+    """:func:`acquire` for the ``with`` block."""
+    acquire(folder, what)
+    try:
+        yield
+    finally:
+        release(folder)

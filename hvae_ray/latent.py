@@ -287,15 +287,14 @@ PRIOR_KINDS = ("flow", "gmm")
 def save_prior(checkpoint_dir: str | Path, prior: GaussianMixture | FlowPrior, meta: dict[str, int | float | str]
                ) -> Path:
     """Write the prior beside the checkpoint (atomic). ``meta`` records how it was fitted."""
+    from hvae_ray.io_safe import atomic_write
+
     path = Path(checkpoint_dir) / PRIOR_FILE
-    tmp = path.with_suffix(".tmp")
     if isinstance(prior, FlowPrior):
         state = {"kind": "flow", **prior.to_state()}
     else:
         state = {"kind": "gaussian_mixture", **prior.state_dict()}
-    torch.save({**state, "meta": dict(meta)}, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_write(path, lambda f: torch.save({**state, "meta": dict(meta)}, f))
 
 
 def load_prior(checkpoint_dir: str | Path, latent_dim: int) -> GaussianMixture | FlowPrior:

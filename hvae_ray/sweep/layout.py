@@ -169,9 +169,10 @@ class SweepState:
             raise DataError(f"{where}: incomplete sweep state ({e})") from e
 
     def write(self) -> Path:
-        path = Path(self.experiment_dir) / SWEEP_FILE
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str))
-        return path
+        from hvae_ray.io_safe import atomic_write_text
+
+        return atomic_write_text(Path(self.experiment_dir) / SWEEP_FILE,
+                                 json.dumps(self.to_dict(), indent=2, default=str))
 
 
 def is_experiment(experiment_dir: str | Path) -> bool:

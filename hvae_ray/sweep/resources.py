@@ -135,15 +135,13 @@ def _read_json(path) -> dict:
 def _write_cache(path, key: str, result: dict) -> None:
     """Atomic update (a rename), so concurrent sweeps never read half a file."""
     import json
-    import os
+
+    from hvae_ray.io_safe import atomic_write_text
 
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = _read_json(path)
         data[key] = result
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=1))
     except OSError:
         pass  # a read-only cache only costs the next sweep another measurement
 

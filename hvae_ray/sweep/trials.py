@@ -254,18 +254,22 @@ def export(table: pa.Table, path: str | Path, overwrite: bool = False) -> Path:
         raise ConfigError(f"{path}: export must end in .parquet or .csv")
     if path.exists() and not overwrite:
         raise DataError(f"{path}: already exists; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    from hvae_ray.io_safe import atomic_write, write_failed
+
     if path.suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        pq.write_table(table, tmp)
+        def write(f) -> None:
+            pq.write_table(table, f)
     else:
         import pyarrow.csv as pacsv
 
-        pacsv.write_csv(table, tmp)
-    tmp.replace(path)
-    return path
+        def write(f) -> None:
+            pacsv.write_csv(table, f)
+    try:
+        return atomic_write(path, write)
+    except OSError as e:
+        raise write_failed(path, e) from None
 
 
 #: The columns ``format_table`` shows by default, around the searched parameters.

@@ -28,6 +28,7 @@ from hvae_ray.sweep.layout import (
     train_storage,
     trial_dirname,
 )
+from hvae_ray.sweep.signing import Signer, verify
 from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
 
 #: Trial-table statuses by what they mean for the sweep as a whole.
@@ -42,6 +43,7 @@ class SweepResult:
     experiment_dir: Path
     results: Any  # ray.tune.ResultGrid
     expected_trials: int | None = None
+    signal: int | None = None  # the signal that stopped the sweep (SIGINT, SIGTERM), if one did
 
     @cached_property
     def table(self):
@@ -121,7 +123,20 @@ def storage_root(storage: str) -> Path:
     if "://" in storage and not storage.startswith("file://"):
         raise ConfigError(f"storage '{storage}': must be a filesystem path (local disk or a shared mount "
                           "such as NFS/EFS on every node), not an object-store URI")
-    return Path(storage.removeprefix("file://")).expanduser().resolve()
+    root = Path(storage.removeprefix("file://")).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"storage '{storage}': is a file; storage must be a folder")
+    return root
+
+
+def experiment_path(storage: str, name: str) -> Path:
+    """``<storage>/<name>``, with ``name`` a plain folder name: nothing written outside ``storage``."""
+    root = storage_root(storage)
+    if (not isinstance(name, str) or not name or len(name) > 200 or name.startswith(".")
+            or any(c in name for c in "/\\\0") or Path(name).name != name):
+        raise ConfigError(f"`name` must be a plain folder name (no '/', not starting with '.'), got "
+                          f"{name[:80]!r}" if isinstance(name, str) else "`name` must be a string")
+    return root / name
 
 
 def ray_init(address: str | None, **local: Any):
@@ -230,6 +245,7 @@ def _tuner(spec: SweepSpec, state: SweepState):
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    from hvae_ray.sweep.driver import SignState
     from hvae_ray.sweep.hparams import TrialOutcomeCallback
 
     _no_tune_tensorboard()
@@ -246,7 +262,8 @@ def _tuner(spec: SweepSpec, state: SweepState):
         run_config=ray.tune.RunConfig(name=state.name, storage_path=state.storage,
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
-                                                 TrialOutcomeCallback(spec, state.experiment_dir)],
+                                                 TrialOutcomeCallback(spec, state.experiment_dir),
+                                                 SignState(state.experiment_dir)],
                                       stop={DIVERGED: 1.0}, verbose=1),
     )
 
@@ -278,26 +295,46 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
     ``num_samples``, ``scheduler.max_t``, ...). ``on_start(experiment_dir)`` is called once the
     experiment directory exists, before the first trial. Returns the experiment directory and Tune's
     results."""
+    from hvae_ray.io_safe import hold
+
     spec = load_sweep(sweep, overrides)
     storage = storage or spec.storage
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    exp = storage_root(storage) / name
-    if is_experiment(exp):  # checked before any data is generated or measured
-        raise ConfigError(f"{exp}: an experiment of this name exists; resume it (`resume_sweep`) or choose "
-                          "another `name`")
+    exp = experiment_path(storage, name)  # storage a folder, the experiment inside it: before Ray starts
+
+    def exists() -> None:
+        if is_experiment(exp):
+            raise ConfigError(f"{exp}: an experiment of this name exists; resume it (`resume_sweep`) or "
+                              "choose another `name`")
+
+    exists()  # checked before any data is generated or measured
     state = _prepare(spec, name, storage)
-    ray_init(address)
-    if address is None and state.gpu_share > 0 and not _local_gpus():
-        # A share of a GPU that this machine does not have would leave every trial waiting for ever.
-        print("no GPU on this machine: the trials train on its CPUs (the sweep's GPU share is not used)",
-              file=sys.stderr)
-        state = state.on_cpus()
-    Path(state.experiment_dir).mkdir(parents=True, exist_ok=True)
-    state.write()
-    if on_start is not None:
-        on_start(Path(state.experiment_dir))
-    results = _tuner(spec, state).fit()
-    return SweepResult(Path(state.experiment_dir), results, spec.expected_trials())
+    try:
+        exp.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{exp}: cannot create the experiment folder: {e.strerror}") from None
+    with hold(exp, "experiment"):  # one driver per experiment, until its sweep ends
+        exists()  # another driver made it meanwhile
+        ray_init(address)
+        if address is None and state.gpu_share > 0 and not _local_gpus():
+            # A share of a GPU that this machine does not have would leave every trial waiting for ever.
+            print("no GPU on this machine: the trials train on its CPUs (the sweep's GPU share is not used)",
+                  file=sys.stderr)
+            state = state.on_cpus()
+        state.write()
+        if on_start is not None:
+            on_start(exp)
+        from hvae_ray.sweep.driver import stop_on_signals
+
+        signer = Signer(exp)
+        with stop_on_signals() as stopped:
+            try:
+                tuner = _tuner(spec, state)
+                signer.sign()  # tuner.pkl
+                results = tuner.fit()
+            finally:
+                signer.sign()
+    return SweepResult(exp, results, spec.expected_trials(), stopped.signal)
 
 
 def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
@@ -306,15 +343,42 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
     last checkpoint (their Ray Train runs restore from ``_train/<trial_id>``), errored ones retry."""
     import ray.tune
 
+    from hvae_ray.io_safe import hold
+
     exp = Path(experiment_dir).resolve()
     state = read_sweep_state(exp)
     spec = from_raw(state.raw, state.source)
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
-    ray_init(address)
-    _no_tune_tensorboard()
-    if on_start is not None:
-        on_start(exp)
-    tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(state, spec), resume_unfinished=True,
-                                   resume_errored=True, restart_errored=False, param_space=search_space(spec))
-    return SweepResult(exp, tuner.fit(), spec.expected_trials())
+    with hold(exp, "experiment"):  # not while its sweep (or another resume) still runs
+        verify(exp)  # before Ray unpickles any of it
+        ray_init(address)
+        _no_tune_tensorboard()
+        if on_start is not None:
+            on_start(exp)
+        from hvae_ray.sweep.driver import stop_on_signals
+
+        signer = Signer(exp)
+        with stop_on_signals() as stopped:
+            try:
+                tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(state, spec), resume_unfinished=True,
+                                               resume_errored=True, restart_errored=False,
+                                               param_space=search_space(spec))
+                results = tuner.fit()
+            finally:
+                signer.sign()
+    return SweepResult(exp, results, spec.expected_trials(), stopped.signal)
+
+
+def sign_experiment(experiment_dir: str | Path) -> list[Path]:
+    """Sign, with this user's key, the files of an experiment that Ray unpickles on resume, as they are
+    now (``sweep.signing``): for an experiment its sweep could not sign (a driver killed the moment
+    Tune saved its state) whose folder only you can write. Returns the files."""
+    from hvae_ray.io_safe import hold
+    from hvae_ray.sweep.signing import loaded_files
+
+    exp = Path(experiment_dir).resolve()
+    read_sweep_state(exp)
+    with hold(exp, "experiment"):
+        Signer(exp).sign()
+        return loaded_files(exp)

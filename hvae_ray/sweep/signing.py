@@ -1,0 +1,158 @@
+"""Signed resume: every file Ray Tune unpickles when it resumes a sweep carries an HMAC of its owner's key.
+
+Resuming with Ray Tune unpickles files of the experiment folder (``tuner.pkl``, the experiment state,
+whose JSON embeds pickles, the search-algorithm and callback states, a failed trial's ``error.pkl``).
+On a shared folder anyone who can write there could plant one that runs code as whoever resumes. So
+the driver that writes them signs them: an HMAC-SHA256 of each file's name and bytes, with a key kept
+in the user's config folder (``~/.config/hvae-ray/resume.key``, mode 0600, made on first use), recorded
+in ``<experiment>/.hvae-ray-signatures.json``. ``sweep resume`` checks every such file before Ray reads
+any of them and refuses, in one line, when one is missing from the record or does not match it.
+
+The driver signs after each step of Tune's loop (where Tune saves its state) and when the sweep ends,
+however it ends. Trials' Ray Train runs (``_train/``) keep their state as JSON and are not signed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+from pathlib import Path
+
+from hvae_ray.errors import ResumeRefused
+
+SIGNATURES = ".hvae-ray-signatures.json"
+KEY_FILE = "resume.key"
+#: Files at the experiment's top that Ray Tune loads with (cloud)pickle on resume, by name pattern;
+#: besides these, every ``*.pkl`` outside ``_train/`` (a trial's ``error.pkl``, ``params.pkl``).
+TOP_PATTERNS = ("tuner.pkl", "experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
+                "searcher-state-*.pkl", "callback-states-*.pkl")
+_DOMAIN = b"hvae-ray resume v1\0"
+
+
+def config_dir() -> Path:
+    """The user's own config folder: ``$XDG_CONFIG_HOME/hvae-ray`` (default ``~/.config/hvae-ray``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "hvae-ray"
+
+
+def key() -> bytes:
+    """The user's signing key, made (32 random bytes, mode 0600) on first use."""
+    from hvae_ray.io_safe import atomic_write_bytes
+
+    path = config_dir() / KEY_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(path, os.urandom(32).hex().encode(), mode=0o600)
+        return key()
+    except OSError as e:
+        raise ResumeRefused(f"{path}: cannot read the resume key: {e.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if st.st_mode & 0o077:
+            raise ResumeRefused(f"{path}: the resume key is readable by others (mode "
+                                f"{st.st_mode & 0o777:o}); make it 0600 (chmod 600 {path})")
+        raw = f.read(200).strip()
+    try:
+        secret = bytes.fromhex(raw.decode("ascii"))
+    except (UnicodeDecodeError, ValueError):
+        secret = b""
+    if len(secret) < 16:
+        raise ResumeRefused(f"{path}: not a resume key (remove it: a new one is made, and sweeps signed with the "
+                            "old one can no longer be resumed)")
+    return secret
+
+
+def _mac(secret: bytes, rel: str, data: bytes) -> str:
+    return hmac.new(secret, _DOMAIN + rel.encode("utf-8") + b"\0" + data, hashlib.sha256).hexdigest()
+
+
+def loaded_files(experiment_dir: str | Path) -> list[Path]:
+    """The files of an experiment that Ray Tune may unpickle on resume (see the module)."""
+    exp = Path(experiment_dir)
+    found = {p for pattern in TOP_PATTERNS for p in exp.glob(pattern)}
+    for p in exp.rglob("*.pkl"):
+        rel = p.relative_to(exp).parts
+        if rel[0] != "_train":
+            found.add(p)
+    return sorted(p for p in found if not p.is_dir())
+
+
+def _read_record(exp: Path) -> dict[str, str]:
+    f = exp / SIGNATURES
+    try:
+        data = json.loads(f.read_bytes()[: 64 * 1024 * 1024])
+        files = data["files"]
+        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+class Signer:
+    """Signs an experiment's pickled state as the driver writes it; kept picklable (Tune stores its
+    callbacks), the key read when first needed."""
+
+    def __init__(self, experiment_dir: str | Path):
+        self.experiment_dir = str(experiment_dir)
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def __getstate__(self):
+        return {"experiment_dir": self.experiment_dir, "_seen": {}}
+
+    def sign(self) -> None:
+        """Sign every file Ray may unpickle that changed since the last call."""
+        from hvae_ray.io_safe import atomic_write_text
+
+        exp = Path(self.experiment_dir)
+        record = _read_record(exp)
+        secret = key()
+        changed = False
+        for p in loaded_files(exp):
+            rel = p.relative_to(exp).as_posix()
+            try:
+                st = os.stat(p, follow_symlinks=False)
+                if not p.is_file() or p.is_symlink():
+                    continue
+                stamp = (st.st_mtime_ns, st.st_size)
+                if self._seen.get(rel) == stamp and rel in record:
+                    continue
+                data = p.read_bytes()
+            except OSError:
+                continue
+            mac = _mac(secret, rel, data)
+            self._seen[rel] = stamp
+            if record.get(rel) != mac:
+                record[rel], changed = mac, True
+        if changed:
+            atomic_write_text(exp / SIGNATURES, json.dumps({"version": 1, "files": record}, indent=0), mode=0o644)
+
+
+def verify(experiment_dir: str | Path) -> None:
+    """ResumeRefused (one line) unless every file Ray may unpickle on resume is a regular file whose bytes
+    match the record signed with this user's key."""
+    exp = Path(experiment_dir)
+    files = loaded_files(exp)
+    if not files:
+        return
+    record = _read_record(exp)
+    secret = key()
+    for p in files:
+        rel = p.relative_to(exp).as_posix()
+        why = None
+        if p.is_symlink() or not p.is_file():
+            why = "is not a regular file"
+        elif rel not in record:
+            why = "is not signed with your key (your sweeps sign what they write)"
+        else:
+            try:
+                ok = hmac.compare_digest(_mac(secret, rel, p.read_bytes()), record[rel])
+            except OSError as e:
+                raise ResumeRefused(f"{p}: cannot read it: {e.strerror}") from None
+            if not ok:
+                why = "changed since your sweep signed it"
+        if why:
+            raise ResumeRefused(f"{p}: {why}; not resuming, since Ray would unpickle it (run code from it). "
+                                f"If you trust it, sign it with: hvae-ray sweep sign {exp}")
