@@ -4,6 +4,7 @@ on first use."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +249,19 @@ def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, ki
 PRIOR_FIT_JETS = 50_000
 
 
+#: Bytes a metric subsample of one jet takes while it is drawn (int64 indices, then their counts).
+SUBSAMPLE_BYTES_PER_JET = 16
+#: Subsample batches and FPD sizes a metric may ask for (each a pass over its subsample).
+MAX_METRIC_BATCHES = 100_000
+
+
+def _physical_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def _check_metric_sizes(sizes: dict) -> None:
     """Subsample sizes must be usable, checked before any jet is read."""
     lowest = {"num_eval_samples": 1, "num_batches": 1, "fpd_min_samples": 2, "fpd_max_samples": 2,
@@ -258,6 +272,18 @@ def _check_metric_sizes(sizes: dict) -> None:
     if sizes.get("fpd_min_samples", 20_000) > sizes.get("fpd_max_samples", 50_000):
         raise ConfigError(f"`fpd_min_samples` ({sizes.get('fpd_min_samples', 20_000)}) exceeds "
                           f"`fpd_max_samples` ({sizes.get('fpd_max_samples', 50_000)})")
+    for key in ("num_batches", "fpd_num_batches", "fpd_num_points", "kpd_num_batches"):
+        if sizes.get(key, 0) > MAX_METRIC_BATCHES:
+            raise ConfigError(f"`{key}` must be at most {MAX_METRIC_BATCHES}, got {sizes[key]}")
+    from hvae_ray.outputs import format_bytes
+
+    memory = _physical_memory()
+    for key in ("num_eval_samples", "fpd_max_samples", "kpd_batch_size"):
+        n = sizes.get(key, 0)
+        need = SUBSAMPLE_BYTES_PER_JET * n  # the draw's indices and their counts
+        if memory and need > memory // 2:
+            raise ConfigError(f"`{key}` of {n} jets needs about {format_bytes(need)} of memory per subsample; "
+                              f"this machine has {format_bytes(memory)}")
 
 
 def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_dir: str | Path | None = None,

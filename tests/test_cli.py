@@ -421,3 +421,81 @@ def test_evaluate_plots_are_not_replaced_unless_forced(data_file, tmp_path, caps
     assert {p.name: p.read_bytes() for p in plots.iterdir()} == before
     assert main([*args, "--force", "--json"]) == 0
     assert "fpd" in json.loads(capsys.readouterr().out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Safety: links, full disks, sizes, one run per save folder
+
+
+def test_sample_never_writes_through_a_planted_link(trained, tmp_path, capsys):
+    """Links at the old temporary names and at the output itself: the output is written, the files they
+    point to are untouched."""
+    victims = []
+    out = tmp_path / "g.npz"
+    for name in (f".{out.name}.particle_features.npy", out.name + ".tmp.npz", out.name + ".tmp", out.name):
+        victim = tmp_path / f"victim-{len(victims)}.txt"
+        victim.write_text("keep me")
+        (tmp_path / name).symlink_to(victim)
+        victims.append(victim)
+    rc = main(["sample", "--checkpoint", str(trained / "best"), "--n-jets", "20", "--out", str(out),
+               "--device", "cpu", "--quiet", "--force"])
+    assert rc == 0, capsys.readouterr().err
+    assert all(v.read_text() == "keep me" for v in victims)
+    assert not out.is_symlink() and np.load(out)["particle_features"].shape == (20, MAX_PARTICLES, 4)
+
+
+def _limited_file_size(limit: int):
+    def apply():
+        import resource
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_sample_on_a_full_disk_is_one_line_and_leaves_nothing(trained, tmp_path):
+    """A file-size limit stands in for a full disk: the write fails midway; one line names the output,
+    exit 2, and no temporary file is left."""
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = out_dir / "g.npz"
+    proc = subprocess.run([sys.executable, "-m", "hvae_ray.cli", "sample", "--checkpoint", str(trained / "best"),
+                           "--n-jets", "4000", "--out", str(out), "--device", "cpu", "--quiet"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=_limited_file_size(20_000))
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"hvae-ray: error: {out}: could not write it"), proc.stderr
+    assert list(out_dir.iterdir()) == []
+
+
+def test_a_save_folder_in_use_by_another_run_is_refused(data_file, tmp_path, capsys):
+    """A second train on a save folder another live process holds: one line naming it; once that
+    process is gone (killed), the folder trains."""
+    save_dir = tmp_path / "run"
+    save_dir.mkdir()
+    code = ("import time; from hvae_ray.io_safe import acquire; "
+            f"acquire({str(save_dir)!r}, 'save folder'); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for extra in ([], ["--resume"]):
+            rc = main(["train", "--data-path", str(data_file), "--save-dir", str(save_dir), "--quiet", *extra,
+                       *sets(*TINY)])
+            line = one_line_error(capsys, rc)
+            assert f"{save_dir}: this save folder is in use by pid {holder.pid}" in line, line
+        assert not (save_dir / "last").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["train", "--data-path", str(data_file), "--save-dir", str(save_dir), "--quiet", *sets(*TINY)]) == 0
+    assert (save_dir / "last" / CHECKPOINT_FILE).is_file()
+
+
+@pytest.mark.parametrize("flag", ["--w1-samples", "--fpd-max-samples", "--kpd-batch-size"])
+def test_evaluate_sizes_beyond_memory_are_refused_with_the_estimate(flag, data_file, tmp_path, capsys):
+    argv = ["evaluate", "--real", str(data_file), "--generated", str(data_file), flag, str(10**12)]
+    if flag == "--fpd-max-samples":
+        argv += ["--fpd-min-samples", "2"]
+    line = one_line_error(capsys, main(argv))
+    assert flag in line and "16 TB of memory" in line, line
