@@ -59,7 +59,15 @@ def epoch_results(paths: TrialPaths) -> list[dict[str, Any]]:
 
 
 def _tune_statuses(exp: Path) -> dict[str, str]:
-    """trial_id → Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) from the experiment state."""
+    """trial_id → Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) from the experiment state,
+    read only when it carries this user's signature (Ray unpickles parts of it; ``sweep.signing``)."""
+    from hvae_ray.errors import HvaeError
+    from hvae_ray.sweep.signing import verify
+
+    try:
+        verify(exp)
+    except HvaeError:
+        return {}  # not shown to be the user's own: statuses come from the results alone
     try:
         from ray.tune import ExperimentAnalysis
 
