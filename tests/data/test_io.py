@@ -185,7 +185,7 @@ def test_pyg_dict_with_graphs_key(tmp_path):
 
 def test_pyg_keeps_30_hardest(tmp_path):
     rng = np.random.default_rng(0)
-    x = torch.from_numpy(np.stack([rng.normal(size=45), rng.normal(size=45), rng.uniform(0.001, 0.05, 45)],
+    x = torch.from_numpy(np.stack([rng.normal(0, 0.2, 45), rng.normal(0, 0.2, 45), rng.uniform(0.001, 0.05, 45)],
                                   axis=1).astype(np.float32))
     path = tmp_path / "big.pt"
     torch.save([Data(x=x)], path)
@@ -334,9 +334,12 @@ BAD_INPUTS = {
     "pt x with 2 columns": (lambda d: _pt_with(d / "x2.pt", [Data(x=torch.ones(4, 2))]), "x must be"),
     "pt dict other keys": (lambda d: _pt_with(d / "dk.pt", {"foo": [Data(x=torch.ones(2, 3))]}), "dict"),
     "pt NaN": (lambda d: _pt_with(d / "nan.pt", [Data(x=torch.tensor([[0.1, 0.1, float("nan")]]))]), "NaN"),
-    "pt graph without particles": (lambda d: _pt_with(d / "z.pt", [Data(x=torch.ones(2, 3)),
-                                                                    Data(x=torch.zeros(3, 3))]),
-                                   "no particles"),
+    "pt graph without nodes": (lambda d: _pt_with(d / "z.pt", [Data(x=torch.full((2, 3), 0.3)),
+                                                                Data(x=torch.zeros(0, 3))]),
+                               "graph 1 has no particles"),
+    "pt zero-padding nodes": (lambda d: _pt_with(d / "zp.pt", [Data(x=torch.full((2, 3), 0.3)),
+                                                               Data(x=torch.zeros(3, 3))]),
+                              "graph 1, node 0: (eta_rel, phi_rel, pt_rel) = (0, 0, 0)"),
 }
 
 
