@@ -48,7 +48,8 @@ def batch_run(engine: str, batch: int, accum: int, steps: int, epochs: int, devi
     sample = harness.load_sample(data, math.ceil(steps * batch * accum / 0.95) + 2, True)
     splits, res["prepare_s"] = harness.clock(eng.prepare, cfg, sample, device=dev, dev=dev)
     tr, res["trainer_s"] = harness.clock(eng.Trainer, cfg, splits, dev, compile_model=compile)
-    res.update(step_mode=tr.step_mode, n_train=tr.n_train, amp=str(tr.amp_dtype)[6:] if tr.use_amp else "float32")
+    amp = str(tr.precision.dtype)[6:] if tr.precision.enabled else "float32"
+    res.update(step_mode=tr.step_mode, n_train=tr.n_train, amp=amp)
     for epoch in range(epochs + 1):
         out, s = harness.clock(tr.train_epoch, epoch, dev=dev)
         res.update(train_total=out["train_total"], epoch_s=[*res["epoch_s"], s])
@@ -58,7 +59,7 @@ def batch_run(engine: str, batch: int, accum: int, steps: int, epochs: int, devi
                ms_per_step=1000 * per_epoch / math.ceil(n_batches / accum))
     if device == "cuda":
         res.update(**harness.torch_peaks(dev), process_mib=None if used0 is None else harness.nvml_used(0) - used0)
-    if check and tr.dense and tr.graphed:
+    if check and tr.step_mode == "cuda-graph":
         res["graph_check"] = graph_check(cfg, splits, dev)
     return res
 

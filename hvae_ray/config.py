@@ -36,6 +36,7 @@ class DataConfig:
     test_fraction: float = 0.15
     knn: int = 3
     max_jets: int = 0
+    split_seed: int = -1
 
 
 @dataclass
@@ -239,6 +240,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     for key in ("data.val_fraction", "data.test_fraction", "model.dropout"):
         if not 0 <= cfg.flat()[key] < 1:
             raise bad(key, "must be in [0, 1)")
+    if cfg.data.split_seed < -1:
+        raise bad("data.split_seed", "must be >= 0, or -1 for the run's seed")
     if not 0 < cfg.kl_cycle_ramp <= 1:
         raise bad("kl_cycle_ramp", "must be in (0, 1]")
     if cfg.generation_jets < 100:

@@ -187,7 +187,8 @@ def test_generation_metrics_are_scipys_w1_and_jetnets_fpd_of_the_jets_they_compa
     first, second = tr.generation_metrics(), tr.generation_metrics()
     assert first == second and all(math.isfinite(v) for v in first.values())
     val = jets.subset(tr.splits.val[:cfg.generation_jets])
-    gen_p, gen_m = tr._generated_jets(len(val), 1024)
+    train = jets.subset(tr.splits.train[:cfg.generation_jets])
+    gen_p, gen_m = tr.scorer.generated(tr.model, tr.normaliser, cfg, train)
     assert first["val_w1m"] == pytest.approx(
         wasserstein_distance(jet_mass(val.particles, val.mask), jet_mass(gen_p, gen_m)), rel=1e-12)
     w1p = np.mean([wasserstein_distance(val.particles[..., f][val.mask], gen_p[..., f][gen_m]) for f in range(3)])
@@ -301,12 +302,14 @@ def test_resume_with_a_different_model_shape_is_a_config_error(main_run, jets):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(few_jets, tmp_path, monkeypatch):
-    real_total_loss = engine.total_loss
+    from hvae_ray.engine import steps
+
+    real_loss = steps.weighted_loss
     poisoned = {"on": False}
     good: dict = {}
 
-    def total_loss(terms, kl, beta, cfg):
-        loss = real_total_loss(terms, kl, beta, cfg)
+    def weighted_loss(terms, kl, beta, weights):
+        loss = real_loss(terms, kl, beta, weights)
         return loss * float("nan") if poisoned["on"] else loss
 
     def after_epoch(report):
@@ -314,7 +317,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(few_jets, tmp_path, m
             good["state"] = model_state(report.checkpoint_dir)
             poisoned["on"] = True
 
-    monkeypatch.setattr(engine, "total_loss", total_loss)
+    monkeypatch.setattr(steps, "weighted_loss", weighted_loss)
     with pytest.raises(TrainingDiverged) as excinfo:
         engine.fit(small_config(epochs=5), few_jets, save_dir=tmp_path, callbacks=[after_epoch], progress=False)
     msg = str(excinfo.value)

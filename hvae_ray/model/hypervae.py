@@ -163,9 +163,14 @@ class HyperVAE(nn.Module):
     def decode(self, z: torch.Tensor, with_edges: bool = True) -> Decoded:
         return self.decoder(z, with_edges)
 
-    def forward(self, batch) -> VAEOutput:
+    def forward(self, batch, eps: torch.Tensor | None = None) -> VAEOutput:
+        """In training mode z = mu + ε·σ with ε (B, Z) given or drawn here; the posterior mean in eval mode."""
         mu, logvar = self.encode(batch)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        if self.training:
+            eps = torch.randn_like(mu) if eps is None else eps
+            z = mu + eps * torch.exp(0.5 * logvar)
+        else:
+            z = mu
         return VAEOutput(self.decode(z), mu, logvar)
 
 

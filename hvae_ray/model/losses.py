@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ def kl_per_dim(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
 
 
-def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0,
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float | torch.Tensor = 0.0,
                   weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over jets of the KL summed over latent dimensions (nats per jet).
 
@@ -50,7 +51,9 @@ def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor, free_bits: float = 0.0
     else:
         w = weight.float()
         kl = (kl * w[:, None]).sum(dim=0) / w.sum().clamp(min=1)
-    if free_bits > 0:
+    if torch.is_tensor(free_bits):  # one value per population member (0: no floor)
+        kl = torch.where(free_bits > 0, torch.maximum(kl, free_bits), kl)
+    elif free_bits > 0:
         kl = torch.clamp(kl, min=free_bits)
     return kl.sum()
 
@@ -79,9 +82,15 @@ def topology_loss(exist_logits: torch.Tensor, mask: torch.Tensor, weight: torch.
 
 def total_loss(terms: dict[str, torch.Tensor], kl: torch.Tensor, beta: float, cfg: Config) -> torch.Tensor:
     """Σ_c w_c · L_c + β · KL with the config's loss weights."""
+    return weighted_loss(terms, kl, beta, {c: getattr(cfg.loss_weights, c) for c in COMPONENTS})
+
+
+def weighted_loss(terms: dict[str, torch.Tensor], kl: torch.Tensor, beta: float | torch.Tensor,
+                  weights: Mapping[str, float | torch.Tensor]) -> torch.Tensor:
+    """Σ_c w_c · L_c + β · KL; β and the weights may be tensors (a population member's, under ``vmap``)."""
     loss = beta * kl
     for c in COMPONENTS:
-        loss = loss + getattr(cfg.loss_weights, c) * terms[c]
+        loss = loss + weights[c] * terms[c]
     return loss
 
 
