@@ -37,6 +37,12 @@ class SignState(Callback):
     def setup(self, **info):
         TUNE_LOOP.set()
 
+    def get_state(self):
+        # Asked for while Tune saves its state, after it wrote the experiment and search states to its
+        # staging folder and before it copies them into the experiment: sign them there.
+        self.signer.sign(staged=True)
+        return None
+
     def on_step_end(self, iteration, trials, **info):
         self.signer.sign()
 

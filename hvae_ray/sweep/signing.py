@@ -8,12 +8,16 @@ in the user's config folder (``~/.config/hvae-ray/resume.key``, mode 0600, made 
 in ``<experiment>/.hvae-ray-signatures.json``. ``sweep resume`` checks every such file before Ray reads
 any of them and refuses, in one line, when one is missing from the record or does not match it.
 
-The driver signs after each step of Tune's loop (where Tune saves its state) and when the sweep ends,
-however it ends. Trials' Ray Train runs (``_train/``) keep their state as JSON and are not signed.
+The driver signs Tune's state in Tune's staging folder as Tune saves it, before Tune copies it into
+the experiment (a callback's state is asked for at that moment), so a driver killed at any point leaves
+signed files; it signs the experiment folder after each step of Tune's loop and when the sweep ends,
+however it ends. The newest few signatures of each file are kept: a file caught mid-copy verifies in
+its old version or its new one. Trials' Ray Train runs (``_train/``) keep their state as JSON and are not signed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -81,14 +85,42 @@ def loaded_files(experiment_dir: str | Path) -> list[Path]:
     return sorted(p for p in found if not p.is_dir())
 
 
-def _read_record(exp: Path) -> dict[str, str]:
+#: Signatures kept per file: its newest versions, so that a file Tune is copying into the experiment
+#: (its new version signed before the copy starts) verifies in its old version as in its new one.
+KEEP = 4
+
+
+def _read_record(exp: Path) -> dict[str, list[str]]:
     f = exp / SIGNATURES
     try:
         data = json.loads(f.read_bytes()[: 64 * 1024 * 1024])
         files = data["files"]
-        return {str(k): str(v) for k, v in files.items()} if isinstance(files, dict) else {}
+        if not isinstance(files, dict):
+            return {}
+        return {str(k): [str(m) for m in (v if isinstance(v, list) else [v])][:KEEP] for k, v in files.items()}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
+
+
+def staging_dirs(experiment_name: str) -> list[Path]:
+    """Where Tune's driver writes its state before copying it into the experiment folder
+    (``<Ray session>/artifacts/<timestamp>/<experiment>/driver_artifacts``), newest first."""
+    try:
+        from ray.train.constants import _get_ray_train_session_dir
+
+        root = Path(_get_ray_train_session_dir())
+    except Exception:  # noqa: BLE001 - no Ray session: nothing staged
+        return []
+
+    def saved_at(folder: Path) -> float:
+        times = []
+        for f in folder.glob("experiment_state-*.json"):
+            with contextlib.suppress(OSError):
+                times.append(f.stat().st_mtime)
+        return max(times, default=0.0)
+
+    found = [p for p in root.glob(f"*/{experiment_name}/driver_artifacts") if p.is_dir()]
+    return sorted(found, key=saved_at, reverse=True)
 
 
 class Signer:
@@ -102,30 +134,34 @@ class Signer:
     def __getstate__(self):
         return {"experiment_dir": self.experiment_dir, "_seen": {}}
 
-    def sign(self) -> None:
-        """Sign every file Ray may unpickle that changed since the last call."""
+    def sign(self, staged: bool = False) -> None:
+        """Sign every file Ray may unpickle that changed since the last call: in the experiment folder, or
+        with ``staged`` in Tune's driver staging folder (its newest state, before Tune copies it in)."""
         from hvae_ray.io_safe import atomic_write_text
 
         exp = Path(self.experiment_dir)
+        sources = staging_dirs(exp.name)[:1] if staged else [exp]
         record = _read_record(exp)
         secret = key()
         changed = False
-        for p in loaded_files(exp):
-            rel = p.relative_to(exp).as_posix()
-            try:
-                st = os.stat(p, follow_symlinks=False)
-                if not p.is_file() or p.is_symlink():
+        for root in sources:
+            for p in loaded_files(root):
+                rel = p.relative_to(root).as_posix()
+                try:
+                    st = os.stat(p, follow_symlinks=False)
+                    if not p.is_file() or p.is_symlink():
+                        continue
+                    stamp = (str(root), st.st_mtime_ns, st.st_size)
+                    if self._seen.get(rel) == stamp and rel in record:
+                        continue
+                    data = p.read_bytes()
+                except OSError:
                     continue
-                stamp = (st.st_mtime_ns, st.st_size)
-                if self._seen.get(rel) == stamp and rel in record:
-                    continue
-                data = p.read_bytes()
-            except OSError:
-                continue
-            mac = _mac(secret, rel, data)
-            self._seen[rel] = stamp
-            if record.get(rel) != mac:
-                record[rel], changed = mac, True
+                mac = _mac(secret, rel, data)
+                self._seen[rel] = stamp
+                macs = record.get(rel, [])
+                if mac not in macs:
+                    record[rel], changed = [mac, *macs][:KEEP], True
         if changed:
             atomic_write_text(exp / SIGNATURES, json.dumps({"version": 1, "files": record}, indent=0), mode=0o644)
 
@@ -148,7 +184,8 @@ def verify(experiment_dir: str | Path) -> None:
             why = "is not signed with your key (your sweeps sign what they write)"
         else:
             try:
-                ok = hmac.compare_digest(_mac(secret, rel, p.read_bytes()), record[rel])
+                mac = _mac(secret, rel, p.read_bytes())
+                ok = any(hmac.compare_digest(mac, m) for m in record[rel])
             except OSError as e:
                 raise ResumeRefused(f"{p}: cannot read it: {e.strerror}") from None
             if not ok:
