@@ -1,0 +1,157 @@
+"""A population of K runs in one process against separate processes, on one device, in one run.
+
+  gpu   each case in a fresh process on GPU 0: one trial alone (Trainer, CUDA graph), P trials as P
+        processes at once, and populations of K members (engine.Population, one CUDA graph); training
+        jets/s over a timed window after a warm-up epoch, torch's peak allocated bytes and the whole
+        process's GPU memory (nvidia-smi, CUDA context included)
+  cpu   8 configs of sweeps/quickstart.yaml (K = 8 KL caps): 8 Trainer epochs one after another against one
+        population epoch of the 8, in this process, alternating, repeated
+Synthetic jets (10-30 particles) unless --data. Prints Markdown tables; --out writes results.json/.md.
+
+  python benchmarks/bench_population.py gpu --out benchmarks/results/population-<date>-<gpu>
+  python benchmarks/bench_population.py cpu --out benchmarks/results/population-<date>-cpu
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import harness
+import torch
+
+from hvae_ray import engine
+
+SEED_SETTING = {"batch_size": 8, "gradient_accumulation_steps": 4}
+# (label, member batch, accumulation, members K) of the population cases
+POPULATIONS = [("seed", 8, 4, k) for k in (1, 16, 24, 32, 48)] + [("b32", 32, 1, k) for k in (1, 16, 64)]
+PROCESSES = [("seed", 8, 4, 1), ("seed", 8, 4, 4), ("one model, batch 128", 128, 4, 1), ("b32", 32, 1, 1)]
+
+
+def _configs(k: int, batch: int, accum: int, device: str, sets=()) -> list:
+    """K configs of one shape that differ in seed, KL cap and learning rate, as a sweep's trials do."""
+    return [harness.config(sets, {"batch_size": batch, "gradient_accumulation_steps": accum, "device": device,
+                                  "seed": i, "data.split_seed": 0, "kl_max_weight": 10 ** (-5 + 3 * i / max(k, 1)),
+                                  "learning_rate": 1e-3 * (1 + (i % 4) / 4), "data.val_fraction": 0.05,
+                                  "data.test_fraction": 0.0}) for i in range(k)]
+
+
+def _timed_epochs(train_epoch, jets_per_epoch: int, seconds: float, dev) -> dict:
+    """One warm-up epoch (capture, first-step costs), then epochs until ``seconds`` have passed."""
+    _, first = harness.clock(train_epoch, dev=dev)
+    epochs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        train_epoch()
+        epochs += 1
+    harness.sync(dev)
+    wall = time.perf_counter() - t0
+    return {"first_epoch_s": first, "epochs": epochs, "jets_per_s": jets_per_epoch * epochs / wall}
+
+
+def trial_child(batch: int, accum: int, jets: int, seconds: float, data: str | None, go: str = "") -> dict:
+    """One run alone (a Trainer), as a trial's process trains it; waits for file ``go`` before timing."""
+    dev = torch.device("cuda")
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    cfg = _configs(1, batch, accum, "cuda")[0]
+    tr = engine.Trainer(cfg, engine.prepare(cfg, harness.load_sample(data, jets), device=dev), dev)
+    tr.train_epoch(0)
+    while go and not os.path.exists(go):
+        time.sleep(0.01)
+    epoch = iter(range(1, 10**6))
+    torch.cuda.reset_peak_memory_stats()
+    res = _timed_epochs(lambda: tr.train_epoch(next(epoch)), tr.n_train, seconds, dev)
+    return {**res, **harness.torch_peaks(dev), "process_mib": harness.process_mib(os.getpid()),
+            "step_mode": tr.step_mode, "n_train": tr.n_train}
+
+
+def population_child(batch: int, accum: int, k: int, jets: int, seconds: float, data: str | None) -> dict:
+    """K members in one process (engine.Population)."""
+    dev = torch.device("cuda")
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+    cfgs = _configs(k, batch, accum, "cuda")
+    pop = engine.Population(cfgs[0], engine.prepare(cfgs[0], harness.load_sample(data, jets), device=dev), k, dev)
+    for cfg in cfgs:
+        pop.add(cfg)
+    torch.cuda.reset_peak_memory_stats()
+    res = _timed_epochs(lambda: pop._train(pop.occupied), k * len(pop.splits.train), seconds, dev)
+    return {**res, **harness.torch_peaks(dev), "process_mib": harness.process_mib(os.getpid()),
+            "n_train": len(pop.splits.train), "graphed": pop.graphed}
+
+
+def gpu(a) -> dict:
+    rows, results = [], {"host": harness.host(), "jets": a.jets, "seconds": a.seconds}
+    base = None
+    for label, batch, accum, procs in PROCESSES:
+        go = f"/tmp/bench-population-go-{os.getpid()}-{procs}-{batch}"
+        kids = [harness.Child(trial_child, {"batch": batch, "accum": accum, "jets": a.jets, "seconds": a.seconds,
+                                            "data": a.data, "go": go}, timeout=240) for _ in range(procs)]
+        time.sleep(min(60.0, 15.0 + 5 * procs))  # all warmed up before the window opens
+        open(go, "w").close()
+        res = [kid.result() for kid in kids]
+        os.unlink(go)
+        harness.say(f"processes {label} x{procs}: {res[0].get('jets_per_s', res[0].get('error'))}")
+        ok = [r for r in res if "jets_per_s" in r]
+        row = {"case": f"{procs} process{'es' if procs > 1 else ''}", "setting": f"{batch} × {accum}",
+               "members": procs, "jets_per_s": sum(r["jets_per_s"] for r in ok) if len(ok) == procs else None,
+               "peak_allocated_mib": max((r["peak_allocated_mib"] for r in ok), default=None),
+               "process_mib": max((r["process_mib"] or 0 for r in ok), default=None)}
+        if label == "seed" and procs == 1:
+            base = row["jets_per_s"]
+        results.setdefault("processes", []).append({"label": label, "procs": procs, "children": res})
+        rows.append(row)
+    for label, batch, accum, k in POPULATIONS:
+        r = harness.Child(population_child, {"batch": batch, "accum": accum, "k": k, "jets": a.jets,
+                                             "seconds": a.seconds, "data": a.data}, timeout=300).result()
+        harness.say(f"population {label} K={k}: {r.get('jets_per_s', r.get('error'))}")
+        results.setdefault("populations", []).append({"label": label, "k": k, **r})
+        rows.append({"case": "population", "setting": f"{batch} × {accum}", "members": k,
+                     "jets_per_s": r.get("jets_per_s"), "peak_allocated_mib": r.get("peak_allocated_mib"),
+                     "process_mib": r.get("process_mib")})
+    for row in rows:
+        row["x_one_trial"] = harness.ratio(row["jets_per_s"], base) if row["setting"] == "8 × 4" else None
+    results["rows"] = rows
+    fits = [r for r in rows if r["case"] == "population" and r["setting"] == "8 × 4" and r["process_mib"]
+            and r["process_mib"] <= 4096]
+    results["largest_in_4gb"] = max((r["members"] for r in fits), default=None)
+    harness.save(a, results, harness.table(rows, "case setting members jets_per_s x_one_trial peak_allocated_mib "
+                                                 "process_mib", f"Population vs processes ({a.seconds:g} s windows)"),
+                 f"Largest population at 8 × 4 within 4,096 MiB of process memory: {results['largest_in_4gb']}")
+    return results
+
+
+def cpu(a) -> dict:
+    """sweeps/quickstart.yaml's config (batch 32, hidden 32) with 8 KL caps on --jets jets."""
+    sets = ["model.hidden_dim=32", "model.dropout=0.0"]
+    cfgs = _configs(8, 32, 1, "cpu", sets)
+    splits = engine.prepare(cfgs[0], harness.load_sample(a.data, a.jets))
+    pop = engine.Population(cfgs[0], splits, 8, "cpu")
+    for cfg in cfgs:
+        pop.add(cfg)
+    trainers = [engine.Trainer(cfg, splits, "cpu") for cfg in cfgs]
+    pop._train(pop.occupied)  # warm-up
+    times: dict[str, list[float]] = {"separate": [], "population": []}
+    for rep in range(a.repeats):
+        t = time.perf_counter()
+        for tr in trainers:
+            tr.train_epoch(rep)
+        times["separate"].append(time.perf_counter() - t)
+        _, s = harness.clock(pop._train, pop.occupied)
+        times["population"].append(s)
+        harness.say(f"repeat {rep}: separate {times['separate'][-1]:.2f} s, population {s:.2f} s")
+    sep, popm = harness.median(times["separate"]), harness.median(times["population"])
+    rows = [{"case": "8 Trainer epochs in sequence", "epoch_s": sep, "x": 1.0},
+            {"case": "one population epoch of 8", "epoch_s": popm, "x": harness.ratio(sep, popm)}]
+    results = {"host": harness.host(), "times": times, "rows": rows, "n_train": len(splits.train),
+               "threads": torch.get_num_threads()}
+    harness.save(a, results, harness.table(rows, "case epoch_s x", f"CPU, {len(splits.train)} training jets, "
+                                                                   "median of the repeats"))
+    return results
+
+
+if __name__ == "__main__":
+    p = harness.parser(__doc__, "data", "out", jets=4000, seconds=15.0, repeats=3)
+    p.add_argument("part", choices=("gpu", "cpu"))
+    args = p.parse_args()
+    {"gpu": gpu, "cpu": cpu}[args.part](args)
