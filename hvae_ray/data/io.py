@@ -267,7 +267,8 @@ _FORMAT_HOW = {
 
 
 def _how_to_declare(path: Path, what: str) -> str:
-    return (f"declare the layout of {what} in {sidecar_path(path).name} beside the file "
+    return (f"if its columns are in another order or normalised, declare the layout of {what} in "
+            f"{sidecar_path(path).name} beside the file "
             "(columns: [...] naming every column in order; normalisation: mean and std per column; "
             "see the README's \"Your own jets\")")
 
@@ -322,14 +323,15 @@ def _range_message(path: Path, kind: str, problem, stored: np.ndarray, jet: np.n
         where = (f"the median over jets of the sum of pt_rel ({col}) is {problem.value:.4g}"
                  if problem.jet is None else
                  f"{_where(kind, problem.jet)}: the sum of pt_rel over its particles ({col}) is "
-                 f"{problem.value:.4g} ({problem.count} such {'graphs' if kind == 'graphs' else 'jets'})")
+                 f"{problem.value:.4g} ({problem.count} such {'graph' if kind == 'graphs' else 'jet'}"
+                 f"{'s' if problem.count != 1 else ''})")
         text = f"{where}, expected {problem.rule}"
     else:
         k = problem.row
         name = problem.feature if problem.feature != "pt_rel" else layout.pt_column
         c = layout.columns.index(name)
         raw = f"stored {float(stored[k, c]):.4g}, " if declared and layout.normalised else ""
-        unit = "particles" if kind != "graphs" else "nodes"
+        unit = ("particle" if kind != "graphs" else "node") + ("s" if problem.count != 1 else "")
         text = (f"{_where(kind, int(jet[k]), int(index[k]))}: {problem.feature} = {problem.value:.4g} "
                 f"({raw}{label(c)}) is not physical: expected {problem.rule} ({problem.count} such {unit})")
     if declared:
@@ -443,11 +445,13 @@ def _from_jetnet_arrays(path: Path, arrays: Mapping[str, object], given: Mapping
         check_columns(layout, n_cols, str(path), "particle_features")
         c = layout.index("mask")
         real = pf[:, :, c] > 0.5 if c is not None else mask if mask is not None else (pf != 0).any(axis=2)
-        log.warning("%s: particles read from %s (declared in %s)", path,
-                    layout.describe("particle_features"), layout.declared_in)
     jet, index = np.nonzero(real)
     jets = _jetnet_jet_features(path, arrays.get("jet_features"), n)
-    return _finish(path, "arrays", pf[jet, index], jet, index, n, layout, jets, check)
+    sample = _finish(path, "arrays", pf[jet, index], jet, index, n, layout, jets, check)
+    if layout.declared_in is not None:
+        log.warning("%s: particles read from %s (declared in %s)", path,
+                    layout.describe("particle_features"), layout.declared_in)
+    return sample
 
 
 def _layout_text(value: object) -> str | None:
@@ -529,13 +533,10 @@ def _read_torch(path: Path, layout: Mapping | Layout | None, check: bool) -> Jet
     return _graphs_to_sample(path, obj, layout, check)
 
 
-#: Graph attributes the model builds itself from the particles, and what it builds.
-_OWN_FEATURES = {
-    "edge_index": "edges between every particle pair",
-    "edge_attr": "edge features ln Δ, ln kT, ln z, ln m²",
-    "hyperedge_index": "kNN hyperedges in η-φ",
-    "hyperedge_attr": "hyperedge features ln m², ln Σ z_a z_b Δ_ab, ln Σ z",
-}
+#: Graph attributes the model builds itself from the particles.
+_OWN_FEATURES = ("edge_index", "edge_attr", "hyperedge_index", "hyperedge_attr")
+_OWN_TEXT = ("hvae-ray computes its own from the particles: edges between all particle pairs with "
+             "ln Δ, ln kT, ln z, ln m², and kNN hyperedges in η-φ with ln m², ln Σ z_a z_b Δ_ab, ln Σ z")
 
 
 def _graph_keys(graph) -> list[str]:
@@ -611,8 +612,9 @@ def _graphs_to_sample(path: Path, obj: object, given: Mapping | Layout | None = 
                                   f"(0, 0, 0), a particle without pT ({int(zero.sum())} such nodes); a graph "
                                   "holds one node per particle: drop padding nodes, or name a mask column "
                                   f"in its layout ({sidecar_path(path).name})")
-    _report_graph_layout(path, layout, sorted(unused))
-    return _finish(path, "graphs", stored[real], jet[real], index[real], len(xs), layout, None, check)
+    sample = _finish(path, "graphs", stored[real], jet[real], index[real], len(xs), layout, None, check)
+    _report_graph_layout(path, layout, sorted(unused))  # after the checks: a refused file gets one line
+    return sample
 
 
 def _report_graph_layout(path: Path, layout: Layout, unused: list[str]) -> None:
@@ -623,8 +625,7 @@ def _report_graph_layout(path: Path, layout: Layout, unused: list[str]) -> None:
     own = [k for k in unused if k in _OWN_FEATURES]
     other = [k for k in unused if k not in _OWN_FEATURES]
     if own:
-        text += (f"; its {', '.join(own)} are not used: hvae-ray builds "
-                 f"{'; '.join(_OWN_FEATURES[k] for k in _OWN_FEATURES)} from the particles")
+        text += f"; its {', '.join(own)} {'is' if len(own) == 1 else 'are'} not used: {_OWN_TEXT}"
     if other:
         text += f"; also not used: {', '.join(other[:8])}{' ...' if len(other) > 8 else ''}"
     log.log(logging.WARNING if own or layout.declared_in is not None else logging.INFO, text)

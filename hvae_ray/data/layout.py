@@ -337,9 +337,9 @@ def diagnose_columns(stored: np.ndarray, jet: np.ndarray, n_jets: int, layout: L
     std_cols = [c for c in range(n_cols) if layout.columns[c] in KNOWN_COLUMNS and layout.columns[c] != "mask"
                 and (layout.mean[c], layout.std[c]) == (0.0, 1.0) and _standardised(stats[c])]
     if std_cols:
-        hints.append(f"{', '.join(label(c) for c in std_cols)} look{'s' if len(std_cols) == 1 else ''} "
-                     f"standardised (mean {stats[std_cols[0]]['mean']:.2f}, std {stats[std_cols[0]]['std']:.2f}); "
-                     "declare its mean and std")
+        one = len(std_cols) == 1
+        hints.append(f"{', '.join(label(c) for c in std_cols)} look{'s' if one else ''} standardised "
+                     f"(mean ≈ 0, std ≈ 1), so {'its' if one else 'their'} mean and std belong in the layout")
     p = layout.columns.index(layout.pt_column)
     read_ok = _pt_like(stats[p]) if layout.pt_column == "pt_rel" else _log_pt_like(stats[p])
     if not read_ok or layout.normalised:
