@@ -360,3 +360,52 @@ def test_detect_format_by_suffix_and_content(tmp_path):
     path.rename(renamed)
     with pytest.raises(DataError, match=r"rename it to \.parquet"):
         detect_format(renamed)
+
+
+# ------------------------------------------------------------------------------------------ safe writes
+
+
+def test_save_replaces_a_link_at_the_target_never_its_victim(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    path = tmp_path / "jets.parquet"
+    path.symlink_to(victim)
+    with pytest.raises(DataError, match="exists"):
+        save_parquet(make_sample(4), path)
+    save_parquet(make_sample(4), path, overwrite=True)
+    assert victim.read_text() == "precious"
+    assert not path.is_symlink() and len(load_jets(path)) == 4
+
+
+def test_full_disk_is_one_line_and_leaves_the_old_file(tmp_path):
+    """A file-size limit stands in for a full disk: the write fails, the old file stays whole, and no
+    temporary file is left."""
+    path = save_parquet(make_sample(4, seed=1), tmp_path / "jets.parquet")
+    before = path.read_bytes()
+    script = f"""
+import resource, signal
+import numpy as np
+from hvae_ray.data.io import save_parquet
+from hvae_ray.data.jets import from_padded
+from hvae_ray.errors import DataError
+rng = np.random.default_rng(2)
+particles = np.stack([rng.normal(0, 0.1, (400, 30)), rng.normal(0, 0.1, (400, 30)),
+                      np.full((400, 30), 1 / 30)], axis=2)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    save_parquet(from_padded(particles), {str(path)!r}, overwrite=True)
+except DataError as exc:
+    print("DataError:", exc)
+"""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"DataError: {path}: cannot write: File too large")
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["jets.parquet"]
