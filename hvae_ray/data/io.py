@@ -318,6 +318,13 @@ def _range_message(path: Path, kind: str, problem, stored: np.ndarray, jet: np.n
                    n_jets: int, layout: Layout) -> str:
     label = _column_label(kind, layout)
     declared = layout.declared_in is not None
+    if problem.row is not None and not np.isfinite(problem.value):
+        k = problem.row
+        c = layout.columns.index(problem.feature if problem.feature != "pt_rel" else layout.pt_column)
+        part = "node" if kind == "graphs" else "particle"
+        return (f"{_where(kind, int(jet[k]))} has NaN/inf particle features: {part} {int(index[k])} has "
+                f"{problem.feature} = {problem.value} ({label(c)}; {problem.count} such value"
+                f"{'s' if problem.count != 1 else ''})")
     if problem.feature == "sum_pt_rel":
         col = label(layout.columns.index(layout.pt_column))
         where = (f"the median over jets of the sum of pt_rel ({col}) is {problem.value:.4g}"
