@@ -18,7 +18,6 @@ changes no other member's numbers.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -28,22 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.func import functional_call, grad, vmap
 
 from hvae_ray.config import COMPONENTS, Config
-from hvae_ray.data.dense import DenseBatch, DenseFeaturizer, device_jets
+from hvae_ray.data.dense import DenseFeaturizer, device_jets
 from hvae_ray.data.jets import JetSample
 from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, prepare, split_seed, step_layout
 from hvae_ray.engine.paths import dense_val_batches, validation_metrics
 from hvae_ray.engine.runtime import Precision, resolve_device
-from hvae_ray.engine.steps import STAT_KEYS, batch_loss, undone
+from hvae_ray.engine.steps import STAT_KEYS, PopulationStep
 from hvae_ray.engine.trainer import OBJECTIVE_METRICS, check_divergence, node_stats
 from hvae_ray.errors import ConfigError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer
 from hvae_ray.model.hypervae import HyperVAE
 from hvae_ray.model.losses import kl_weight
-
-BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch.optim.AdamW's defaults, which Trainer uses
 
 #: The config keys every member shares (the tensors' shapes, the data and how a step is computed);
 #: everything else may differ per member.
@@ -137,24 +133,13 @@ class Population:
         self.precision.graphed = self.graphed
         self.model = HyperVAE(shape.model).to(self.device)
         self.model.requires_grad_(False)
-        dev, k = self.device, slots
-        self.params = {n: torch.zeros(k, *p.shape, device=dev) for n, p in self.model.named_parameters()}
-        self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
-        f64 = dict(dtype=torch.float64, device=dev)
-        self.hyper = {name: torch.zeros(k, **f64) for name in ("lr", "weight_decay", "grad_clip", "steps")}
-        self.beta = torch.zeros(k, device=dev)
-        self.free_bits = torch.zeros(k, device=dev)
-        self.weights = {c: torch.zeros(k, device=dev) for c in COMPONENTS}
-        self.active = torch.zeros(k, dtype=torch.bool, device=dev)
-        self.members: list[Member | None] = [None] * k
-        self.featurize = DenseFeaturizer(self.normaliser, shape.data.knn, dev)
-        self.train_jets = device_jets(splits.sample, splits.train, dev)
-        self.val_jets = device_jets(splits.sample, splits.val, dev)
-        self.node_stats = node_stats(self.normaliser, dev)
-        self._grad = vmap(grad(self._member_loss, has_aux=True), randomness="different",
-                          in_dims=(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self.members: list[Member | None] = [None] * slots
+        self.featurize = DenseFeaturizer(self.normaliser, shape.data.knn, self.device)
+        self.val_jets = device_jets(splits.sample, splits.val, self.device)
+        self.node_stats = node_stats(self.normaliser, self.device)
+        self.step = PopulationStep(shape, self.model, slots, self.featurize,
+                                   device_jets(splits.sample, splits.train, self.device), self.node_stats,
+                                   self.precision, self.graphed)
         self._scorers: dict[int, GenerationScorer] = {}
 
     # ---------------------------------------------------------------------------------------------
@@ -181,28 +166,15 @@ class Population:
             member.start_epoch = member.epoch = int(state["epoch"]) + 1
             member.best, member.best_epoch = float(state["best"]), int(state["best_epoch"])
             member.generation = state.get("generation")
-        moments = _adam_moments(state["optimizer"] if state is not None else None, len(self.params))
-        with torch.no_grad():
-            for i, (name, p) in enumerate(init.named_parameters()):
-                self.params[name][slot].copy_(p)
-                m, v, steps = moments[i]
-                self.exp_avg[name][slot].copy_(m if m is not None else torch.zeros_like(p))
-                self.exp_avg_sq[name][slot].copy_(v if v is not None else torch.zeros_like(p))
-            self.hyper["steps"][slot] = moments[0][2] if moments else 0.0
-            self.hyper["lr"][slot] = cfg.learning_rate
-            self.hyper["weight_decay"][slot] = cfg.weight_decay
-            self.hyper["grad_clip"][slot] = cfg.grad_clip
-            self.free_bits[slot] = cfg.free_bits
-            for c in COMPONENTS:
-                self.weights[c][slot] = getattr(cfg.loss_weights, c)
-            self.active[slot] = True
+        self.step.load(slot, cfg, dict(init.named_parameters()),
+                       _adam_moments(state["optimizer"] if state is not None else None, init))
         self.members[slot] = member
         return slot
 
     def remove(self, slot: int) -> None:
         """Free ``slot`` (at an epoch boundary); its weights stay until another member takes it."""
         self.members[slot] = None
-        self.active[slot] = False
+        self.step.active[slot] = False
 
     def member(self, slot: int) -> Member:
         member = self.members[slot]
@@ -214,7 +186,7 @@ class Population:
         """The population's model holding member ``slot``'s weights (valid until the next call)."""
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.copy_(self.params[name][slot])
+                p.copy_(self.step.params[name][slot])
         return self.model
 
     def state(self, slot: int, epoch: int) -> dict[str, Any]:
@@ -224,11 +196,11 @@ class Population:
         model = copy.deepcopy(self.load_member(slot)).cpu()  # no new model: the global RNG is left alone
         opt = torch.optim.AdamW(model.parameters(), lr=member.cfg.learning_rate,
                                 weight_decay=member.cfg.weight_decay)
-        steps = float(self.hyper["steps"][slot])
+        steps = float(self.step.hyper["steps"][slot])
         if steps > 0:
             for name, p in model.named_parameters():
-                opt.state[p] = {"step": torch.tensor(steps), "exp_avg": self.exp_avg[name][slot].cpu().clone(),
-                                "exp_avg_sq": self.exp_avg_sq[name][slot].cpu().clone()}
+                opt.state[p] = {"step": torch.tensor(steps), "exp_avg": self.step.exp_avg[name][slot].cpu().clone(),
+                                "exp_avg_sq": self.step.exp_avg_sq[name][slot].cpu().clone()}
         return {"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": self.precision.scaler.state_dict(), "epoch": epoch, "best": member.best,
                 "best_epoch": member.best_epoch, "generation": member.generation,
@@ -267,7 +239,7 @@ class Population:
 
     def _diverged(self, slot: int, epoch: int, why: str) -> MemberReport:
         self.members[slot].active = False
-        self.active[slot] = False
+        self.step.active[slot] = False
         return MemberReport(slot, epoch, None, why)
 
     def _epoch_metrics(self, member: Member, epoch: int, sums: list[float], n_batches: int) -> dict[str, Any]:
@@ -311,7 +283,7 @@ class Population:
             member = self.members[slot]
             pos[slot], valid[slot], _ = step_layout(epoch_order(len(order), member.cfg, member.epoch), b, accum)
             eps[slot] = epoch_noise(member.cfg, member.epoch, steps)
-            self.beta[slot] = kl_weight(member.epoch, member.cfg)
+            self.step.beta[slot] = kl_weight(member.epoch, member.cfg)
         pos, valid, eps = pos.to(dev), valid.to(dev), eps.to(dev)
         rows = torch.zeros(k, steps, accum, len(STAT_KEYS), dtype=torch.float64, device=dev)
         self.model.train()
@@ -319,107 +291,15 @@ class Population:
             rows[:, s] = self.step(pos[:, s], valid[:, s], eps[:, s])
         return rows, n_batches
 
-    def step(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """One optimiser step of every slot: positions and validity (K, accum, B), noise (K, accum, B, Z);
-        returns (K, accum, 8) statistics rows. Replayed from a CUDA graph on CUDA."""
-        if not self.graphed:
-            return self._step(pos, valid, eps)
-        if self._graph is None:
-            self._capture(pos, valid, eps)
-        self._io[0].copy_(pos)
-        self._io[1].copy_(valid)
-        self._io[2].copy_(eps)
-        self._graph.replay()
-        return self._rows.clone()
-
-    def _member_loss(self, params, x, mask, edges, pair_mask, hyperedges, incidence, weight, eps, beta, free_bits,
-                     weights):
-        batch = DenseBatch(x, mask, edges, pair_mask, hyperedges, incidence, weight)
-        out = functional_call(self.model, params, (batch, eps))
-        loss, row = batch_loss(out, batch, self.node_stats, self.shape.particle_loss, free_bits, weights, beta)
-        return loss / self.shape.gradient_accumulation_steps, row
-
-    def _step(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        k, accum, b = pos.shape
-        parts, mask = self.train_jets
-        grads, rows = None, []
-        for a in range(accum):
-            flat = pos[:, a].reshape(-1)
-            batch = self.featurize(parts[flat], mask[flat], valid[:, a].reshape(-1).float())  # (K·B, ...)
-            fields = [t.view(k, b, *t.shape[1:]) for t in (batch.x, batch.mask, batch.edges, batch.pair_mask,
-                                                           batch.hyperedges, batch.incidence, batch.weight)]
-            with self.precision.autocast(), self._attention():
-                g, row = self._grad(self.params, *fields, eps[:, a], self.beta, self.free_bits, self.weights)
-            grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
-            rows.append(row)
-        self._adamw(grads)
-        return torch.stack(rows, dim=1)
-
-    def _attention(self):
-        """The math kernel of scaled-dot-product attention on a CPU: ``vmap`` has no batching rule for the
-        CPU's flash kernel and would loop over the members (8 members of the quickstart config: an epoch
-        in 61 s instead of 113 s on a 2-core CPU)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        return sdpa_kernel(SDPBackend.MATH) if self.device.type == "cpu" else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def _adamw(self, grads: dict[str, torch.Tensor]) -> None:
-        """Clip each member's gradient to its ``grad_clip`` norm, then one AdamW step per member, as
-        ``clip_grad_norm_`` and ``torch.optim.AdamW`` compute them (the scalars in float64, as their
-        Python floats are), on the active slots only."""
-        h, active = self.hyper, self.active
-        norms = torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads.values()], dim=1)
-        total = torch.linalg.vector_norm(norms, dim=1)  # (K,)
-        clip = h["grad_clip"].float()
-        coef = torch.where(clip > 0, (clip / (total + 1e-6)).clamp(max=1.0), torch.ones_like(total))
-        h["steps"] += active.double()
-        steps = h["steps"].clamp(min=1)
-        decay = (1 - h["lr"] * h["weight_decay"]).float()
-        step_size = (h["lr"] / (1 - BETAS[0] ** steps)).float()
-        bc2_sqrt = (1 - BETAS[1] ** steps).sqrt().float()
-        for name, p in self.params.items():
-            shape = (-1,) + (1,) * (p.dim() - 1)
-            on = active.view(shape)
-            g = grads[name] * coef.view(shape)
-            m = torch.lerp(self.exp_avg[name], g, 1 - BETAS[0])
-            v = (self.exp_avg_sq[name] * BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
-            denom = (v.sqrt() / bc2_sqrt.view(shape)) + ADAM_EPS
-            new = p * decay.view(shape) + (-step_size).view(shape) * m / denom
-            p.copy_(torch.where(on, new, p))
-            self.exp_avg[name].copy_(torch.where(on, m, self.exp_avg[name]))
-            self.exp_avg_sq[name].copy_(torch.where(on, v, self.exp_avg_sq[name]))
-
-    def _capture(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor) -> None:
-        """Capture :meth:`_step` in a CUDA graph after two warm-up steps on a side stream, which are undone."""
-        dev = self.device
-        self._io = (pos.clone(), valid.clone(), eps.clone())
-        state = [*self.params.values(), *self.exp_avg.values(), *self.exp_avg_sq.values(), self.hyper["steps"]]
-        rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(dev)
-        with undone([], None, state):
-            side = torch.cuda.Stream(dev)
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                for _ in range(2):
-                    self._step(*self._io)
-            torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._rows = self._step(*self._io)
-        torch.set_rng_state(rng_cpu)
-        torch.cuda.set_rng_state(rng_cuda, dev)
-        torch.cuda.empty_cache()
-        self._graph = graph
-
-
-def _adam_moments(optimizer: dict[str, Any] | None, n: int) -> list[tuple[Any, Any, float]]:
-    """(exp_avg, exp_avg_sq, step) of each of ``n`` parameters from a ``torch.optim.AdamW`` state dict
-    (Nones and 0 for a fresh optimiser)."""
+def _adam_moments(optimizer: dict[str, Any] | None, model: torch.nn.Module
+                  ) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None, float]]:
+    """(exp_avg, exp_avg_sq, step) of each parameter of ``model`` by name from a ``torch.optim.AdamW`` state
+    dict, whose state is keyed by the parameters' positions (Nones and 0 for a fresh optimiser)."""
     state = (optimizer or {}).get("state", {})
-    out = []
-    for i in range(n):
+    out = {}
+    for i, (name, _) in enumerate(model.named_parameters()):
         s = state.get(i, {})
-        out.append((s.get("exp_avg"), s.get("exp_avg_sq"), float(s.get("step", 0.0))))
+        out[name] = (s.get("exp_avg"), s.get("exp_avg_sq"), float(s.get("step", 0.0)))
     return out
 
 
