@@ -209,6 +209,31 @@ def from_dict(raw: dict[str, Any] | None, where: str = "config") -> Config:
     return cfg
 
 
+def footprint_bytes(cfg: Config) -> float:
+    """A rough upper estimate of a run's memory: weights, gradients and two AdamW moments (16 bytes per
+    parameter) and one micro-batch's activations, a dozen (B, 30, 30, H) float32 pair tensors per layer."""
+    m = cfg.model
+    h, z = max(m.hidden_dim, 1), max(m.latent_dim, 1)
+    params = h * h * (12 + 4 * m.num_layers + 12 * m.decoder_layers) + 4 * h * z
+    activations = 12 * max(cfg.batch_size, 1) * 900 * h * 4 * (m.num_layers + m.decoder_layers + 1)
+    return 16.0 * params + activations
+
+
+def _check_footprint(cfg: Config, where: str) -> None:
+    """Refuse, before any work, a model and batch that cannot fit this machine's memory."""
+    import os
+
+    try:
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return
+    need = footprint_bytes(cfg)
+    if need > physical:
+        raise ConfigError(f"{where}: model.hidden_dim={cfg.model.hidden_dim}, model.latent_dim={cfg.model.latent_dim}, "
+                          f"batch_size={cfg.batch_size} and {cfg.model.num_layers + cfg.model.decoder_layers} layers "
+                          f"need about {need / 2**30:.3g} GiB; this machine has {physical / 2**30:.3g} GiB")
+
+
 def validate(cfg: Config, where: str = "config") -> None:
     """Raise ConfigError naming the first impossible value."""
 
@@ -223,6 +248,7 @@ def validate(cfg: Config, where: str = "config") -> None:
             raise bad(f"loss_weights.{c}", "must be >= 0")
     if sum(getattr(cfg.loss_weights, c) for c in COMPONENTS) <= 0:
         raise bad("loss_weights.particle_features", "and the other loss weights must not all be 0")
+    _check_footprint(cfg, where)
     positive = ["kl_max_weight", "epochs", "batch_size", "gradient_accumulation_steps", "learning_rate",
                 "model.hidden_dim", "model.latent_dim", "model.num_layers", "data.knn", "max_kl", "kl_cycles",
                 "generation_every"]
@@ -264,11 +290,61 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise bad("device", "must be auto, cpu, cuda or cuda:N")
 
 
+#: A sweep or config file is refused when it is larger than this, or when its YAML aliases would expand it
+#: to more than ``MAX_YAML_NODES`` values (an alias bomb: a few lines that expand to billions).
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
+def check_yaml_size(path: Path, what: str) -> None:
+    """ConfigError (one line, with the estimate) when ``path`` is too large or its aliases expand it beyond
+    ``MAX_YAML_NODES`` values; counted on the node graph (an alias is the node it names, counted once
+    per use without building the expansion). Files that do not parse are left to ``read_yaml``'s message."""
+    import yaml
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {what} file of {size} bytes; at most {MAX_YAML_BYTES} are read")
+    try:
+        node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return
+    except RecursionError:
+        raise ConfigError(f"{path}: {what} file nested too deeply") from None
+    weights: dict[int, int] = {}
+
+    def weight(n) -> int:
+        if id(n) in weights:
+            return weights[id(n)]
+        weights[id(n)] = MAX_YAML_NODES + 1  # a node that holds itself expands for ever
+        if isinstance(n, yaml.MappingNode):
+            w = 1 + sum(weight(k) + weight(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            w = 1 + sum(weight(v) for v in n.value)
+        else:
+            w = 1
+        weights[id(n)] = w = min(w, 10 * MAX_YAML_NODES)
+        return w
+
+    try:
+        total = weight(node) if node is not None else 0
+    except RecursionError:
+        raise ConfigError(f"{path}: {what} file nested too deeply") from None
+    if total > MAX_YAML_NODES:
+        over = "over " if total >= 10 * MAX_YAML_NODES else ""
+        raise ConfigError(f"{path}: {what} file's aliases expand it to {over}{total} values; at most "
+                          f"{MAX_YAML_NODES} are accepted")
+
+
 def read_yaml(path: str | Path, what: str = "config") -> dict[str, Any]:
     """Parse a YAML mapping; missing, unreadable or non-mapping files are one-line ConfigErrors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: {what} file not found")
+    check_yaml_size(path, what)
     try:
         text = path.read_text()
         raw = yaml.safe_load(text)

@@ -324,3 +324,22 @@ def test_a_tab_in_the_indentation_is_named(tmp_path):
         load_config(path)
     msg = str(info.value)
     assert "a tab in the indentation of line 2" in msg and "spaces" in msg and "\n" not in msg
+
+
+def test_a_model_too_large_for_the_machine_is_refused_with_its_estimate():
+    with pytest.raises(ConfigError) as info:
+        Config().with_overrides({"model.hidden_dim": 1_000_000_000})
+    msg = str(info.value)
+    assert "model.hidden_dim=1000000000" in msg and "GiB" in msg and "this machine has" in msg and "\n" not in msg
+    Config().with_overrides({"model.hidden_dim": 256, "batch_size": 64})  # a large but real model passes
+
+
+def test_an_alias_bomb_in_a_config_file_is_refused_before_it_expands(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match="aliases expand it to over") as info:
+        load_config(path)
+    assert "\n" not in str(info.value)

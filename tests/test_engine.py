@@ -461,3 +461,40 @@ def test_the_first_epoch_reports_when_the_first_optimiser_step_was_launched(few_
     first, at_first = reports[0]
     assert t0 < first.metrics["first_step_at"] < at_first
     assert "first_step_at" not in reports[1][0].metrics
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_in_one_line_and_keeps_the_last_good_one(few_jets, tmp_path):
+    """A file-size limit stands in for a full disk: the resumed run's first checkpoint does not fit. One
+    DataError line naming the file, and last/ stays the whole checkpoint of the epoch before."""
+    import subprocess
+    import sys
+
+    from hvae_ray.data.io import save_parquet
+
+    save_parquet(few_jets, tmp_path / "jets.parquet")
+    engine.fit(small_config(epochs=1), few_jets, save_dir=tmp_path / "probe", progress=False)
+    size = (tmp_path / "probe" / "last" / engine.CHECKPOINT_FILE).stat().st_size
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+from hvae_ray import engine
+from hvae_ray.data.io import load_jets
+from hvae_ray.config import Config
+from hvae_ray.errors import HvaeError
+cfg = Config().with_overrides({small_config(epochs=3).flat()!r})
+jets = load_jets({str(tmp_path / "jets.parquet")!r})
+engine.fit(cfg.with_overrides({{"epochs": 1}}), jets, save_dir={str(tmp_path / "run")!r}, progress=False)
+resource.setrlimit(resource.RLIMIT_FSIZE, ({size // 2}, {size // 2}))
+try:
+    engine.fit(cfg, jets, save_dir={str(tmp_path / "run")!r}, resume=True, progress=False)
+except HvaeError as e:
+    print("ERROR", e)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    lines = [x for x in out.stdout.splitlines() if x.startswith("ERROR")]
+    assert len(lines) == 1, out.stdout + out.stderr[-2000:]
+    assert "could not write it" in lines[0] and "training stopped after epoch 1" in lines[0], lines[0]
+    assert "is the last good checkpoint" in lines[0]
+    state = engine.load_checkpoint(tmp_path / "run" / "last")
+    assert state["epoch"] == 0
+    assert [p.name for p in (tmp_path / "run" / "last").iterdir()] == [engine.CHECKPOINT_FILE]

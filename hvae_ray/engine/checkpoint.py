@@ -17,7 +17,7 @@ import torch
 from hvae_ray.config import Config, from_dict
 from hvae_ray.data.dense import FeatureNormaliser
 from hvae_ray.errors import ConfigError, DataError, HvaeError
-from hvae_ray.io_safe import atomic_copy, atomic_write, atomic_write_text
+from hvae_ray.io_safe import atomic_copy, atomic_write, atomic_write_text, write_failed
 from hvae_ray.model.hypervae import HyperVAE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -78,11 +78,19 @@ def resume_state(resume: bool | str | Path, save_dir: Path | None, cfg: Config
 
 
 def save_epoch(state: dict[str, Any], save_dir: Path, is_best: bool) -> Path:
-    """Write ``last/`` and, at a new best, copy it to ``best/``; returns ``last/``."""
+    """Write ``last/`` and, at a new best, copy it to ``best/``; returns ``last/``. A write that fails (a
+    full disk, a read-only folder) is one :class:`DataError` line; the checkpoints already there stay whole."""
     last = save_dir / "last"
-    save_checkpoint(last / CHECKPOINT_FILE, state)
-    if is_best:
-        atomic_copy(last / CHECKPOINT_FILE, save_dir / "best" / CHECKPOINT_FILE)
+    target = last / CHECKPOINT_FILE
+    try:
+        save_checkpoint(target, state)
+        if is_best:
+            target = save_dir / "best" / CHECKPOINT_FILE
+            atomic_copy(last / CHECKPOINT_FILE, target)
+    except OSError as e:
+        kept = f"{last / CHECKPOINT_FILE} is the last good checkpoint" if (last / CHECKPOINT_FILE).is_file() \
+            else "no checkpoint was written"
+        raise DataError(f"{write_failed(target, e)}; training stopped after epoch {state['epoch']}; {kept}") from e
     return last
 
 

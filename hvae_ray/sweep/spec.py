@@ -259,6 +259,10 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     return spec
 
 
+#: Trials a sweep may ask for: Tune keeps every trial in memory and in its saved state.
+MAX_TRIALS = 10_000
+
+
 def _base_config(raw: dict[str, Any], where: str, base_dir: Path | None) -> Config:
     """The base training config: ``base_config`` (a file) with the inline ``config`` keys applied."""
     base_raw: dict[str, Any] = {}
@@ -266,7 +270,6 @@ def _base_config(raw: dict[str, Any], where: str, base_dir: Path | None) -> Conf
         path = Path(raw["base_config"])
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
-        check_yaml_size(path, "config")
         base_raw = read_yaml(path)
     base = from_dict(base_raw, str(raw.get("base_config") or where))
     inline = raw.get("config") or {}
@@ -385,63 +388,13 @@ def _set_counts(spec: SweepSpec, raw: dict[str, Any], where: str) -> None:
         raise ConfigError(f"{where}: 'name' must use letters, digits, '-' and '_' only, got {raw['name']!r}")
 
 
-#: A sweep or config file is refused when it is larger than this, or when its YAML aliases would expand it
-#: to more than ``MAX_YAML_NODES`` values (an alias bomb: a few lines that expand to billions).
-MAX_YAML_BYTES = 1 << 20
-MAX_YAML_NODES = 100_000
-#: Trials a sweep may ask for: Tune keeps every trial in memory and in its saved state.
-MAX_TRIALS = 10_000
-
-
-def check_yaml_size(path: Path, what: str) -> None:
-    """ConfigError (one line, with the estimate) when ``path`` is too large or its aliases expand it beyond
-    ``MAX_YAML_NODES`` values; counted on the node graph (an alias is the node it names, counted once
-    per use without building the expansion). Files that do not parse are left to ``read_yaml``'s message."""
-    import yaml
-
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return
-    if size > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: {what} file of {size} bytes; at most {MAX_YAML_BYTES} are read")
-    try:
-        node = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return
-    except RecursionError:
-        raise ConfigError(f"{path}: {what} file nested too deeply") from None
-    weights: dict[int, int] = {}
-
-    def weight(n) -> int:
-        if id(n) in weights:
-            return weights[id(n)]
-        weights[id(n)] = MAX_YAML_NODES + 1  # a node that holds itself expands for ever
-        if isinstance(n, yaml.MappingNode):
-            w = 1 + sum(weight(k) + weight(v) for k, v in n.value)
-        elif isinstance(n, yaml.SequenceNode):
-            w = 1 + sum(weight(v) for v in n.value)
-        else:
-            w = 1
-        weights[id(n)] = w = min(w, 10 * MAX_YAML_NODES)
-        return w
-
-    try:
-        total = weight(node) if node is not None else 0
-    except RecursionError:
-        raise ConfigError(f"{path}: {what} file nested too deeply") from None
-    if total > MAX_YAML_NODES:
-        over = "over " if total >= 10 * MAX_YAML_NODES else ""
-        raise ConfigError(f"{path}: {what} file's aliases expand it to {over}{total} values; at most "
-                          f"{MAX_YAML_NODES} are accepted")
 
 
 def load_sweep(path: str | Path, overrides: dict[str, Any] | None = None) -> SweepSpec:
     """Read and validate a sweep file; ``overrides`` are dotted keys of the sweep file itself
     (e.g. ``{"num_samples": 4, "config.epochs": 3, "scheduler.max_t": 3}``)."""
     path = Path(path)
-    check_yaml_size(path, "sweep")
-    raw = read_yaml(path, "sweep")
+    raw = read_yaml(path, "sweep")  # size and alias expansion checked before parsing
     if overrides:
         raw = _apply_sweep_overrides(raw, overrides, str(path))
     return from_raw(raw, str(path), path.parent)
