@@ -120,13 +120,14 @@ def step_layout(order: torch.Tensor, batch_size: int, accum: int) -> tuple[torch
     return pos.view(steps, accum, batch_size), valid.view(steps, accum, batch_size), n_batches
 
 
-def epoch_noise(cfg: Config, epoch: int, steps: int) -> torch.Tensor:
+def epoch_noise(cfg: Config, epoch: int, steps: int, rank: int = 0) -> torch.Tensor:
     """The reparameterisation noise ε ~ N(0, 1) of ``epoch``: (steps, accum, batch_size, latent_dim) float32
     on the CPU, jet b of micro-batch k of step s drawing ε[s, k, b].
 
-    Drawn from a generator seeded by (``seed``, epoch) alone, so a run draws the same noise alone, as a
-    member of a population, on a CPU or a GPU, and after a resume (no generator state to carry)."""
-    state = np.random.SeedSequence([cfg.seed, epoch, 0x9E3779B9]).generate_state(1, np.uint64)[0]
+    Drawn from a generator seeded by (``seed``, epoch, rank) alone, so a run draws the same noise alone, as
+    a member of a population, on a CPU or a GPU, and after a resume (no generator state to carry); each
+    rank of a data-parallel run draws its own."""
+    state = np.random.SeedSequence([cfg.seed, epoch, rank, 0x9E3779B9]).generate_state(1, np.uint64)[0]
     gen = torch.Generator().manual_seed(int(state))
     shape = (steps, cfg.gradient_accumulation_steps, cfg.batch_size, cfg.model.latent_dim)
     return torch.randn(shape, generator=gen)

@@ -16,7 +16,7 @@ import torch
 from hvae_ray.config import COMPONENTS, OBJECTIVE_COMPONENTS, Config
 from hvae_ray.data.dense import DenseFeaturizer
 from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, step_layout, train_loader, validation_batch_size
-from hvae_ray.engine.runtime import Precision
+from hvae_ray.engine.runtime import Precision, rank_world
 from hvae_ray.engine.steps import STAT_KEYS, DenseStep, loss_weights
 from hvae_ray.model.losses import (
     dense_reconstruction_terms,
@@ -70,7 +70,7 @@ class DensePath:
         order = epoch_order(self.n_train, cfg, epoch, self.rank, self.world)
         pos, valid, n_batches = step_layout(order, cfg.batch_size, cfg.gradient_accumulation_steps)
         pos, valid = pos.to(dev), valid.to(dev)
-        eps = epoch_noise(cfg, epoch, pos.shape[0]).to(dev)
+        eps = epoch_noise(cfg, epoch, pos.shape[0], self.rank).to(dev)
         rows = torch.zeros(*pos.shape[:2], len(STAT_KEYS), dtype=torch.float64, device=dev)
         self.step.beta.fill_(beta)
         bar = progress_bar(cfg, epoch, pos.shape[0], progress)
@@ -122,7 +122,7 @@ class PygPath:
         accum = cfg.gradient_accumulation_steps
         loader = train_loader(self.splits.train_graphs, cfg, epoch)
         n_batches = len(loader)
-        eps = epoch_noise(cfg, epoch, -(-n_batches // accum)).to(self.device)  # the dense path's noise
+        eps = epoch_noise(cfg, epoch, -(-n_batches // accum), rank_world()[0]).to(self.device)  # the dense path's
         sums = torch.zeros(len(STAT_KEYS), dtype=torch.float64, device=self.device)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
         bar = progress_bar(cfg, epoch, n_batches, progress)
