@@ -22,6 +22,8 @@ COMPONENTS = ("particle_features", "edge_features", "hyperedge_features", "topol
               "particle_marginals")
 PARTICLE_LOSSES = ("slot", "chamfer", "sinkhorn")
 OBJECTIVES = ("reconstruction", "generation")
+#: The validation metric by which a run keeps its best epoch, per ``objective`` (and a sweep ranks trials).
+OBJECTIVE_METRICS = {"reconstruction": "val_objective", "generation": "val_generation"}
 GENERATION_PRIORS = ("fitted", "standard")
 # The terms val_recon and val_objective sum: the jet and marginal terms are reported but left out, so that
 # both stay comparable between runs that train them and runs that do not (rank those on val_generation).

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hvae_ray.config import COMPONENTS, Config
+from hvae_ray.config import COMPONENTS, OBJECTIVE_METRICS, Config
 from hvae_ray.data.dense import DenseFeaturizer, FeatureNormaliser, device_jets
 from hvae_ray.data.jets import JetSample
 from hvae_ray.engine.batches import Splits, prepare, validation_batch_size
@@ -44,8 +44,6 @@ from hvae_ray.model.losses import kl_weight
 
 log = logging.getLogger(__name__)
 
-# The validation metric that picks best/ for each ``objective``; fit reports its best as "best_<metric>".
-OBJECTIVE_METRICS = {"reconstruction": "val_objective", "generation": "val_generation"}
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hvae_ray.config import Config, apply_overrides, current_key, flatten, from_dict, read_yaml
+from hvae_ray.config import OBJECTIVE_METRICS, Config, apply_overrides, current_key, flatten, from_dict, read_yaml
 from hvae_ray.data.generate import FLAVORS
 from hvae_ray.errors import ConfigError
 from hvae_ray.tracking import RANKABLE_METRICS
@@ -244,6 +244,7 @@ def from_raw(raw: dict[str, Any], where: str, base_dir: Path | None = None) -> S
     base = _base_config(raw, where, base_dir)
     space = _search_space(raw, base, where)
     sched = _scheduler(raw, space, where)
+    _check_one_best(base, space, sched, where)
     if sched.max_t > base.epochs:
         base = base.with_overrides({"epochs": sched.max_t})
     data = _data(raw, where, base_dir)
@@ -320,6 +321,19 @@ def _scheduler(raw: dict[str, Any], space: dict[str, Any], where: str) -> Schedu
     if sched.reduction_factor <= 1:
         raise ConfigError(f"{where}: 'scheduler.reduction_factor' must be > 1, got {sched.reduction_factor}")
     return sched
+
+
+def _check_one_best(base: Config, space: dict[str, Any], sched: SchedulerSpec, where: str) -> None:
+    """ASHA ranks trials by ``scheduler.metric`` and each trial keeps its best epoch by its ``objective``'s
+    metric: the two must be one metric, or the sweep's best trial and its best checkpoint disagree."""
+    if "objective" in space:
+        raise ConfigError(f"{where}: 'objective' cannot be searched: trials of one sweep keep their best "
+                          "epochs by one metric, the scheduler's")
+    expected = OBJECTIVE_METRICS[base.objective]
+    if sched.metric != expected:
+        raise ConfigError(f"{where}: 'scheduler.metric' is {sched.metric} but trials keep their best epoch by "
+                          f"{expected} (config 'objective: {base.objective}'); set scheduler.metric: {expected}, "
+                          "or the objective whose metric it is")
 
 
 def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:

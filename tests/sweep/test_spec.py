@@ -147,6 +147,15 @@ BAD = {
         _with(scheduler__metric="val_total",
               search_space={"loss_weights.topology": {"uniform": [0.05, 1.0]}}),
         "val_total is not comparable"),
+    "a metric other than the objective's": (
+        _with(scheduler__metric="val_w1m"),
+        "'scheduler.metric' is val_w1m but trials keep their best epoch by val_objective"),
+    "val_objective with objective: generation": (
+        _with(config={"epochs": 3, "objective": "generation"}),
+        "'scheduler.metric' is val_objective but trials keep their best epoch by val_generation"),
+    "a searched objective": (
+        _with(search_space={"objective": {"choice": ["reconstruction", "generation"]}}),
+        "'objective' cannot be searched"),
     "grace_period > max_t": (
         _with(scheduler__grace_period=5), "grace_period <= max_t"),
     "gpu_fraction and gpu_memory_gb": (
