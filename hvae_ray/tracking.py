@@ -123,7 +123,7 @@ class TensorBoardLogger:
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         exp, ssi, _ = hparams_summary(clean, dict(metrics))
-        fw = self.writer._get_file_writer()
+        fw = self.writer.file_writer  # SummaryWriter's event file writer (public attribute while open)
         for s in (exp, ssi):
             fw.add_summary(s)
         if outcome != "running":
