@@ -29,6 +29,7 @@ GENERATION_PRIORS = ("fitted", "standard")
 # both stay comparable between runs that train them and runs that do not (rank those on val_generation).
 OBJECTIVE_COMPONENTS = COMPONENTS[:4]
 KL_SCHEDULES = ("linear", "cyclical")
+LR_SCHEDULES = ("constant", "cosine")
 ENGINES = ("dense", "pyg")
 
 
@@ -85,6 +86,9 @@ class Config:
     batch_size: int = 8
     gradient_accumulation_steps: int = 4
     learning_rate: float = 1.0e-3
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
+    ema_decay: float = 0.0
     weight_decay: float = 1.0e-4
     grad_clip: float = 1.0
     mixed_precision: bool = True
@@ -276,6 +280,12 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise bad("generation_jets", "must be >= 100 (jets sampled for val_w1m, val_w1p and val_fpd)")
     if cfg.data.val_fraction + cfg.data.test_fraction >= 0.9:
         raise bad("data.val_fraction", "plus data.test_fraction must leave at least 10% for training")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise bad("lr_schedule", f"must be one of {', '.join(LR_SCHEDULES)}")
+    if not 0 <= cfg.lr_min_ratio <= 1:
+        raise bad("lr_min_ratio", "must be in [0, 1]")
+    if not 0 <= cfg.ema_decay < 1:
+        raise bad("ema_decay", "must be in [0, 1) (0: no moving average)")
     if cfg.kl_schedule not in KL_SCHEDULES:
         raise bad("kl_schedule", f"must be one of {', '.join(KL_SCHEDULES)}")
     if cfg.particle_loss not in PARTICLE_LOSSES:

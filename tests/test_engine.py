@@ -498,3 +498,35 @@ except HvaeError as e:
     state = engine.load_checkpoint(tmp_path / "run" / "last")
     assert state["epoch"] == 0
     assert [p.name for p in (tmp_path / "run" / "last").iterdir()] == [engine.CHECKPOINT_FILE]
+
+
+def test_the_cosine_schedule_runs_from_the_learning_rate_to_its_floor():
+    from hvae_ray.engine.steps import scheduled_lr
+
+    cfg = small_config(epochs=11, lr_schedule="cosine", lr_min_ratio=0.1, learning_rate=2e-3)
+    lrs = [scheduled_lr(e, cfg) for e in range(11)]
+    assert lrs[0] == pytest.approx(2e-3) and lrs[-1] == pytest.approx(2e-4) and lrs[5] == pytest.approx(1.1e-3)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert scheduled_lr(7, small_config()) == small_config().learning_rate  # constant by default
+
+
+def test_a_moving_average_of_the_weights_is_validated_saved_and_resumed_exactly(few_jets, tmp_path):
+    """With ema_decay the checkpoint's model is the average (validated, sampled), train_model the trained
+    weights; three epochs straight, and two (stopped by a callback) then a resume, end at the same bits, metrics
+    and (cosine) learning rate included."""
+    cfg = small_config(epochs=3, ema_decay=0.9, lr_schedule="cosine")
+    reports = []
+    whole = engine.fit(cfg, few_jets, save_dir=tmp_path / "a", progress=False, callbacks=[reports.append])
+    engine.fit(cfg, few_jets, save_dir=tmp_path / "b", progress=False, callbacks=[lambda r: r.epoch == 1])
+    resumed = engine.fit(cfg, few_jets, save_dir=tmp_path / "b", resume=True, progress=False)
+    assert resumed["epochs_run"] == 1 and [r.metrics["lr"] for r in reports][-1] == resumed["lr"] < cfg.learning_rate
+    for key in ("train_total", "val_total", "val_kl", "val_objective"):
+        assert resumed[key] == whole[key], key
+    a, b = (engine.load_checkpoint(tmp_path / d / "last") for d in "ab")
+    for part in ("model", "train_model"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert any(not torch.equal(a["model"][k], a["train_model"][k]) for k in a["model"])
+    # the reported validation loss is the averaged model's
+    tr = engine.Trainer(cfg.with_overrides({"ema_decay": 0.0}), engine.prepare(cfg, few_jets), "cpu")
+    tr.model.load_state_dict(a["model"])
+    assert tr.evaluate(2)["val_total"] == pytest.approx(whole["val_total"], rel=1e-6)

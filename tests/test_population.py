@@ -18,11 +18,12 @@ BASE = {"epochs": 3, "batch_size": 16, "gradient_accumulation_steps": 2, "model.
         "model.latent_dim": 4, "model.num_layers": 1, "model.decoder_layers": 1, "model.dropout": 0.0,
         "data.val_fraction": 0.2, "data.test_fraction": 0.1, "device": "cpu", "generation_jets": 100,
         "data.split_seed": 5, "kl_warmup_epochs": 2, "generation_every": 100}
-# Three members with different seeds, KL caps, loss weights, learning rates, weight decay, clipping, free bits
+# Three members with different seeds, KL caps, loss weights, learning rates (one on a cosine schedule), weight
+# decay, clipping, free bits and a moving average of the weights
 MEMBERS = [{"seed": 1, "kl_max_weight": 1e-3, "learning_rate": 3e-3},
            {"seed": 2, "kl_max_weight": 1e-2, "loss_weights.topology": 0.7, "learning_rate": 1e-3, "free_bits": 0.1},
            {"seed": 3, "kl_max_weight": 1e-4, "loss_weights.edge_features": 0.1, "learning_rate": 5e-3,
-            "weight_decay": 0.01, "grad_clip": 0.05}]
+            "weight_decay": 0.01, "grad_clip": 0.05, "lr_schedule": "cosine", "ema_decay": 0.8}]
 KEYS = ("train_total", "train_kl", *(f"train_{c}" for c in COMPONENTS), "val_total", "val_kl", "val_objective")
 
 

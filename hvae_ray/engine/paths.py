@@ -17,7 +17,7 @@ from hvae_ray.config import COMPONENTS, OBJECTIVE_COMPONENTS, Config
 from hvae_ray.data.dense import DenseFeaturizer
 from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, step_layout, train_loader, validation_batch_size
 from hvae_ray.engine.runtime import Precision, rank_world
-from hvae_ray.engine.steps import STAT_KEYS, DenseStep, loss_weights
+from hvae_ray.engine.steps import STAT_KEYS, DenseStep, loss_weights, update_average
 from hvae_ray.model.losses import (
     dense_reconstruction_terms,
     kl_divergence,
@@ -108,8 +108,9 @@ class PygPath:
     """PyG batches of hypergraphs from a DataLoader, one optimiser step per ``accum`` batches."""
 
     def __init__(self, cfg: Config, splits: Splits, model, net, opt, precision: Precision, node_stats,
-                 device: torch.device):
+                 device: torch.device, average: list[torch.Tensor] | None = None):
         self.cfg, self.splits, self.model, self.net, self.opt = cfg, splits, model, net, opt
+        self.average = average
         self.precision, self.node_stats, self.device = precision, node_stats, device
         self.first_step_at: float | None = None
 
@@ -144,6 +145,7 @@ class PygPath:
                 scaler.step(self.opt)
                 scaler.update()
                 self.opt.zero_grad(set_to_none=True)
+                update_average(self.average, self.model.parameters(), cfg.ema_decay)
             if self.first_step_at is None:
                 self.first_step_at = time.time()
             sums += torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double()

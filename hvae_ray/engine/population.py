@@ -18,6 +18,7 @@ changes no other member's numbers.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -34,7 +35,7 @@ from hvae_ray.data.jets import JetSample
 from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, prepare, split_seed, step_layout
 from hvae_ray.engine.paths import dense_val_batches, validation_metrics
 from hvae_ray.engine.runtime import Precision, resolve_device
-from hvae_ray.engine.steps import STAT_KEYS, PopulationStep
+from hvae_ray.engine.steps import STAT_KEYS, PopulationStep, scheduled_lr
 from hvae_ray.engine.trainer import OBJECTIVE_METRICS, check_divergence, node_stats
 from hvae_ray.errors import ConfigError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer
@@ -95,6 +96,11 @@ class Member:
     @property
     def model(self) -> HyperVAE:
         return self.population.load_member(self.slot)
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """As :meth:`Trainer.averaged`: the model with this member's averaged (or, without one, own) weights."""
+        yield self.model
 
     @property
     def normaliser(self):
@@ -161,13 +167,15 @@ class Population:
         torch.manual_seed(cfg.seed)  # the weights Trainer starts from
         init = HyperVAE(cfg.model)
         member = Member(self, slot, cfg)
+        average = None
         if state is not None:
-            init.load_state_dict(state["model"])
+            init.load_state_dict(state.get("train_model", state["model"]))
+            average = state["model"] if "train_model" in state else None
             member.start_epoch = member.epoch = int(state["epoch"]) + 1
             member.best, member.best_epoch = float(state["best"]), int(state["best_epoch"])
             member.generation = state.get("generation")
         self.step.load(slot, cfg, dict(init.named_parameters()),
-                       _adam_moments(state["optimizer"] if state is not None else None, init))
+                       _adam_moments(state["optimizer"] if state is not None else None, init), average)
         self.members[slot] = member
         return slot
 
@@ -186,7 +194,7 @@ class Population:
         """The population's model holding member ``slot``'s weights (valid until the next call)."""
         with torch.no_grad():
             for name, p in self.model.named_parameters():
-                p.copy_(self.step.params[name][slot])
+                p.copy_(self.step.average[name][slot])  # the member's own weights when it keeps no average
         return self.model
 
     def state(self, slot: int, epoch: int) -> dict[str, Any]:
@@ -196,12 +204,15 @@ class Population:
         model = copy.deepcopy(self.load_member(slot)).cpu()  # no new model: the global RNG is left alone
         opt = torch.optim.AdamW(model.parameters(), lr=member.cfg.learning_rate,
                                 weight_decay=member.cfg.weight_decay)
+        if member.cfg.ema_decay > 0:
+            state_train = {n: self.step.params[n][slot].detach().cpu().clone() for n, _ in model.named_parameters()}
         steps = float(self.step.hyper["steps"][slot])
         if steps > 0:
             for name, p in model.named_parameters():
                 opt.state[p] = {"step": torch.tensor(steps), "exp_avg": self.step.exp_avg[name][slot].cpu().clone(),
                                 "exp_avg_sq": self.step.exp_avg_sq[name][slot].cpu().clone()}
-        return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+        extra = {"train_model": state_train} if member.cfg.ema_decay > 0 else {}
+        return {**extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": self.precision.scaler.state_dict(), "epoch": epoch, "best": member.best,
                 "best_epoch": member.best_epoch, "generation": member.generation,
                 "config": member.cfg.to_dict(), "normaliser": self.normaliser.state_dict(),
@@ -246,7 +257,7 @@ class Population:
         cfg = member.cfg
         t0 = time.perf_counter()
         mean = {k: v / max(n_batches, 1) for k, v in zip(STAT_KEYS, sums)}
-        metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": cfg.learning_rate,
+        metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": scheduled_lr(epoch, cfg),
                    **{f"train_{c}": mean[c] for c in COMPONENTS}, "train_kl": mean["kl"],
                    "train_total": mean["total"]}
         model = self.load_member(member.slot).eval()
@@ -284,6 +295,7 @@ class Population:
             pos[slot], valid[slot], _ = step_layout(epoch_order(len(order), member.cfg, member.epoch), b, accum)
             eps[slot] = epoch_noise(member.cfg, member.epoch, steps)
             self.step.beta[slot] = kl_weight(member.epoch, member.cfg)
+            self.step.hyper["lr"][slot] = scheduled_lr(member.epoch, member.cfg)
         pos, valid, eps = pos.to(dev), valid.to(dev), eps.to(dev)
         rows = torch.zeros(k, steps, accum, len(STAT_KEYS), dtype=torch.float64, device=dev)
         self.model.train()

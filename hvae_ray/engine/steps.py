@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Mapping
 
@@ -38,6 +39,33 @@ def batch_loss(out: VAEOutput, batch: DenseBatch, node_stats, particle_loss: str
     return loss, torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double()
 
 
+def scheduled_lr(epoch: int, cfg: Config) -> float:
+    """The learning rate of ``epoch``: ``learning_rate`` (constant), or a cosine from it down to
+    ``lr_min_ratio`` of it at the last epoch (Loshchilov & Hutter, "SGDR", arXiv:1608.03983, one cycle)."""
+    if cfg.lr_schedule != "cosine":
+        return cfg.learning_rate
+    progress = min(1.0, epoch / max(1, cfg.epochs - 1))
+    r = cfg.lr_min_ratio
+    return cfg.learning_rate * (r + (1 - r) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate: in place where it is a tensor (a captured step reads it there)."""
+    for group in opt.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def update_average(average: list[torch.Tensor] | None, params, decay: float) -> None:
+    """The exponential moving average of the weights, after a step: a ← a + (1 − decay)(p − a)."""
+    if average is not None:
+        with torch.no_grad():
+            for a, p in zip(average, params):
+                a.lerp_(p.detach(), 1 - decay)
+
+
 def step_mode(device: torch.device, world: int, precision: Precision, cuda_graphs: bool | None) -> str:
     """'cuda-graph', or 'eager: <why not>' (said once, in the log and by ``fit``)."""
     why = None
@@ -61,8 +89,9 @@ class DenseStep:
 
     def __init__(self, cfg: Config, model: torch.nn.Module, net: torch.nn.Module, opt: torch.optim.Optimizer,
                  precision: Precision, featurize: DenseFeaturizer, jets: tuple[torch.Tensor, torch.Tensor],
-                 node_stats, graphed: bool, compiled: bool):
+                 node_stats, graphed: bool, compiled: bool, average: list[torch.Tensor] | None = None):
         self.cfg, self.model, self.net, self.opt, self.precision = cfg, model, net, opt, precision
+        self.average = average  # the weights' moving average, updated after each step (None: off)
         self.featurize, self.jets, self.node_stats = featurize, jets, node_stats
         self.graphed = graphed
         precision.graphed = graphed
@@ -100,6 +129,7 @@ class DenseStep:
         scaler.step(self.opt)
         scaler.update()
         self.opt.zero_grad(set_to_none=True)
+        update_average(self.average, self.model.parameters(), self.cfg.ema_decay)
         return torch.stack(rows)
 
     def _micro_loss(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor
@@ -121,7 +151,7 @@ class DenseStep:
         self._valid = torch.ones_like(self._pos, dtype=torch.bool)
         self._eps = torch.zeros(*self._pos.shape, cfg.model.latent_dim, device=dev)
         rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(dev)
-        with undone(list(self.model.parameters()), self.opt):
+        with undone(list(self.model.parameters()), self.opt, self.average or []):
             side = torch.cuda.Stream(dev)
             side.wait_stream(torch.cuda.current_stream(dev))
             self.model.train()
@@ -196,8 +226,10 @@ class PopulationStep:
         self.params = {n: torch.zeros(k, *p.shape, device=dev) for n, p in model.named_parameters()}
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.average = {n: torch.zeros_like(p) for n, p in self.params.items()}  # = params at ema_decay 0
         f64 = {"dtype": torch.float64, "device": dev}
         self.hyper = {name: torch.zeros(k, **f64) for name in ("lr", "weight_decay", "grad_clip", "steps")}
+        self.ema_decay = torch.zeros(k, **f64)
         self.beta = torch.zeros(k, device=dev)
         self.free_bits = torch.zeros(k, device=dev)
         self.weights = {c: torch.zeros(k, device=dev) for c in COMPONENTS}
@@ -207,11 +239,14 @@ class PopulationStep:
 
     @torch.no_grad()
     def load(self, slot: int, cfg: Config, params: dict[str, torch.Tensor],
-             moments: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, float]]) -> None:
-        """Write a member into ``slot``: its weights, AdamW moments and step count, and its scalars."""
+             moments: dict[str, tuple[torch.Tensor | None, torch.Tensor | None, float]],
+             average: dict[str, torch.Tensor] | None = None) -> None:
+        """Write a member into ``slot``: its weights (and their moving average: the weights when None), AdamW
+        moments and step count, and its scalars."""
         for name, p in params.items():
             m, v, steps = moments[name]
             self.params[name][slot].copy_(p)
+            self.average[name][slot].copy_(average[name] if average is not None else p)
             self.exp_avg[name][slot].copy_(m if m is not None else torch.zeros_like(p))
             self.exp_avg_sq[name][slot].copy_(v if v is not None else torch.zeros_like(p))
             self.hyper["steps"][slot] = steps
@@ -219,6 +254,7 @@ class PopulationStep:
                            ("grad_clip", cfg.grad_clip)):
             self.hyper[key][slot] = value
         self.free_bits[slot] = cfg.free_bits
+        self.ema_decay[slot] = cfg.ema_decay
         for c in COMPONENTS:
             self.weights[c][slot] = getattr(cfg.loss_weights, c)
         self.active[slot] = True
@@ -295,12 +331,15 @@ class PopulationStep:
             p.copy_(torch.where(on, new, p))
             self.exp_avg[name].copy_(torch.where(on, m, self.exp_avg[name]))
             self.exp_avg_sq[name].copy_(torch.where(on, v, self.exp_avg_sq[name]))
+            a = self.average[name]  # a + (1 - decay)(p - a): exactly p at decay 0
+            a.copy_(torch.where(on, torch.lerp(a, p, (1 - self.ema_decay).float().view(shape)), a))
 
     def _capture(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor) -> None:
         """Capture :meth:`_step` in a CUDA graph after two warm-up steps on a side stream, which are undone."""
         dev = self.jets[0].device
         self._io = (pos.clone(), valid.clone(), eps.clone())
-        state = [*self.params.values(), *self.exp_avg.values(), *self.exp_avg_sq.values(), self.hyper["steps"]]
+        state = [*self.params.values(), *self.exp_avg.values(), *self.exp_avg_sq.values(), *self.average.values(),
+                 self.hyper["steps"]]
         rng_cpu, rng_cuda = torch.get_rng_state(), torch.cuda.get_rng_state(dev)
         with undone([], None, state):
             side = torch.cuda.Stream(dev)

@@ -17,6 +17,7 @@ of hypergraphs (:mod:`hvae_ray.engine.paths`; ``torch_geometric`` is imported on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -36,7 +37,7 @@ from hvae_ray.engine.batches import Splits, prepare, validation_batch_size
 from hvae_ray.engine.checkpoint import resume_state, save_epoch, write_run_files
 from hvae_ray.engine.paths import DensePath, EpochSums, PygPath, validation_metrics
 from hvae_ray.engine.runtime import Precision, all_mean, limit_threads, rank_world, resolve_device
-from hvae_ray.engine.steps import STAT_KEYS, DenseStep, step_mode
+from hvae_ray.engine.steps import STAT_KEYS, DenseStep, scheduled_lr, set_learning_rate, step_mode
 from hvae_ray.errors import DataError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer, generate
 from hvae_ray.model.hypervae import HyperVAE
@@ -104,8 +105,10 @@ class Trainer:
         self.step_mode = step_mode(device, self.world, self.precision, cuda_graphs) if self.dense \
             else "eager: engine pyg"
         graphed = self.step_mode == "cuda-graph"
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+        lr = torch.tensor(cfg.learning_rate, device=device) if graphed else cfg.learning_rate  # a graph reads it
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=cfg.weight_decay,
                                      capturable=graphed)
+        self.average = [p.detach().clone() for p in self.model.parameters()] if cfg.ema_decay > 0 else None
         self.start_epoch, self.best, self.best_epoch = 0, math.inf, -1
         self.generation: dict[str, float] | None = None  # the last generation metrics (generation_every)
         stats = node_stats(self.normaliser, device)
@@ -113,11 +116,12 @@ class Trainer:
             featurize = DenseFeaturizer(self.normaliser, cfg.data.knn, device)
             compiled = cfg.compile if compile_model is None else compile_model
             step = DenseStep(cfg, self.model, self.net, self.opt, self.precision, featurize,
-                             device_jets(splits.sample, splits.train, device), stats, graphed, compiled)
+                             device_jets(splits.sample, splits.train, device), stats, graphed, compiled, self.average)
             self.path = DensePath(cfg, splits, self.model, step, featurize,
                                   device_jets(splits.sample, splits.val, device), stats, self.rank, self.world)
         else:
-            self.path = PygPath(cfg, splits, self.model, self.net, self.opt, self.precision, stats, device)
+            self.path = PygPath(cfg, splits, self.model, self.net, self.opt, self.precision, stats, device,
+                                self.average)
         batch = validation_batch_size(cfg) if device.type == "cuda" else 1024
         self.scorer = GenerationScorer(splits.sample.subset(splits.val[: cfg.generation_jets]), device, batch)
 
@@ -137,7 +141,27 @@ class Trainer:
         """One pass over this rank's share of the training split at the KL weight of ``epoch``. Running
         statistics stay on the device; the host reads them once at the end, where a non-finite loss
         raises :class:`TrainingDiverged`."""
+        set_learning_rate(self.opt, scheduled_lr(epoch, self.cfg))
         return self._finish_epoch(epoch, self.path.train_epoch(epoch, kl_weight(epoch, self.cfg), progress))
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The model holds the weights' moving average inside this context (its own weights without one):
+        what is validated, scored, sampled and saved as ``model``."""
+        if self.average is None:
+            yield self.model
+            return
+        params = list(self.model.parameters())
+        trained = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, a in zip(params, self.average):
+                p.copy_(a)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, t in zip(params, trained):
+                    p.copy_(t)
 
     def _finish_epoch(self, epoch: int, done: EpochSums) -> dict[str, float]:
         first_bad = done.first_bad
@@ -154,36 +178,49 @@ class Trainer:
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Validation metrics on the full validation split (eval mode, posterior mean) at the KL weight of
         ``epoch`` (:func:`~hvae_ray.engine.paths.validation_metrics`)."""
-        self.model.eval()
-        out = validation_metrics(self.path.val_batches(self.model), kl_weight(epoch, self.cfg), self.cfg,
-                                 self.device, self.autocast())
-        self.model.train()
+        with self.averaged() as model:
+            model.eval()
+            out = validation_metrics(self.path.val_batches(model), kl_weight(epoch, self.cfg), self.cfg,
+                                     self.device, self.autocast())
+            model.train()
         return out
 
     def generation_metrics(self) -> dict[str, float]:
         """:meth:`GenerationScorer.score` of this model (the PyG model scores through its dense twin)."""
-        model = self.model
-        if not self.dense:
-            model = HyperVAE(self.cfg.model).to(self.device)
-            model.load_state_dict(self.model.state_dict())
         train = self.splits.sample.subset(self.splits.train[: self.cfg.generation_jets])
-        return self.scorer.score(model, self.normaliser, self.cfg, train, self.autocast())
+        with self.averaged() as model:
+            if not self.dense:
+                model = HyperVAE(self.cfg.model).to(self.device)
+                model.load_state_dict(self.model.state_dict())
+            return self.scorer.score(model, self.normaliser, self.cfg, train, self.autocast())
 
     def state(self, epoch: int) -> dict[str, Any]:
-        """A checkpoint (:mod:`hvae_ray.engine.checkpoint`) after ``epoch``."""
-        state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+        """A checkpoint (:mod:`hvae_ray.engine.checkpoint`) after ``epoch``: ``model`` holds the weights'
+        moving average when there is one, ``train_model`` then the trained weights."""
+        state = {"optimizer": self.opt.state_dict(),
                  "scaler": self.precision.scaler.state_dict(), "epoch": epoch, "best": self.best,
                  "best_epoch": self.best_epoch, "generation": self.generation, "config": self.cfg.to_dict(),
                  "normaliser": self.normaliser.state_dict(), "test_indices": torch.from_numpy(self.splits.test),
                  "rng_cpu": torch.get_rng_state()}
+        with self.averaged() as model:
+            state["model"] = {k: v.clone() for k, v in model.state_dict().items()}
+        if self.average is not None:
+            state["train_model"] = self.model.state_dict()
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (of :meth:`state`): weights, optimiser, loss scaler, RNG, epoch, best."""
-        self.model.load_state_dict(state["model"])
+        self.model.load_state_dict(state.get("train_model", state["model"]))
+        if self.average is not None:
+            with torch.no_grad():
+                for a, v in zip(self.average, state["model"].values()):
+                    a.copy_(v)
+        graphed_lr = self.opt.param_groups[0]["lr"]
         self.opt.load_state_dict(state["optimizer"])
+        for group in self.opt.param_groups:  # the learning rate's kind is this run's (a tensor when captured)
+            group["lr"] = graphed_lr if torch.is_tensor(graphed_lr) else float(group["lr"])
         self.precision.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
@@ -269,8 +306,9 @@ class RunLog:
         """Validation jets against jets decoded from N(0, 1) codes."""
         from hvae_ray.evaluation.plots import distribution_figures
 
-        gen_p, gen_m = generate(trainer.model, trainer.normaliser, len(self.val), seed=trainer.cfg.seed + 1,
-                                device=trainer.device)
+        with trainer.averaged() as model:
+            gen_p, gen_m = generate(model, trainer.normaliser, len(self.val), seed=trainer.cfg.seed + 1,
+                                    device=trainer.device)
         self.logger.log_figures(distribution_figures(self.val.particles, self.val.mask, gen_p, gen_m), epoch)
         self.last_figures = epoch
 
@@ -315,7 +353,7 @@ def epoch_metrics(trainer, epoch: int, progress: bool) -> dict[str, Any]:
     train = trainer.train_epoch(epoch, progress)
     if epoch == trainer.start_epoch:  # the end of this process's start-up, for a sweep's critical path
         train["first_step_at"] = trainer.first_step_at
-    metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": trainer.opt.param_groups[0]["lr"],
+    metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": scheduled_lr(epoch, cfg),
                **train, **trainer.evaluate(epoch)}
     if trainer.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1:
         trainer.generation = trainer.generation_metrics()  # carried over the epochs in between
