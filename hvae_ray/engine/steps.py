@@ -66,6 +66,26 @@ def update_average(average: list[torch.Tensor] | None, params, decay: float) -> 
                 a.lerp_(p.detach(), 1 - decay)
 
 
+@contextlib.contextmanager
+def holding(model: torch.nn.Module, weights: list[torch.Tensor] | None):
+    """``model`` with ``weights`` copied into its parameters for the duration (its own back after); the
+    model as it is when ``weights`` is None."""
+    if weights is None:
+        yield model
+        return
+    params = list(model.parameters())
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, o in zip(params, own):
+                p.copy_(o)
+
+
 def step_mode(device: torch.device, world: int, precision: Precision, cuda_graphs: bool | None) -> str:
     """'cuda-graph', or 'eager: <why not>' (said once, in the log and by ``fit``)."""
     why = None

@@ -17,7 +17,6 @@ of hypergraphs (:mod:`hvae_ray.engine.paths`; ``torch_geometric`` is imported on
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import sys
@@ -37,7 +36,7 @@ from hvae_ray.engine.batches import Splits, prepare, validation_batch_size
 from hvae_ray.engine.checkpoint import resume_state, save_epoch, write_run_files
 from hvae_ray.engine.paths import DensePath, EpochSums, PygPath, validation_metrics
 from hvae_ray.engine.runtime import Precision, all_mean, limit_threads, rank_world, resolve_device
-from hvae_ray.engine.steps import STAT_KEYS, DenseStep, scheduled_lr, set_learning_rate, step_mode
+from hvae_ray.engine.steps import STAT_KEYS, DenseStep, holding, scheduled_lr, set_learning_rate, step_mode
 from hvae_ray.errors import DataError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer, generate
 from hvae_ray.model.hypervae import HyperVAE
@@ -144,24 +143,10 @@ class Trainer:
         set_learning_rate(self.opt, scheduled_lr(epoch, self.cfg))
         return self._finish_epoch(epoch, self.path.train_epoch(epoch, kl_weight(epoch, self.cfg), progress))
 
-    @contextlib.contextmanager
     def averaged(self):
-        """The model holds the weights' moving average inside this context (its own weights without one):
+        """A context in which the model holds the weights' moving average (its own weights without one):
         what is validated, scored, sampled and saved as ``model``."""
-        if self.average is None:
-            yield self.model
-            return
-        params = list(self.model.parameters())
-        trained = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, a in zip(params, self.average):
-                p.copy_(a)
-        try:
-            yield self.model
-        finally:
-            with torch.no_grad():
-                for p, t in zip(params, trained):
-                    p.copy_(t)
+        return holding(self.model, self.average)
 
     def _finish_epoch(self, epoch: int, done: EpochSums) -> dict[str, float]:
         first_bad = done.first_bad
