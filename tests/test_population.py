@@ -92,11 +92,14 @@ def test_a_members_checkpoint_is_an_ordinary_one(alone_and_together, jets):
     """fit resumes from it (its AdamW state included), model_from_checkpoint reads it, and the resumed run
     goes on as the member's config alone goes on."""
     root, cfgs, alone, _ = alone_and_together
-    state = engine.load_checkpoint(root / "pop2" / "last")
+    averaged = engine.load_checkpoint(root / "pop2" / "last")  # the member with a moving average
+    assert set(averaged["train_model"]) == set(averaged["model"])
+    assert any(not torch.equal(averaged["model"][k], averaged["train_model"][k]) for k in averaged["model"])
+    state = engine.load_checkpoint(root / "pop0" / "last")
     model, _, cfg = engine.model_from_checkpoint(state)
-    assert cfg == cfgs[2] and len(state["optimizer"]["state"]) == len(list(model.parameters()))
-    longer = cfgs[2].with_overrides({"epochs": 4})
-    resumed = engine.fit(longer, jets, resume=root / "pop2" / "last", progress=False)
+    assert cfg == cfgs[0] and len(state["optimizer"]["state"]) == len(list(model.parameters()))
+    longer = cfgs[0].with_overrides({"epochs": 4})  # (a constant learning rate: more epochs change no epoch's)
+    resumed = engine.fit(longer, jets, resume=root / "pop0" / "last", progress=False)
     straight = engine.fit(longer, jets, progress=False)
     assert resumed["epochs_run"] == 1
     for key in KEYS:
