@@ -4,7 +4,9 @@ on first use."""
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +14,8 @@ import numpy as np
 
 from hvae_ray.config import Config, load_config
 from hvae_ray.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 def resolve_data(data_path: str | Path | None, progress: bool = True) -> Path:
@@ -26,13 +30,16 @@ def resolve_data(data_path: str | Path | None, progress: bool = True) -> Path:
 def generate_data(flavor: str, n_jets: int, out: str | Path, seed: int = 0, *, workers: int | None = None,
                   overwrite: bool = False, progress: bool = True) -> Path:
     """Generate ``n_jets`` jets of ``flavor`` with Pythia 8 + FastJet (``data.generate.generate_jets``)
-    into the Parquet file ``out``, its metadata naming flavor and seed. The output path is checked
-    before any jet is generated."""
-    from hvae_ray.data.generate import generate_jets
+    into the Parquet file ``out``, its metadata naming flavor and seed. The output path and the size
+    (memory for the jets, disk for the file) are checked before any jet is generated."""
+    from hvae_ray.data.generate import check_generation_size, generate_jets
     from hvae_ray.data.io import save_parquet
     from hvae_ray.outputs import check_output_file
 
+    if isinstance(n_jets, bool) or not isinstance(n_jets, (int, np.integer)) or n_jets < 1:
+        raise ConfigError(f"`n_jets` must be an integer >= 1, got {n_jets!r}")
     out = check_output_file(out, overwrite=overwrite, suffix=".parquet")  # before minutes of work
+    check_generation_size(n_jets, out.parent)  # memory and disk, in one line, before any jet
     jets = generate_jets(flavor, n_jets, seed, workers=workers, progress=progress)
     return save_parquet(jets, out, metadata={"flavor": flavor, "seed": str(seed)}, overwrite=overwrite)
 
@@ -88,25 +95,52 @@ def _checkpoint_dir(checkpoint: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def sample_codes(checkpoint: str | Path, prior: str | None = None, posterior_of: str | Path | None = None,
+                 temperature: float = 1.0) -> tuple[str | None, str]:
+    """Where ``sample`` draws its codes from: (the prior, or None with ``posterior_of``; one line saying
+    so). ``prior`` None: the fitted prior when one is stored beside the checkpoint (``prior.pt`` of
+    :func:`fit_prior`), else ``standard``."""
+    from hvae_ray.latent import PRIOR_FILE
+
+    if prior is not None and prior not in PRIORS:
+        raise ConfigError(f"`prior` must be one of {', '.join(PRIORS)}, got {prior!r}")
+    if posterior_of is not None:  # instead of any prior
+        return None, f"codes: one draw of q(z | x) of each jet of {posterior_of}"
+    stored = _checkpoint_dir(checkpoint) / PRIOR_FILE
+    chosen = prior or ("fitted" if stored.is_file() else "standard")
+    if chosen == "fitted":
+        line = f"codes: the fitted prior {stored}" + (f" at temperature {temperature:g}" if temperature != 1.0 else "")
+        return chosen, line + (" (stored beside the checkpoint; `prior='standard'` for N(0, 1))"
+                               if prior is None else "")
+    return chosen, "codes: N(0, 1), the standard prior" + (" (no fitted prior beside the checkpoint)"
+                                                           if prior is None else "")
+
+
 def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
-           device: str = "auto", overwrite: bool = False, progress: bool = False, prior: str = "standard",
-           posterior_of: str | Path | None = None, temperature: float = 1.0) -> Path:
+           device: str = "auto", overwrite: bool = False, progress: bool = False, prior: str | None = None,
+           posterior_of: str | Path | None = None, temperature: float = 1.0,
+           report: Callable[[str], object] | None = None) -> Path:
     """Generate ``n_jets`` jets and write JetNet-layout ``particle_features`` (N, 30, 4) =
     (η_rel, φ_rel, pT_rel, mask) to ``out`` (.npz).
 
     Codes come from ``prior``: ``standard`` N(0, 1), or ``fitted``, the checkpoint folder's prior of
-    :func:`fit_prior`, its random draws scaled by ``temperature``. With ``posterior_of`` (a jet file)
+    :func:`fit_prior`, its random draws scaled by ``temperature``; None (the default): the fitted prior
+    when one is stored beside the checkpoint, else N(0, 1). With ``posterior_of`` (a jet file)
     the codes are one draw from q(z | x) of each of its first ``n_jets`` jets instead: the model's
-    reconstructions, which bound what any prior can reach. Jets are decoded in chunks of
-    ``SAMPLE_CHUNK`` and streamed to disk (memory stays bounded); the first chunk uses ``seed``
-    itself, chunk k a seed derived from (seed, k). The output path, the free disk space and the prior
-    are checked before any jet is decoded. A tqdm bar goes to stderr if ``progress``.
+    reconstructions, which bound what any prior can reach. One line saying where the codes come from
+    (:func:`sample_codes`) goes to ``report``, else to this module's logger (INFO), before any jet is
+    decoded. Jets are decoded in chunks of ``SAMPLE_CHUNK`` and streamed to disk (memory stays bounded);
+    the first chunk uses ``seed`` itself, chunk k a seed derived from (seed, k). The output path, the free
+    disk space and the prior are checked before any jet is decoded. A tqdm bar goes to stderr if ``progress``.
     """
     from hvae_ray.data.jets import MAX_PARTICLES
     from hvae_ray.engine import load_checkpoint, model_from_checkpoint, resolve_device
     from hvae_ray.outputs import check_free_space, check_output_file
 
-    _check_sample_args(n_jets, prior, posterior_of, temperature)
+    _check_sample_args(n_jets, temperature)
+    prior, line = sample_codes(checkpoint, prior, posterior_of, temperature)
+    if temperature != 1.0 and prior != "fitted":
+        raise ConfigError("`temperature` applies to the fitted prior only (`prior='fitted'`)")
     out = check_output_file(out, overwrite=overwrite, suffix=".npz")
     n_bytes = n_jets * MAX_PARTICLES * 4 * 4  # float32 (N, 30, 4), streamed into the archive
     check_free_space(out.parent, n_bytes + n_bytes // 500 + 2**20, f"sampling {n_jets} jets")  # + zip's worst case
@@ -117,24 +151,21 @@ def sample(checkpoint: str | Path, n_jets: int, out: str | Path, seed: int = 0,
         decoder.posterior_of(posterior_of, n_jets)
     if prior == "fitted":
         decoder.fitted_prior(_checkpoint_dir(checkpoint), temperature)
+    (report or log.info)(line)
     _write_particle_features(out, n_jets, seed, decoder, progress)
     return out
 
 
-def _check_sample_args(n_jets: int, prior: str, posterior_of: str | Path | None, temperature: float) -> None:
+def _check_sample_args(n_jets: int, temperature: float) -> None:
     if isinstance(n_jets, bool) or not isinstance(n_jets, int) or n_jets < 1:
         raise ConfigError(f"`n_jets` must be an integer >= 1, got {n_jets!r}")
     if not (isinstance(temperature, (int, float)) and 0 < temperature <= 10):
         raise ConfigError(f"`temperature` must be a number in (0, 10], got {temperature!r}")
-    if temperature != 1.0 and (prior != "fitted" or posterior_of is not None):
-        raise ConfigError("`temperature` applies to the fitted prior only (`prior='fitted'`)")
-    if prior not in PRIORS:
-        raise ConfigError(f"`prior` must be one of {', '.join(PRIORS)}, got {prior!r}")
 
 
 class _JetDecoder:
-    """Decodes chunks of jets from the codes ``sample`` was asked for: N(0, 1) (the default), the
-    fitted prior, or q(z | x) of real jets."""
+    """Decodes chunks of jets from the codes ``sample`` was asked for: N(0, 1) (unless told otherwise),
+    the fitted prior, or q(z | x) of real jets."""
 
     def __init__(self, model, normaliser, cfg: Config, device):
         self.model, self.normaliser, self.cfg, self.device = model, normaliser, cfg, device
@@ -204,7 +235,7 @@ def _write_particle_features(out: Path, n_jets: int, seed: int, decode_chunk: _J
 def fit_prior(checkpoint: str | Path, data_path: str | Path | None = None, *, kind: str = "gmm",
               components: int = 100, seed: int = 0, device: str = "auto", overwrite: bool = False) -> Path:
     """Fit a prior to the latent codes of the checkpoint's training jets and write it beside the
-    checkpoint (``prior.pt``), for ``sample(prior="fitted")``.
+    checkpoint (``prior.pt``), which ``sample`` then draws from unless told ``prior="standard"``.
 
     ``kind`` ``gmm`` (default): a ``components``-Gaussian mixture (diagonal covariances, capped at the
     number of jets) fitted to the posterior means; ``flow``: a RealNVP flow fitted to one posterior
@@ -304,7 +335,8 @@ def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_d
                          overwrite=overwrite)
     if log_dir is not None:
         check_output_dir(log_dir, "TensorBoard folder")
-    r, g = load_jets(real), load_jets(generated)
+    # The generated jets skip the physical-range check: how unphysical they are is what the metrics measure.
+    r, g = load_jets(real), load_jets(generated, check_ranges=False)
     result = evaluate_generation(r.particles, r.mask, g.particles, g.mask, seed=seed, **metric_kwargs)
     if plots_dir is not None or log_dir is not None:
         from hvae_ray.evaluation.plots import distribution_figures, save_figures

@@ -17,7 +17,8 @@ from hvae_ray.errors import HvaeError
 
 #: The API's arguments that error messages name (in backquotes), as this command line's flags.
 FLAGS = {"resume=True": "--resume", "save_dir": "--save-dir", "overwrite=True": "--force", "n_jets": "--n-jets",
-         "prior": "--prior", "prior='fitted'": "--prior fitted", "temperature": "--temperature", "kind": "--kind",
+         "prior": "--prior", "prior='fitted'": "--prior fitted", "prior='standard'": "--prior standard",
+         "temperature": "--temperature", "kind": "--kind",
          "components": "--components", "num_eval_samples": "--w1-samples", "fpd_min_samples": "--fpd-min-samples",
          "fpd_max_samples": "--fpd-max-samples", "kpd_batch_size": "--kpd-batch-size", "name": "--name",
          "resume_sweep": "'hvae-ray sweep resume'"}
@@ -27,6 +28,23 @@ def _overrides(pairs: list[str] | None) -> dict:
     from hvae_ray.config import parse_override
 
     return dict(parse_override(p) for p in pairs or [])
+
+
+def jet_count(text: str) -> int:
+    """A number of jets: an integer, also written as a float with an integral value (``1e6``, ``2.5e4``)."""
+    import math
+
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value != math.floor(value):
+        raise argparse.ArgumentTypeError(f"must be a whole number of jets, got {text!r}")
+    return int(value)
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -65,7 +83,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_sample(a: argparse.Namespace) -> int:
     _at_least_one(a.n_jets, "--n-jets")
     out = api.sample(a.checkpoint, a.n_jets, a.out, seed=a.seed, device=a.device, overwrite=a.force,
-                 progress=not a.quiet, prior=a.prior, posterior_of=a.posterior, temperature=a.temperature)
+                     progress=not a.quiet, prior=a.prior, posterior_of=a.posterior, temperature=a.temperature,
+                     report=lambda line: print(in_flags(line), flush=True))
     print(f"wrote {a.n_jets} jets to {out}")
     return 0
 
@@ -74,7 +93,8 @@ def cmd_prior_fit(a: argparse.Namespace) -> int:
     _at_least_one(a.components, "--components")
     path = api.fit_prior(a.checkpoint, a.data_path, kind=a.kind, components=a.components, seed=a.seed,
                          device=a.device, overwrite=a.force)
-    print(f"wrote {path}; sample from it with: hvae-ray sample --checkpoint {a.checkpoint} --prior fitted ...")
+    print(f"wrote {path}; hvae-ray sample --checkpoint {a.checkpoint} now samples from it "
+          "(--prior standard for N(0, 1))")
     return 0
 
 
@@ -175,7 +195,7 @@ def _add_data(sub) -> None:
     data = sub.add_parser("data", help="make jet datasets").add_subparsers(dest="data_command", required=True)
     g = data.add_parser("generate", help="generate jets with Pythia 8 + FastJet (JetNet recipe) into Parquet")
     g.add_argument("--flavor", required=True, choices=FLAVORS, help="the jet's initiating particle")
-    g.add_argument("--n-jets", type=int, required=True, help="number of jets to keep")
+    g.add_argument("--n-jets", type=jet_count, required=True, help="number of jets to keep (1e5 style accepted)")
     g.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
     g.add_argument("--out", required=True, help="output .parquet file")
     g.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -203,13 +223,14 @@ def _add_train(sub) -> None:
 def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="generate jets from a trained model")
     s.add_argument("--checkpoint", required=True, help="a checkpoint folder, e.g. runs/train/best")
-    s.add_argument("--n-jets", type=int, required=True,
-                   help="jets to generate (streamed to disk in chunks)")
+    s.add_argument("--n-jets", type=jet_count, required=True,
+                   help="jets to generate (streamed to disk in chunks; 1e5 style accepted)")
     s.add_argument("--out", required=True, help="output .npz (particle_features [N, 30, 4])")
     s.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     s.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    s.add_argument("--prior", choices=api.PRIORS, default="standard",
-                   help="codes from N(0, 1) (default) or from the prior of `prior fit` in the checkpoint folder")
+    s.add_argument("--prior", choices=api.PRIORS, default=None,
+                   help="codes from N(0, 1) or from the prior of `prior fit` in the checkpoint folder (default: "
+                        "that prior when the folder holds one, else N(0, 1))")
     s.add_argument("--temperature", type=float, default=1.0,
                    help="--prior fitted: scale of the prior's random draws (below 1: fewer codes from its tails)")
     s.add_argument("--posterior", default=None, metavar="JETS",

@@ -151,7 +151,7 @@ def test_prior_fit_then_sample_fitted_and_posterior(run, tmp_path, capsys):
         assert fa.shape == (40, 30, 4)
         np.testing.assert_array_equal(fa, fb)  # seeded
     standard = tmp_path / "standard.npz"
-    assert main([*base, "--n-jets", "40", "--out", str(standard)]) == 0
+    assert main([*base, "--prior", "standard", "--n-jets", "40", "--out", str(standard)]) == 0
     assert not np.array_equal(np.load(standard)["particle_features"],
                               np.load(tmp_path / "fitted_a.npz")["particle_features"])
     assert main([*base, "--posterior", str(data), "--n-jets", "61", "--out", str(tmp_path / "y.npz")]) == 2

@@ -12,16 +12,22 @@ The driver signs Tune's state in Tune's staging folder as Tune saves it, before 
 the experiment (a callback's state is asked for at that moment), so a driver killed at any point leaves
 signed files; it signs the experiment folder after each step of Tune's loop and when the sweep ends,
 however it ends. The newest few signatures of each file are kept: a file caught mid-copy verifies in
-its old version or its new one. Trials' Ray Train runs (``_train/``) keep their state as JSON and are not signed.
+its old version or its new one. Tune replaces and removes its state files, and Ray Train its checkpoints,
+while the driver signs: a file or folder gone by the time it is read or listed is left out (nothing of it
+is there to unpickle), and ``sweep resume`` refuses it if it comes back unsigned. Trials' Ray Train runs
+(``_train/``) keep their state as JSON and are neither listed nor signed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import hmac
 import json
 import os
+import stat
 from pathlib import Path
 
 from hvae_ray.errors import ResumeRefused
@@ -74,15 +80,54 @@ def _mac(secret: bytes, rel: str, data: bytes) -> str:
     return hmac.new(secret, _DOMAIN + rel.encode("utf-8") + b"\0" + data, hashlib.sha256).hexdigest()
 
 
-def loaded_files(experiment_dir: str | Path) -> list[Path]:
-    """The files of an experiment that Ray Tune may unpickle on resume (see the module)."""
+def _entries(folder: Path, strict: bool) -> list[os.DirEntry]:
+    """The entries of ``folder``; none when it was removed meanwhile (Tune and Ray Train rotate, move and
+    delete their files and folders while a sweep runs). Any other failure to list it is a refusal when
+    ``strict`` (verifying), else the folder is skipped (signing)."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        if strict:
+            raise ResumeRefused(f"{folder}: cannot list it: {e.strerror}; not resuming, since Ray may unpickle "
+                                "files in it") from None
+        return []
+
+
+def loaded_files(experiment_dir: str | Path, *, strict: bool = False) -> list[Path]:
+    """The files of an experiment that Ray Tune may unpickle on resume (see the module). Files and folders
+    removed while they are listed are left out; with ``strict`` a folder that cannot be listed otherwise
+    is a ResumeRefused."""
     exp = Path(experiment_dir)
-    found = {p for pattern in TOP_PATTERNS for p in exp.glob(pattern)}
-    for p in exp.rglob("*.pkl"):
-        rel = p.relative_to(exp).parts
-        if rel[0] != "_train":
-            found.add(p)
-    return sorted(p for p in found if not p.is_dir())
+    found: list[Path] = []
+    folders = [exp]
+    while folders:
+        folder = folders.pop()
+        top = folder == exp
+        for entry in _entries(folder, strict):
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:  # removed meanwhile
+                continue
+            if is_dir:
+                if not (top and entry.name == "_train"):
+                    folders.append(Path(entry.path))
+            elif entry.name.endswith(".pkl") or (top and any(fnmatch.fnmatchcase(entry.name, pattern)
+                                                             for pattern in TOP_PATTERNS)):
+                found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _read_regular(path: Path) -> bytes:
+    """The bytes of ``path``, a regular file (not a link, FIFO or device): OSError otherwise, and
+    FileNotFoundError when it no longer exists."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        return f.read()
 
 
 #: Signatures kept per file: its newest versions, so that a file Tune is copying into the experiment
@@ -114,12 +159,14 @@ def staging_dirs(experiment_name: str) -> list[Path]:
 
     def saved_at(folder: Path) -> float:
         times = []
-        for f in folder.glob("experiment_state-*.json"):
-            with contextlib.suppress(OSError):
-                times.append(f.stat().st_mtime)
+        for entry in _entries(folder, strict=False):
+            if fnmatch.fnmatchcase(entry.name, "experiment_state-*.json"):
+                with contextlib.suppress(OSError):  # replaced or removed meanwhile
+                    times.append(entry.stat(follow_symlinks=False).st_mtime)
         return max(times, default=0.0)
 
-    found = [p for p in root.glob(f"*/{experiment_name}/driver_artifacts") if p.is_dir()]
+    found = [p for p in (Path(e.path) / experiment_name / "driver_artifacts" for e in _entries(root, strict=False))
+             if p.is_dir()]
     return sorted(found, key=saved_at, reverse=True)
 
 
@@ -149,13 +196,13 @@ class Signer:
                 rel = p.relative_to(root).as_posix()
                 try:
                     st = os.stat(p, follow_symlinks=False)
-                    if not p.is_file() or p.is_symlink():
+                    if not stat.S_ISREG(st.st_mode):
                         continue
                     stamp = (str(root), st.st_mtime_ns, st.st_size)
                     if self._seen.get(rel) == stamp and rel in record:
                         continue
-                    data = p.read_bytes()
-                except OSError:
+                    data = _read_regular(p)
+                except OSError:  # removed or replaced since it was listed (a rotated or temporary file)
                     continue
                 mac = _mac(secret, rel, data)
                 self._seen[rel] = stamp
@@ -170,7 +217,7 @@ def verify(experiment_dir: str | Path) -> None:
     """ResumeRefused (one line) unless every file Ray may unpickle on resume is a regular file whose bytes
     match the record signed with this user's key."""
     exp = Path(experiment_dir)
-    files = loaded_files(exp)
+    files = loaded_files(exp, strict=True)
     if not files:
         return
     record = _read_record(exp)
@@ -178,17 +225,19 @@ def verify(experiment_dir: str | Path) -> None:
     for p in files:
         rel = p.relative_to(exp).as_posix()
         why = None
-        if p.is_symlink() or not p.is_file():
-            why = "is not a regular file"
-        elif rel not in record:
-            why = "is not signed with your key (your sweeps sign what they write)"
-        else:
-            try:
-                mac = _mac(secret, rel, p.read_bytes())
-                ok = any(hmac.compare_digest(mac, m) for m in record[rel])
-            except OSError as e:
+        try:
+            data = _read_regular(p)
+        except FileNotFoundError:
+            continue  # gone: nothing of it can be unpickled
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EINVAL) or p.is_symlink():
+                why = "is not a regular file"
+            else:
                 raise ResumeRefused(f"{p}: cannot read it: {e.strerror}") from None
-            if not ok:
+        else:
+            if rel not in record:
+                why = "is not signed with your key (your sweeps sign what they write)"
+            elif not any(hmac.compare_digest(_mac(secret, rel, data), m) for m in record[rel]):
                 why = "changed since your sweep signed it"
         if why:
             raise ResumeRefused(f"{p}: {why}; not resuming, since Ray would unpickle it (run code from it). "

@@ -98,6 +98,71 @@ def test_signed_state_verifies_and_any_change_is_refused(experiment, config_home
         signing.verify(experiment)
 
 
+class _Listing(list):
+    """What ``os.scandir`` returns, already read: a list usable as a context manager."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_files_and_folders_removed_while_signing_are_skipped(experiment, config_home, monkeypatch):
+    """Tune replaces its state files and Ray Train deletes old checkpoints while the driver signs: a file
+    or folder listed and then gone is left out; verifying still refuses what is unsigned or changed."""
+    import shutil
+
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps({}))
+    rotated = experiment / "experiment_state-2026-01-01.json"
+    rotated.write_text("{}")
+    trial = experiment / "trial_x"
+    old = trial / "checkpoint_000000"
+    old.mkdir(parents=True)
+    (old / "extra.pkl").write_bytes(b"old")
+    (trial / "params.pkl").write_bytes(pickle.dumps({"batch_size": 8}))
+    real_scandir = os.scandir
+
+    def scandir(path):
+        if isinstance(path, int):  # rmtree's own listing, by descriptor
+            return real_scandir(path)
+        if Path(path) == old and old.exists():
+            shutil.rmtree(old)  # listed in its folder, then removed before it is listed in turn
+        listing = _Listing(real_scandir(path))
+        if Path(path) == experiment and rotated.exists():
+            rotated.unlink()  # listed, then removed before it is read
+        return listing
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    signing.Signer(experiment).sign()
+    monkeypatch.setattr(os, "scandir", real_scandir)
+    record = json.loads((experiment / signing.SIGNATURES).read_text())["files"]
+    assert sorted(record) == ["trial_x/params.pkl", "tuner.pkl"]
+    signing.verify(experiment)
+    rotated.write_text('{"trial_data": []}')  # back, never signed
+    with pytest.raises(signing.ResumeRefused, match="experiment_state-2026-01-01.json: is not signed"):
+        signing.verify(experiment)
+    rotated.unlink()
+    (trial / "params.pkl").write_bytes(pickle.dumps({"batch_size": 16}))
+    with pytest.raises(signing.ResumeRefused, match="params.pkl: changed since"):
+        signing.verify(experiment)
+
+
+def test_a_pipe_or_link_where_ray_would_unpickle_is_refused_without_waiting(experiment, config_home, tmp_path):
+    (experiment / "tuner.pkl").write_bytes(pickle.dumps({}))
+    signing.Signer(experiment).sign()
+    os.mkfifo(experiment / "callback-states-2026.pkl")  # reading it would wait for a writer
+    with pytest.raises(signing.ResumeRefused, match="callback-states-2026.pkl: is not a regular file"):
+        signing.verify(experiment)
+    (experiment / "callback-states-2026.pkl").unlink()
+    target = tmp_path / "elsewhere.pkl"
+    target.write_bytes(pickle.dumps({}))
+    (experiment / "searcher-state-2026.pkl").symlink_to(target)
+    signing.Signer(experiment).sign()  # links are not signed
+    with pytest.raises(signing.ResumeRefused, match="searcher-state-2026.pkl: is not a regular file"):
+        signing.verify(experiment)
+
+
 def test_a_readable_key_is_refused(experiment, config_home):
     (experiment / "tuner.pkl").write_bytes(b"x")
     signing.Signer(experiment).sign()
