@@ -35,7 +35,7 @@ def variant(name: str, overrides: dict, train: str, heldout: str, out: str, seco
     api.fit_prior(last, train, components=20)
     metrics = {}
     for src, f, kw in zip(SOURCES, ("standard", "fitted", "posterior"),
-                          ({}, {"prior": "fitted"}, {"posterior_of": heldout})):
+                          ({"prior": "standard"}, {"prior": "fitted"}, {"posterior_of": heldout})):
         gen = load_jets(api.sample(last, len(real), out / f"{f}.npz", seed=1, **kw))
         m = evaluate_generation(real.particles, real.mask, gen.particles, gen.mask, kpd_num_batches=1)
         metrics[src] = {k: v for k, v in m.items() if isinstance(v, (int, float, str))}
@@ -64,7 +64,7 @@ def bound(a, out: Path) -> tuple[dict, list[dict]]:
 
 def priors(a, out: Path) -> tuple[dict, list[dict]]:
     n, t0, kw = len(load_jets(a.heldout)), time.time(), {"seed": 1, "device": a.device, "overwrite": True}
-    gens = {SOURCES[0]: api.sample(a.checkpoint, n, out / "standard.npz", **kw),
+    gens = {SOURCES[0]: api.sample(a.checkpoint, n, out / "standard.npz", prior="standard", **kw),
             SOURCES[2]: api.sample(a.checkpoint, n, out / "posterior.npz", posterior_of=a.heldout, **kw)}
     for spec in a.priors.split(","):
         kind, temp = spec.split(":")
