@@ -22,10 +22,14 @@ import torch
 
 from hvae_ray import engine
 
-SEED_SETTING = {"batch_size": 8, "gradient_accumulation_steps": 4}
-# (label, member batch, accumulation, members K) of the population cases
-POPULATIONS = [("seed", 8, 4, k) for k in (1, 16, 24, 32, 48)] + [("b32", 32, 1, k) for k in (1, 16, 64)]
-PROCESSES = [("seed", 8, 4, 1), ("seed", 8, 4, 4), ("one model, batch 128", 128, 4, 1), ("b32", 32, 1, 1)]
+
+def cases(a) -> tuple[list, list]:
+    """(label, batch per member, accumulation, members K or processes P) of the population and process cases:
+    the seed setting (batch 8 × 4) and batch 32 × 1, plus one model at 16 × 8 = 128 jets a step."""
+    ks = [int(k) for k in a.seed_ks.split(",")]
+    pops = [("seed", 8, 4, k) for k in ks] + [("b32", 32, 1, int(k)) for k in a.b32_ks.split(",")]
+    procs = [("seed", 8, 4, int(p)) for p in a.procs.split(",")] + [("one model, batch 128", 128, 4, 1)]
+    return pops, procs
 
 
 def _configs(k: int, batch: int, accum: int, device: str, sets=()) -> list:
@@ -83,7 +87,8 @@ def population_child(batch: int, accum: int, k: int, jets: int, seconds: float, 
 def gpu(a) -> dict:
     rows, results = [], {"host": harness.host(), "jets": a.jets, "seconds": a.seconds}
     base = None
-    for label, batch, accum, procs in PROCESSES:
+    populations, processes = cases(a)
+    for label, batch, accum, procs in processes:
         go = f"/tmp/bench-population-go-{os.getpid()}-{procs}-{batch}"
         kids = [harness.Child(trial_child, {"batch": batch, "accum": accum, "jets": a.jets, "seconds": a.seconds,
                                             "data": a.data, "go": go}, timeout=240) for _ in range(procs)]
@@ -101,7 +106,7 @@ def gpu(a) -> dict:
             base = row["jets_per_s"]
         results.setdefault("processes", []).append({"label": label, "procs": procs, "children": res})
         rows.append(row)
-    for label, batch, accum, k in POPULATIONS:
+    for label, batch, accum, k in populations:
         r = harness.Child(population_child, {"batch": batch, "accum": accum, "k": k, "jets": a.jets,
                                              "seconds": a.seconds, "data": a.data}, timeout=300).result()
         harness.say(f"population {label} K={k}: {r.get('jets_per_s', r.get('error'))}")
@@ -151,7 +156,8 @@ def cpu(a) -> dict:
 
 
 if __name__ == "__main__":
-    p = harness.parser(__doc__, "data", "out", jets=4000, seconds=15.0, repeats=3)
+    p = harness.parser(__doc__, "data", "out", jets=4000, seconds=15.0, repeats=3, seed_ks="1,16,24,32,48",
+                       b32_ks="1,16,64", procs="1,4")
     p.add_argument("part", choices=("gpu", "cpu"))
     args = p.parse_args()
     {"gpu": gpu, "cpu": cpu}[args.part](args)
