@@ -336,10 +336,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hvae-ray: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        code = 143 if type(e).__name__ == "Terminated" else 130
+        if _announced and _report_interrupted(_announced[-1]):
+            return code
         print("hvae-ray: interrupted", file=sys.stderr)
         if _announced:
             print(f"continue with: hvae-ray sweep resume {_announced[-1]}", file=sys.stderr)
-        return 143 if type(e).__name__ == "Terminated" else 130
+        return code
+
+
+def _report_interrupted(experiment_dir: Path) -> bool:
+    """A sweep stopped before Tune handed back its results (a repeated Ctrl+C): the same summary as
+    :func:`_report_sweep`, read from the experiment's own files. False when they cannot be read."""
+    from hvae_ray.sweep.tune import SweepResult
+
+    try:
+        res = SweepResult(experiment_dir, None)
+        outcome = res.outcome()
+    except Exception:  # noqa: BLE001 - a half-written experiment: the plain hint below serves
+        return False
+    print(f"experiment: {experiment_dir}")
+    print(f"trials: {res.summary()}")
+    for kind, ids in outcome.items():
+        print(f"  {kind}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
+    print(f"interrupted; continue with: hvae-ray sweep resume {experiment_dir}")
+    return True
 
 
 if __name__ == "__main__":

@@ -205,7 +205,10 @@ def test_with_frozen_weights_two_workers_report_the_one_process_losses(two_worke
         # noise moves the one-process figure by a few per mille from epoch to epoch. 2% is several
         # times that, and far below the factor 2 of a sum divided by one rank's batch count.
         for key in TRAIN_KEYS:
-            assert m[key] == pytest.approx(r[key], rel=0.02), (m["epoch"], key)
+            # The marginal term compares the sorted particles of a whole batch: its finite-sample bias
+            # depends on the batch size itself (B per rank against 2B in one process), not only on noise.
+            tolerance = 0.05 if key == "train_particle_marginals" else 0.02
+            assert m[key] == pytest.approx(r[key], rel=tolerance), (m["epoch"], key)
 
     from hvae_ray.model.hypervae import HyperVAE
 

@@ -155,14 +155,17 @@ def test_mode_max_ranks_on_the_largest_value(tmp_path, monkeypatch):
     monkeypatch.setattr(trials, "_tune_statuses", lambda exp: {})
     exp = tmp_path / "max"
     exp.mkdir()
-    raw = {**RAW, "scheduler": {**RAW["scheduler"], "metric": "val_w1m", "mode": "max"}}
+    raw = {**RAW, "config": {**RAW["config"], "objective": "generation"},
+           "scheduler": {**RAW["scheduler"], "metric": "val_generation", "mode": "max"}}
     (exp / SWEEP_FILE).write_text(json.dumps(_state(exp, raw), default=str))
-    _trial(exp, "a", {"kl_max_weight": 1e-4, "batch_size": 8}, [_row(0, 4.0), _row(1, 3.0), _row(2, 2.0)])
-    _trial(exp, "b", {"kl_max_weight": 1e-3, "batch_size": 8}, [_row(0, 1.0), _row(1, 1.0), _row(2, 1.0,
-                                                                                              val_w1m=0.5)])
+    gen = [0.1 - 0.01 * e for e in range(3)]
+    _trial(exp, "a", {"kl_max_weight": 1e-4, "batch_size": 8},
+           [_row(e, 4.0 - e, val_generation=g) for e, g in enumerate(gen)])
+    _trial(exp, "b", {"kl_max_weight": 1e-3, "batch_size": 8},
+           [_row(0, 1.0, val_generation=0.1), _row(1, 1.0, val_generation=0.1), _row(2, 1.0, val_generation=0.5)])
     rows = _by_id(trials.load_trials(exp))
-    assert rows["a"]["best_val_w1m"] == pytest.approx(0.1) and rows["a"]["best_epoch"] == 0
-    assert rows["b"]["best_val_w1m"] == 0.5 and rows["b"]["best_epoch"] == 2
+    assert rows["a"]["best_val_generation"] == pytest.approx(0.1) and rows["a"]["best_epoch"] == 0
+    assert rows["b"]["best_val_generation"] == 0.5 and rows["b"]["best_epoch"] == 2
     assert rows["a"]["best_val_objective"] == 2.0  # the other metrics stay "lower is better"
     ranked = trials.sort_trials(trials.load_trials(exp), exp)
     assert ranked.column("trial_id").to_pylist() == ["b", "a"]
