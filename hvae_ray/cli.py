@@ -147,6 +147,7 @@ def _report_sweep(res) -> int:
     print(f"experiment: {res.experiment_dir}")
     print(f"trials: {res.summary()}")
     if res.interrupted:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping: Ray shuts down at exit, uninterrupted
         for kind, ids in res.outcome().items():
             print(f"  {kind}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
         print(f"interrupted; continue with: hvae-ray sweep resume {res.experiment_dir}")
@@ -336,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hvae-ray: error: {in_flags(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
+        import signal
+
+        # Stopping: a further Ctrl+C must not break Ray's shutdown at exit into a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = 143 if type(e).__name__ == "Terminated" else 130
         if _announced and _report_interrupted(_announced[-1]):
             return code
