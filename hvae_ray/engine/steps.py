@@ -310,7 +310,7 @@ class PopulationStep:
             batch = self.featurize(parts[flat], mask[flat], valid[:, a].reshape(-1).float())  # (K·B, ...)
             fields = [t.view(k, b, *t.shape[1:]) for t in (batch.x, batch.mask, batch.edges, batch.pair_mask,
                                                            batch.hyperedges, batch.incidence, batch.weight)]
-            with self.precision.autocast(), self._attention():
+            with self._attention():  # fp32: autocast inside vmap(grad) mixes bf16 and fp32 in the backward
                 g, row = self._grad(self.params, *fields, eps[:, a], self.beta, self.free_bits, self.weights)
             grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
             rows.append(row)
