@@ -144,14 +144,12 @@ def _report_sweep(res) -> int:
     interrupted."""
     import signal
 
-    print(f"experiment: {res.experiment_dir}")
-    print(f"trials: {res.summary()}")
     if res.interrupted:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping: Ray shuts down at exit, uninterrupted
-        for kind, ids in res.outcome().items():
-            print(f"  {kind}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
-        print(f"interrupted; continue with: hvae-ray sweep resume {res.experiment_dir}")
+        _print_interrupted(res, res.outcome())
         return 143 if res.signal == signal.SIGTERM else 130
+    print(f"experiment: {res.experiment_dir}")
+    print(f"trials: {res.summary()}")
     print(f"inspect: hvae-ray trials {res.experiment_dir}")
     return 0
 
@@ -360,12 +358,17 @@ def _report_interrupted(experiment_dir: Path) -> bool:
         outcome = res.outcome()
     except Exception:  # noqa: BLE001 - a half-written experiment: the plain hint below serves
         return False
-    print(f"experiment: {experiment_dir}")
+    _print_interrupted(res, outcome)
+    return True
+
+
+def _print_interrupted(res, outcome: dict[str, list[str]]) -> None:
+    """An interrupted sweep's trials, what finished and what did not, and how to resume it."""
+    print(f"experiment: {res.experiment_dir}")
     print(f"trials: {res.summary()}")
     for kind, ids in outcome.items():
         print(f"  {kind}: {len(ids)}" + (f" ({', '.join(ids)})" if ids else ""))
-    print(f"interrupted; continue with: hvae-ray sweep resume {experiment_dir}")
-    return True
+    print(f"interrupted; continue with: hvae-ray sweep resume {res.experiment_dir}")
 
 
 if __name__ == "__main__":

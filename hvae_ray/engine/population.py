@@ -36,7 +36,7 @@ from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, prepare, s
 from hvae_ray.engine.paths import dense_val_batches, validation_metrics
 from hvae_ray.engine.runtime import Precision, resolve_device
 from hvae_ray.engine.steps import STAT_KEYS, PopulationStep, scheduled_lr
-from hvae_ray.engine.trainer import OBJECTIVE_METRICS, check_divergence, node_stats
+from hvae_ray.engine.trainer import OBJECTIVE_METRICS, check_divergence, generation_scorer, node_stats
 from hvae_ray.errors import ConfigError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer
 from hvae_ray.model.hypervae import HyperVAE
@@ -273,10 +273,8 @@ class Population:
         return metrics | {"_eval_s": time.perf_counter() - t0}
 
     def _scorer(self, cfg: Config) -> GenerationScorer:
-        if cfg.generation_jets not in self._scorers:
-            batch = max(64, cfg.batch_size) if self.device.type == "cuda" else 1024
-            ref = self.splits.sample.subset(self.splits.val[: cfg.generation_jets])
-            self._scorers[cfg.generation_jets] = GenerationScorer(ref, self.device, batch)
+        if cfg.generation_jets not in self._scorers:  # members share a scorer per reference size
+            self._scorers[cfg.generation_jets] = generation_scorer(cfg, self.splits, self.device)
         return self._scorers[cfg.generation_jets]
 
     def _train(self, live: list[int]) -> tuple[torch.Tensor, int]:

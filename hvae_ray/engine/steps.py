@@ -264,12 +264,12 @@ class PopulationStep:
         """Write a member into ``slot``: its weights (and their moving average: the weights when None), AdamW
         moments and step count, and its scalars."""
         for name, p in params.items():
-            m, v, steps = moments[name]
+            m, v, _ = moments[name]
             self.params[name][slot].copy_(p)
             self.average[name][slot].copy_(average[name] if average is not None else p)
             self.exp_avg[name][slot].copy_(m if m is not None else torch.zeros_like(p))
             self.exp_avg_sq[name][slot].copy_(v if v is not None else torch.zeros_like(p))
-            self.hyper["steps"][slot] = steps
+        self.hyper["steps"][slot] = next(iter(moments.values()))[2]  # one AdamW step count for all parameters
         for key, value in (("lr", cfg.learning_rate), ("weight_decay", cfg.weight_decay),
                            ("grad_clip", cfg.grad_clip)):
             self.hyper[key][slot] = value

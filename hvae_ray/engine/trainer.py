@@ -71,6 +71,13 @@ def node_stats(normaliser: FeatureNormaliser, device: torch.device) -> tuple[tor
                  for k in ("mean", "std"))
 
 
+def generation_scorer(cfg: Config, splits: Splits, device: torch.device) -> GenerationScorer:
+    """The scorer of ``cfg``'s first ``generation_jets`` validation jets: on a GPU in validation's batches
+    (within the memory a trial's share is sized by), on a CPU in batches of 1024."""
+    batch = validation_batch_size(cfg) if device.type == "cuda" else 1024
+    return GenerationScorer(splits.sample.subset(splits.val[: cfg.generation_jets]), device, batch)
+
+
 class Trainer:
     """One training run on one device: model, optimiser, the data path and the generation scorer.
 
@@ -121,8 +128,7 @@ class Trainer:
         else:
             self.path = PygPath(cfg, splits, self.model, self.net, self.opt, self.precision, stats, device,
                                 self.average)
-        batch = validation_batch_size(cfg) if device.type == "cuda" else 1024
-        self.scorer = GenerationScorer(splits.sample.subset(splits.val[: cfg.generation_jets]), device, batch)
+        self.scorer = generation_scorer(cfg, splits, device)
 
     @property
     def n_train(self) -> int:
