@@ -221,11 +221,14 @@ class Population:
     # ---------------------------------------------------------------------------------------------
     # Training
 
-    def train_epoch(self) -> list[MemberReport]:
-        """One epoch of every active member, then its validation and (when due) generation metrics."""
-        live = [s for s in self.occupied if self.members[s].active]
+    def train_epoch(self, slots: Sequence[int] | None = None) -> list[MemberReport]:
+        """One epoch of every active member (or of those in ``slots``: the others wait, their weights and
+        optimiser state untouched), then its validation and (when due) generation metrics."""
+        live = [s for s in self.occupied if self.members[s].active and (slots is None or s in slots)]
         if not live:
             return []
+        self.step.active[:] = False
+        self.step.active[live] = True
         t0 = time.perf_counter()
         rows, n_batches = self._train(live)
         per_batch = rows.view(self.slots, -1, len(STAT_KEYS))[:, :n_batches]  # (K, batches, 8)
