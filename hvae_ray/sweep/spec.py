@@ -54,6 +54,9 @@ class ResourceSpec:
                      on a local GPU before the sweep, or falls back to a conservative estimate.
     backend:         torch.distributed backend: auto (nccl for multi-GPU-worker trials where CUDA
                      exists, gloo otherwise), gloo or nccl.
+    population:      auto (trials that differ only in per-member keys train as members of one population
+                     per GPU share or CPU host, as many as fit), N (at most N members per population) or
+                     off (one Ray Train process per trial). See :mod:`hvae_ray.sweep.population`.
     """
 
     num_workers: int = 1
@@ -63,6 +66,7 @@ class ResourceSpec:
     trial_memory_mb: float | str = "auto"
     headroom: float = 1.15
     backend: str = "auto"
+    population: int | str = "auto"
 
     @property
     def uses_gpu(self) -> bool:
@@ -184,6 +188,8 @@ def _take(cls, raw: Any, section: str, where: str):
             want = float
         if k == "path":
             want = str
+        if k == "population":
+            want = None  # auto, off or an integer: checked by _resources
         if v is None and k in ("gpu_fraction", "gpu_memory_gb", "path"):
             continue
         if want is float and isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -356,6 +362,12 @@ def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:
         raise ConfigError(f"{where}: 'resources.headroom' must be >= 1, got {res.headroom}")
     if res.backend not in ("auto", "gloo", "nccl"):
         raise ConfigError(f"{where}: 'resources.backend' must be auto, gloo or nccl, got {res.backend!r}")
+    pop = res.population
+    if isinstance(pop, float) and pop.is_integer():
+        res.population = pop = int(pop)
+    if not (pop in ("auto", "off") or (isinstance(pop, int) and not isinstance(pop, bool) and 1 <= pop <= 1024)):
+        raise ConfigError(f"{where}: 'resources.population' must be auto, off or an integer in [1, 1024], "
+                          f"got {str(pop)[:40]!r}")
     return res
 
 
