@@ -11,9 +11,10 @@ import itertools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from hvae_ray.config import OBJECTIVE_METRICS, Config, apply_overrides, current_key, flatten, from_dict, read_yaml
+from hvae_ray.config import (OBJECTIVE_METRICS, Config, apply_overrides, build_section, current_key, flatten,
+                             from_dict, read_yaml)
 from hvae_ray.data.generate import FLAVORS
 from hvae_ray.errors import ConfigError
 from hvae_ray.tracking import RANKABLE_METRICS
@@ -63,10 +64,10 @@ class ResourceSpec:
     cpus_per_worker: float = 1.0
     gpu_fraction: float | None = None
     gpu_memory_gb: float | None = None
-    trial_memory_mb: float | str = "auto"
+    trial_memory_mb: float | Literal["auto"] = "auto"
     headroom: float = 1.15
     backend: str = "auto"
-    population: int | str = "auto"
+    population: int | Literal["auto", "off"] = "auto"
 
     @property
     def uses_gpu(self) -> bool:
@@ -132,10 +133,18 @@ class SweepSpec:
 
     def standby(self) -> int:
         """Standby trials: resolved from "auto" (only sweeps on GPU shares have them by default: on CPUs,
-        a standby trial's start-up competes with training for the same cores)."""
+        a standby trial's start-up competes with training for the same cores). A sweep of GPU shares on
+        a Ray instance without any GPU trains on CPUs, so it has none either."""
         if self.standby_trials != "auto":
             return int(self.standby_trials)
-        return (self.max_concurrent_trials or 0) if self.resources.uses_gpu else 0
+        if not self.resources.uses_gpu:
+            return 0
+        import sys
+
+        ray = sys.modules.get("ray")  # the instance the sweep runs on, once it is started or joined
+        if ray is not None and ray.is_initialized() and not ray.cluster_resources().get("GPU", 0):
+            return 0
+        return self.max_concurrent_trials or 0
 
     def tune_concurrency(self) -> int | None:
         """Trials Ray Tune runs at once: ``max_concurrent_trials`` plus the standby trials (None: no limit).
@@ -163,48 +172,6 @@ class SweepSpec:
     def trial_config(self, sampled: dict[str, Any]) -> Config:
         """The base config with a trial's sampled dotted values applied (validated)."""
         return self.base.with_overrides(sampled, f"{self.source}: search_space")
-
-
-def _take(cls, raw: Any, section: str, where: str):
-    import dataclasses
-
-    if raw is None:
-        return cls()
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: '{section}' must be a mapping")
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    for k in raw:
-        if k not in names:
-            raise ConfigError(f"{where}: unknown key '{section}.{k}'")
-    out = cls()
-    for k, v in raw.items():
-        default = getattr(out, k)
-        want = type(default) if default is not None else None
-        if k in ("gpu_fraction", "gpu_memory_gb"):
-            want = float
-        if k == "trial_memory_mb" and v == "auto":
-            want = str
-        elif k == "trial_memory_mb":
-            want = float
-        if k == "path":
-            want = str
-        if k == "population":
-            want = None  # auto, off or an integer: checked by _resources
-        if v is None and k in ("gpu_fraction", "gpu_memory_gb", "path"):
-            continue
-        if want is float and isinstance(v, (int, float)) and not isinstance(v, bool):
-            v = float(v)
-        elif want is float and isinstance(v, str):
-            try:
-                v = float(v)
-            except ValueError:
-                pass
-        if want is int and isinstance(v, float) and v.is_integer():
-            v = int(v)
-        if want is not None and not (isinstance(v, want) and not (want is not bool and isinstance(v, bool))):
-            raise ConfigError(f"{where}: '{section}.{k}' must be {want.__name__}, got {v!r}")
-        setattr(out, k, v)
-    return out
 
 
 def _check_distribution(key: str, dist: Any, where: str) -> None:
@@ -309,7 +276,7 @@ def _search_space(raw: dict[str, Any], base: Config, where: str) -> dict[str, di
 
 
 def _scheduler(raw: dict[str, Any], space: dict[str, Any], where: str) -> SchedulerSpec:
-    sched = _take(SchedulerSpec, raw.get("scheduler"), "scheduler", where)
+    sched = build_section(SchedulerSpec, raw.get("scheduler"), "scheduler", where)
     if sched.type != "asha":
         raise ConfigError(f"{where}: 'scheduler.type' must be asha, got {sched.type!r}")
     if sched.metric not in RANKABLE_METRICS:
@@ -343,7 +310,7 @@ def _check_one_best(base: Config, space: dict[str, Any], sched: SchedulerSpec, w
 
 
 def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:
-    res = _take(ResourceSpec, raw.get("resources"), "resources", where)
+    res = build_section(ResourceSpec, raw.get("resources"), "resources", where)
     if res.num_workers < 1:
         raise ConfigError(f"{where}: 'resources.num_workers' must be >= 1, got {res.num_workers}")
     if res.cpus_per_worker < 0:
@@ -354,8 +321,6 @@ def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:
         raise ConfigError(f"{where}: 'resources.gpu_fraction' must be in [0, 1], got {res.gpu_fraction}")
     if res.gpu_memory_gb is not None and res.gpu_memory_gb <= 0:
         raise ConfigError(f"{where}: 'resources.gpu_memory_gb' must be > 0, got {res.gpu_memory_gb}")
-    if isinstance(res.trial_memory_mb, str) and res.trial_memory_mb != "auto":
-        raise ConfigError(f"{where}: 'resources.trial_memory_mb' must be a number or auto")
     if isinstance(res.trial_memory_mb, float) and res.trial_memory_mb <= 0:
         raise ConfigError(f"{where}: 'resources.trial_memory_mb' must be > 0")
     if res.headroom < 1:
@@ -372,7 +337,7 @@ def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:
 
 
 def _data(raw: dict[str, Any], where: str, base_dir: Path | None) -> DataSpec:
-    data = _take(DataSpec, raw.get("data"), "data", where)
+    data = build_section(DataSpec, raw.get("data"), "data", where)
     if data.path is None:
         if data.flavor not in FLAVORS:
             raise ConfigError(f"{where}: 'data.flavor' must be one of {', '.join(FLAVORS)}")

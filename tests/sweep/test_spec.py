@@ -183,6 +183,24 @@ BAD = {
         _with(num_samples=0), "'num_samples' must be an integer >= 1"),
     "standby_trials neither a count nor auto": (
         _with(standby_trials="many"), "'standby_trials' must be an integer >= 0 or auto"),
+    "a section that is not a mapping": (
+        _with(resources=[1]), "'resources' must be a mapping, got [1]"),
+    "a fractional count": (
+        _with(scheduler__max_t=2.5), "'scheduler.max_t' must be int, got float 2.5"),
+    "population neither a count, auto nor off": (
+        _with(resources__population="many"), "'resources.population' must be int, auto or off, got str 'many'"),
+    "population a fraction": (
+        _with(resources__population=4.5), "'resources.population' must be int, auto or off, got float 4.5"),
+    "population out of range": (
+        _with(resources__population=2000), "'resources.population' must be auto, off or an integer in [1, 1024]"),
+    "trial memory neither a number nor auto": (
+        _with(resources__trial_memory_mb="lots"), "'resources.trial_memory_mb' must be float or auto, got str 'lots'"),
+    "gpu_memory_gb not a number": (
+        _with(resources__gpu_memory_gb=True), "'resources.gpu_memory_gb' must be float or null, got bool True"),
+    "data path not a string": (
+        _with(data={"path": 3}), "'data.path' must be str or null, got int 3"),
+    "unknown data key": (
+        _with(data={"flavour": "g"}), "unknown key 'data.flavour'"),
 }
 
 
@@ -203,6 +221,26 @@ def test_the_good_base_of_the_bad_cases_is_good(tmp_path):
     path = tmp_path / "good.yaml"
     path.write_text(_with())
     assert load_sweep(path).name == "bad"
+
+
+def test_sweep_sections_are_coerced_as_the_training_config_is(tmp_path):
+    """Integral floats read as ints, "1e3" (a string in YAML 1.1) as a float, null as None, and the words
+    of auto|off|int and auto|float keys as themselves."""
+    path = tmp_path / "good.yaml"
+    path.write_text(_with(scheduler__max_t=3.0, scheduler__reduction_factor=3,
+                          resources__population=8.0, resources__trial_memory_mb="1e3",
+                          resources__gpu_fraction=None, resources__gpu_memory_gb=16,
+                          data={"path": None, "n_jets": 2.0e3}))
+    spec = load_sweep(path)
+    assert (spec.scheduler.max_t, spec.scheduler.reduction_factor) == (3, 3.0)
+    assert type(spec.scheduler.max_t) is int and type(spec.scheduler.reduction_factor) is float
+    assert (spec.resources.population, spec.resources.trial_memory_mb) == (8, 1000.0)
+    assert type(spec.resources.population) is int
+    assert (spec.resources.gpu_fraction, spec.resources.gpu_memory_gb) == (None, 16.0)
+    assert (spec.data.path, spec.data.n_jets) == (None, 2000) and type(spec.data.n_jets) is int
+    path.write_text(_with(resources__population="off", resources__trial_memory_mb="auto"))
+    spec = load_sweep(path)
+    assert (spec.resources.population, spec.resources.trial_memory_mb) == ("off", "auto")
 
 
 # --- the command line -----------------------------------------------------------------------------
@@ -280,3 +318,19 @@ def test_trial_hparams_are_the_searched_keys_and_what_differs_from_the_base():
     assert outcome_of({"epochs_done": 1, "diverged": 0.0}, max_t=3) == "early_stopped"
     assert outcome_of({"epochs_done": 1, "diverged": 1.0}, max_t=3) == "diverged"
     assert outcome_of(None, max_t=3, errored=True) == "error"
+
+
+def test_no_standby_trials_on_a_ray_instance_without_gpus(monkeypatch):
+    """auto: a sweep of GPU shares run where the Ray instance has no GPU (it trains on CPUs) launches
+    no standby trials; with a GPU it keeps them."""
+    from types import SimpleNamespace
+
+    gpus = {"GPU": 0}
+    fake = SimpleNamespace(is_initialized=lambda: True, cluster_resources=lambda: {"CPU": 2, **gpus})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    spec = load_sweep(REPO / "sweeps" / "kl_caps.yaml")
+    assert spec.resources.uses_gpu
+    assert spec.standby() == 0 and spec.tune_concurrency() == spec.max_concurrent_trials
+    gpus["GPU"] = 1
+    assert spec.standby() == spec.max_concurrent_trials
+    assert load_sweep(REPO / "sweeps" / "kl_caps.yaml", {"standby_trials": 2}).standby() == 2
