@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -141,9 +142,41 @@ def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
 
 
-def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
-    """Check one leaf value against its declared type; ints are accepted for floats."""
-    if typ is bool:
+def _type_names(typ: Any) -> list[str]:
+    """A declared type's accepted values as a sweep or config file spells them: ``float``, ``null``, and
+    each word of a ``Literal``."""
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):
+        return [name for t in typing.get_args(typ) for name in _type_names(t)]
+    if typing.get_origin(typ) is typing.Literal:
+        return [str(v) for v in typing.get_args(typ)]
+    return ["null" if typ is type(None) else getattr(typ, "__name__", str(typ))]
+
+
+def _type_name(typ: Any) -> str:
+    """``float or null``, ``int, auto or off``: what a message says a key must be."""
+    *head, last = _type_names(typ)
+    return f"{', '.join(head)} or {last}" if head else last
+
+
+def _coerce(value: Any, typ: Any, key: str, where: str) -> Any:
+    """Check one leaf value against its declared type; ints are accepted for floats. A ``Literal`` takes
+    its listed values only. A union (``float | None``, ``int | Literal["auto", "off"]``) takes the first
+    of its members, in declared order, that accepts the value: ``float | Literal["auto"]`` reads ``"1e3"``
+    as 1000.0 and keeps ``auto``."""
+    if typing.get_origin(typ) is typing.Literal:
+        if any(value == v and type(value) is type(v) for v in typing.get_args(typ)):
+            return value
+    elif typing.get_origin(typ) in (typing.Union, types.UnionType):
+        for member in typing.get_args(typ):
+            if member is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return _coerce(value, member, key, where)
+            except ConfigError:
+                pass
+    elif typ is bool:
         if isinstance(value, bool):
             return value
     elif typ is int:
@@ -162,7 +195,7 @@ def _coerce(value: Any, typ: type, key: str, where: str) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
-    raise ConfigError(f"{where}: '{key}' must be {typ.__name__}, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{where}: '{key}' must be {_type_name(typ)}, got {type(value).__name__} {value!r}")
 
 
 def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
@@ -181,6 +214,12 @@ def _build(cls: type, raw: Any, prefix: str, where: str) -> Any:
         else:
             kwargs[name] = _coerce(raw[name], typ, prefix + name, where)
     return cls(**kwargs)
+
+
+def build_section(cls: type, raw: Any, section: str, where: str) -> Any:
+    """A typed dataclass (a sweep file's ``scheduler``, ``resources``, ``data``) from its mapping, checked
+    and coerced as :class:`Config` is; a missing or null section gives the defaults."""
+    return cls() if raw is None else _build(cls, raw, f"{section}.", where)
 
 
 # Old key names still read, each with the key that replaced it (and a warning that names it).
