@@ -55,9 +55,15 @@ def allocator_fraction(share: float, card_bytes: float, device_bytes: float | No
     return max(0.05 * share * card_bytes / device_bytes, min(1.0, cap / device_bytes))
 
 
+class BurstFailed(RuntimeError):
+    """The memory burst ran on a GPU and gave no figure; the message says why, in one line."""
+
+
 def measure_trial_memory(steps: int = 20, cfg=None, use_cache: bool = True) -> dict[str, float] | None:
     """Run a short training burst of ``cfg`` (default: the default config) on the local GPU in a fresh
     process; return {'allocated_peak', 'reserved_peak', 'process'} in bytes, or None without CUDA.
+    A burst that fails (it exits with an error, runs past 600 s or prints no figure) raises
+    :class:`BurstFailed` with the burst's last error line.
 
     'process' is the growth of the device's used memory (NVML) over the run, i.e. what nvidia-smi
     shows for the process, context and cache included. Meaningful on an otherwise idle card.
@@ -92,15 +98,25 @@ def measure_trial_memory(steps: int = 20, cfg=None, use_cache: bool = True) -> d
         f"cfg = from_dict(json.loads(sys.argv[1]), 'trial memory config')\n"
         f"print('RESULT', json.dumps(_burst({steps}, cfg)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict())], capture_output=True,
-                         text=True, timeout=600)
+    try:
+        out = subprocess.run([sys.executable, "-c", code, json.dumps(cfg.to_dict())], capture_output=True,
+                             text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise BurstFailed("it ran past 600 s") from None
+    except OSError as e:
+        raise BurstFailed(f"it could not start: {e.strerror or e}") from None
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
-            result = json.loads(line[7:])
+            try:
+                result = json.loads(line[7:])
+            except ValueError:
+                break
             if use_cache and math.isfinite(result.get("process", math.nan)):
                 _write_cache(cache, key, result)
             return result
-    return None
+    errors = [line.strip() for line in (out.stderr or "").splitlines() if line.strip()]
+    why = errors[-1][:300] if errors else "it printed no result"
+    raise BurstFailed(f"exit status {out.returncode}: {why}" if out.returncode else why)
 
 
 def _memory_key(cfg, steps: int, torch_version: str) -> str:
@@ -210,11 +226,21 @@ def trial_share(gpu_memory_gb: float, trial_memory_mb: float | str, headroom: fl
     ``gpu_memory_gb``.
 
     ``trial_memory_mb`` = "auto": ``cfg`` (the sweep's largest trial) measured on a local GPU when there
-    is one (see :func:`trial_footprint`), else the default estimate; a number is a whole-process size in
-    MiB, of which :data:`CUDA_CONTEXT` is taken as context.
+    is one (see :func:`trial_footprint`), else the default estimate; a burst that fails on the GPU is
+    said in one line on stderr (why, and the default size the shares are sized for instead). A number
+    is a whole-process size in MiB, of which :data:`CUDA_CONTEXT` is taken as context.
     """
     if trial_memory_mb == "auto":
-        trial, context = trial_footprint(measure_trial_memory(cfg=cfg))
+        try:
+            measured = measure_trial_memory(cfg=cfg)
+        except BurstFailed as e:
+            import sys
+
+            print(f"trial memory: the measuring burst failed ({e}); GPU shares are sized for the default "
+                  f"{DEFAULT_TRIAL_MEMORY / MiB:.0f} MiB per trial instead (set resources.trial_memory_mb to "
+                  "give the size)", file=sys.stderr)
+            measured = None
+        trial, context = trial_footprint(measured)
     else:
         trial = float(trial_memory_mb) * MiB
         context = min(CUDA_CONTEXT, trial)

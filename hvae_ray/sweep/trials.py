@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,11 @@ def epoch_results(paths: TrialPaths) -> list[dict[str, Any]]:
 
 def _tune_statuses(exp: Path) -> dict[str, str]:
     """trial_id → Tune status (TERMINATED, ERROR, RUNNING, PENDING, PAUSED) from the experiment state,
-    read only when it carries this user's signature (Ray unpickles parts of it; ``sweep.signing``)."""
+    read only when it carries this user's signature (Ray unpickles parts of it; ``sweep.signing``).
+
+    Without a state (a driver killed before Tune's first save) or with one cut short (caught while Tune
+    rewrote it), or not signed, statuses come from the results alone ({}); a state that cannot be read
+    for another reason is said in one line on stderr, and statuses then come from the results too."""
     from hvae_ray.errors import HvaeError
     from hvae_ray.sweep.signing import verify
 
@@ -68,13 +73,20 @@ def _tune_statuses(exp: Path) -> dict[str, str]:
         verify(exp)
     except HvaeError:
         return {}  # not shown to be the user's own: statuses come from the results alone
-    try:
-        from ray.tune import ExperimentAnalysis
-
-        analysis = ExperimentAnalysis(str(exp))
-        return {t.trial_id: t.status for t in analysis.trials}
-    except Exception:  # noqa: BLE001 - no/unreadable Tune state: statuses come from the results alone
+    if not any(exp.glob("experiment_state-*.json")):
         return {}
+    from ray.tune import ExperimentAnalysis
+
+    try:
+        analysis = ExperimentAnalysis(str(exp))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}  # removed or half-written while Tune replaced it
+    except Exception as e:  # noqa: BLE001 - any other failure is Ray's: said, and the table still shown
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"{exp}: Ray Tune's experiment state cannot be read ({type(e).__name__}: {why}); trial "
+              "statuses come from their results alone", file=sys.stderr)
+        return {}
+    return {t.trial_id: t.status for t in analysis.trials}
 
 
 def _finite(v: Any) -> float | None:

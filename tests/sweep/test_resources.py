@@ -156,6 +156,51 @@ def test_measured_trial_memory_is_cached_per_config(monkeypatch, tmp_path):
     assert len(json.loads((tmp_path / "trial-memory.json").read_text())) == 2
 
 
+def _failing_burst(monkeypatch, tmp_path, **answer):
+    """measure_trial_memory on a (pretended) GPU host whose burst subprocess answers ``answer`` or raises
+    ``answer["raises"]``."""
+    import subprocess
+
+    import torch
+
+    monkeypatch.setenv("HVAE_RAY_CACHE", str(tmp_path))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def fake_run(cmd, **kw):
+        if "raises" in answer:
+            raise answer["raises"]
+        return subprocess.CompletedProcess(cmd, answer.get("rc", 1), stdout=answer.get("stdout", ""),
+                                           stderr=answer.get("stderr", ""))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+
+
+@pytest.mark.parametrize(("answer", "why"), [
+    ({"stderr": "Traceback (most recent call last):\n  File ...\ntorch.OutOfMemoryError: CUDA out of memory. "
+                "Tried to allocate 2.00 GiB\n"},
+     "exit status 1: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"),
+    ({"rc": 0, "stdout": "warming up\n"}, "it printed no result"),
+    ({"raises": __import__("subprocess").TimeoutExpired("python", 600)}, "it ran past 600 s"),
+])
+def test_a_failed_burst_raises_with_its_reason(monkeypatch, tmp_path, answer, why):
+    _failing_burst(monkeypatch, tmp_path, **answer)
+    with pytest.raises(resources.BurstFailed) as err:
+        resources.measure_trial_memory()
+    assert str(err.value) == why
+    assert not (tmp_path / "trial-memory.json").exists()  # nothing cached from a failed burst
+
+
+def test_trial_share_says_a_failed_burst_and_the_size_it_uses_instead(monkeypatch, tmp_path, capsys):
+    _failing_burst(monkeypatch, tmp_path, stderr="RuntimeError: CUDA error: no kernel image is available\n")
+    share, trial, context = trial_share(4, "auto", 1.25)
+    assert (trial, context) == (DEFAULT_TRIAL_MEMORY, CUDA_CONTEXT)
+    assert share == gpu_fraction(4 * GiB, DEFAULT_TRIAL_MEMORY, 1.25, CUDA_CONTEXT)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1
+    assert "burst failed (exit status 1: RuntimeError: CUDA error: no kernel image is available)" in lines[0]
+    assert f"default {DEFAULT_TRIAL_MEMORY / MiB:.0f} MiB per trial instead" in lines[0]
+
+
 @pytest.mark.parametrize(("res", "cuda_here", "backend"), [
     # several GPU workers per trial: NCCL only where CUDA exists; a logical GPU on a CPU host is gloo
     (ResourceSpec(num_workers=2, gpu_fraction=0.5), False, "gloo"),

@@ -115,6 +115,26 @@ def test_statuses_without_tune_state(exp):
         "t_wait": "pending"}
 
 
+@pytest.mark.parametrize(("state", "said"), [
+    (None, False),                                              # no Tune state saved yet
+    ('{"trial_data": [[{"trial_id": "t_do', False),             # cut short while Tune rewrote it
+    ('{"runner_data": {}}', True),                              # readable, but not a Tune state
+])
+def test_tune_state_missing_or_partial_is_silent_anything_else_is_said(exp, monkeypatch, capsys, state, said):
+    monkeypatch.setattr("hvae_ray.sweep.signing.verify", lambda exp: None)  # taken as the user's own
+    if state is not None:
+        (exp / "experiment_state-2026-12-07_00-00-00.json").write_text(state)
+    assert trials._tune_statuses(exp) == {}
+    err = capsys.readouterr().err
+    if said:
+        assert len(err.splitlines()) == 1
+        assert "Ray Tune's experiment state cannot be read (KeyError: 'trial_data')" in err
+        assert "statuses come from their results alone" in err
+    else:
+        assert err == ""
+    assert _by_id(trials.load_trials(exp))["t_stop"]["status"] == "unfinished"
+
+
 def test_running_trial(exp, monkeypatch):
     monkeypatch.setattr(trials, "_tune_statuses", lambda exp: {**TUNE_STATUS, "t_stop": "RUNNING"})
     assert _by_id(trials.load_trials(exp))["t_stop"]["status"] == "running"
