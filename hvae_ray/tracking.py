@@ -30,7 +30,8 @@ for _c in COMPONENTS:
     TAGS[f"val_{_c}"] = f"Loss/val_{_c}"
 
 # Best-so-far scalars, written beside the per-epoch ones: the lowest value up to each epoch, and the KL
-# of the best epoch by val_objective (the model a trial keeps).
+# of the best epoch by val_objective (the epoch a run keeps in best/ when its objective is reconstruction;
+# with objective: generation it keeps the best by val_generation).
 BEST_TAGS: dict[str, str] = {
     "val_objective": "Best/val_objective",
     "val_recon": "Best/val_recon",

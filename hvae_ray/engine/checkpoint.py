@@ -1,9 +1,11 @@
-"""Checkpoints: one file per epoch in ``last/``, a copy in ``best/``, read back without running code.
+"""Checkpoints: one file in ``last/``, rewritten every epoch, copied to ``best/`` at a new best; read back
+without running code.
 
 A checkpoint is a dict of tensors and plain values: ``model``, ``optimizer`` (a ``torch.optim.AdamW``
 state dict), ``scaler``, ``epoch``, ``best``, ``best_epoch``, ``generation``, ``config``, ``normaliser``,
-``test_indices``, ``rng_cpu`` (and ``rng_cuda``). A run alone and a member of a population write the
-same kind, so ``sample``, ``prior fit``, ``train --resume`` and ``trials --best`` take either.
+``test_indices``, ``rng_cpu`` (and ``rng_cuda`` on a GPU; with a moving average of the weights, ``model``
+holds the average and ``train_model`` the trained weights). A run alone and a member of a population
+write the same kind, so ``sample``, ``prior fit``, ``train --resume`` and ``trials --best`` take either.
 Every write goes through :func:`hvae_ray.io_safe.atomic_write`.
 """
 

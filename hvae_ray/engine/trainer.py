@@ -50,7 +50,8 @@ log = logging.getLogger(__name__)
 class EpochReport:
     """What the engine tells callbacks after each epoch.
 
-    metrics: the epoch's metrics (keys in :data:`hvae_ray.tracking.TAGS` plus ``epoch``).
+    metrics: the epoch's metrics (keys in :data:`hvae_ray.tracking.TAGS`, plus ``epoch``, ``best_<the
+             objective's metric>`` and, at a process's first epoch, ``first_step_at``).
     checkpoint_dir: directory holding this epoch's checkpoint (rank 0 only; None on other ranks).
     is_best: whether this epoch improved the objective's metric (:data:`OBJECTIVE_METRICS`).
     """
@@ -294,7 +295,9 @@ class RunLog:
             self._figures(trainer, epoch)
 
     def _figures(self, trainer, epoch: int) -> None:
-        """Validation jets against jets decoded from N(0, 1) codes."""
+        """Validation jets against jets decoded from N(0, 1) codes, whatever ``generation_prior`` says: the
+        generation metrics beside them decode codes of the fitted mixture by default, so the figures can
+        look worse than those metrics."""
         from hvae_ray.evaluation.plots import distribution_figures
 
         with trainer.averaged() as model:

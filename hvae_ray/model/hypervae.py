@@ -14,10 +14,14 @@ same model with PyG's sparse message passing, the reference the dense one is tes
 have the same parameter names, so a checkpoint of either loads in the other.
 
 Particle order: slots are matched to particles by pT rank (slot i ↔ the i-th hardest particle, the
-order JetNet and our files store). Every reconstruction term is then a direct slot-wise comparison:
-O(P) per jet, deterministic and cheap on a laptop CPU, where Hungarian set matching costs O(P³) per
-jet on the CPU each step. pT order is a physical, nearly stable order for the leading particles;
-its price is ambiguity among soft particles of similar pT, where slot-wise errors are small anyway.
+order JetNet and our files store). The edge, hyperedge and existence (topology) terms are direct
+slot-wise comparisons: O(P) per jet, deterministic and cheap on a laptop CPU, where Hungarian set
+matching costs O(P³) per jet on the CPU each step. The particle term is slot-wise too with
+``particle_loss: slot``; ``chamfer`` and ``sinkhorn`` match the decoded particles to the true ones as
+sets; the jet term compares each jet's mass and pT sum, and the marginal term the sorted particle
+features of a whole batch, neither by slot (:mod:`hvae_ray.model.losses`). pT order is a physical,
+nearly stable order for the leading particles; its price is ambiguity among soft particles of similar
+pT, where slot-wise errors are small anyway.
 Edges and hyperedges inherit the order: edge (i, j) ↔ slot pair (i, j), hyperedge m ↔ slot m.
 """
 

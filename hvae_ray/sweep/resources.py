@@ -166,8 +166,8 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     """What a trial does on the GPU, briefly, through the engine's own :class:`~hvae_ray.engine.Trainer`:
     an epoch of at least ``steps`` training batches of synthetic 30-particle jets (the worst case: all
     slots full), a validation pass (its batches of ``max(64, batch_size)`` jets peak above training's),
-    1500 jets sampled as validation's W1m does, and the generation score (in validation's batches), on a
-    validation split of at least one such batch."""
+    1500 jets sampled from N(0, 1) in the 512-jet batches the run's figures are drawn in, and the
+    generation score (in validation's batches), on a validation split of at least one such batch."""
     import numpy as np
     import torch
 

@@ -145,7 +145,9 @@ def _metric_columns(results: list[dict[str, Any]], best_row: dict[str, Any], met
 def _best_checkpoint(paths: TrialPaths, best_row: dict[str, Any], metric: str) -> str | None:
     best = best_row.get(CHECKPOINT_PATH)
     if (best is None or not Path(best).exists()) and metric == "val_objective" and paths.engine_best.is_dir():
-        best = str(paths.engine_best)  # the engine keeps the best epoch by val_objective itself
+        # the engine's own best/ is kept by its objective's metric: val_objective for objective
+        # reconstruction, so this sweep's best epoch too
+        best = str(paths.engine_best)
     return best
 
 
