@@ -41,11 +41,17 @@ BEST_TAGS: dict[str, str] = {
 }
 KL_AT_BEST_TAG = "Best/val_kl_at_best"
 
+# Whether the KL levels off: the least-squares slope of val_kl (nats per epoch) over the last
+# KL_SLOPE_EPOCHS epochs up to each epoch (from the second epoch on).
+KL_SLOPE_EPOCHS = 20
+KL_SLOPE_TAG = f"KL/slope_last{KL_SLOPE_EPOCHS}"
+
 # Metric columns of TensorBoard's HParams tab (values read from these scalar tags of each run): the
 # last value next to the best so far.
 HPARAM_METRICS = ("Loss/val_objective", "Best/val_objective", "Loss/val_recon", "Best/val_recon",
                   "Loss/val_kl", KL_AT_BEST_TAG, "Metrics/val_w1m", "Best/val_w1m",
-                  "Metrics/val_fpd", "Best/val_fpd", "Metrics/val_generation", "Best/val_generation")
+                  "Metrics/val_fpd", "Best/val_fpd", "Metrics/val_generation", "Best/val_generation",
+                  KL_SLOPE_TAG)
 
 # Session statuses of the HParams tab, by how a run ended (its ``outcome`` hparam says it in words).
 SESSION_STATUS = {"completed": "STATUS_SUCCESS", "early_stopped": "STATUS_UNKNOWN",
@@ -66,6 +72,23 @@ EPOCH_LINE = (("train_total", "train {}", ".4g"), ("val_total", "val {}", ".4g")
 RUN_SUMMARY = ("epochs_run", "train_total", "val_total", "val_kl", "val_objective", "val_w1m")
 
 
+def slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of (x, y) points; None with fewer than two distinct x."""
+    if len(points) < 2:
+        return None
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    if sxx == 0:
+        return None
+    return sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
+def kl_slope(val_kl_by_epoch: list[tuple[float, float]]) -> float | None:
+    """The slope of val_kl over the last ``KL_SLOPE_EPOCHS`` (epoch, val_kl) points."""
+    return slope(val_kl_by_epoch[-KL_SLOPE_EPOCHS:])
+
+
 class TensorBoardLogger:
     """Writes the engine's per-epoch metrics under their tags; one event file per run directory."""
 
@@ -73,6 +96,7 @@ class TensorBoardLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = Path(log_dir)
+        self.kl_history: list[tuple[float, float]] = []  # (epoch, val_kl), for the KL slope
         self.best = self._previous_bests()  # a resumed run continues its best-so-far curves
         self.writer = SummaryWriter(str(self.log_dir))
 
@@ -87,6 +111,9 @@ class TensorBoardLogger:
         best = {key: min(e.value for e in acc.Scalars(tag)) for key, tag in BEST_TAGS.items() if tag in tags}
         if KL_AT_BEST_TAG in tags:
             best["kl_at_best"] = acc.Scalars(KL_AT_BEST_TAG)[-1].value
+        if TAGS["val_kl"] in tags:
+            last = {e.step: e.value for e in acc.Scalars(TAGS["val_kl"])}  # an epoch written twice: its last
+            self.kl_history = sorted(last.items())[-KL_SLOPE_EPOCHS:]
         return best
 
     def log_epoch(self, epoch: int, metrics: dict[str, Any]) -> None:
@@ -106,6 +133,10 @@ class TensorBoardLogger:
             self.writer.add_scalar(tag, self.best[key], epoch)
         if "kl_at_best" in self.best and finite("val_objective") is not None:
             self.writer.add_scalar(KL_AT_BEST_TAG, self.best["kl_at_best"], epoch)
+        if (kl := finite("val_kl")) is not None:
+            self.kl_history = ([(e, v) for e, v in self.kl_history if e < epoch] + [(epoch, kl)])[-KL_SLOPE_EPOCHS:]
+            if (s := kl_slope(self.kl_history)) is not None:
+                self.writer.add_scalar(KL_SLOPE_TAG, s, epoch)
         self.writer.flush()
 
     def log_figures(self, figures: dict[str, Any], step: int, prefix: str = "Distributions") -> None:
@@ -113,17 +144,24 @@ class TensorBoardLogger:
             self.writer.add_figure(f"{prefix}/{name}", fig, step, close=False)
         self.writer.flush()
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], outcome: str = "completed") -> None:
+    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], outcome: str = "completed",
+                    group_name: str = "") -> None:
         """HParams summary in this run's own directory, so `tensorboard --logdir EXPERIMENT` lists every
         run in the HParams tab. ``metrics`` names the scalar tags shown as metric columns. ``outcome``
         (a key of ``SESSION_STATUS``) sets the session's status; ``running`` writes no session end.
-        TensorBoard keeps the first summary of each HParams tag in a run: write a session once."""
+        ``group_name`` is the session's name in the HParams tab (its "Trial ID"; default: the run's
+        folder). TensorBoard keeps the first summary of each HParams tag in a run: write a session once."""
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         exp, ssi, _ = hparams_summary(clean, dict(metrics))
+        if group_name:
+            meta = ssi.value[0].metadata.plugin_data
+            start = plugin_data_pb2.HParamsPluginData.FromString(meta.content)
+            start.session_start_info.group_name = group_name
+            meta.content = start.SerializeToString()
         fw = self.writer.file_writer  # SummaryWriter's event file writer (public attribute while open)
         for s in (exp, ssi):
             fw.add_summary(s)

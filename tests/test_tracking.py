@@ -17,6 +17,7 @@ from hvae_ray.tracking import (  # noqa: E402
     BEST_TAGS,
     HPARAM_METRICS,
     KL_AT_BEST_TAG,
+    KL_SLOPE_TAG,
     TAGS,
     TensorBoardLogger,
 )
@@ -36,7 +37,7 @@ def test_log_epoch_writes_each_metric_under_its_tag(tmp_path):
     logger.close()
     acc = read(tmp_path)
     written = set(acc.Tags()["scalars"])
-    assert written == set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG}
+    assert written == set(TAGS.values()) | set(BEST_TAGS.values()) | {KL_AT_BEST_TAG, KL_SLOPE_TAG}
     assert len(set(TAGS.values())) == len(TAGS)  # no two metrics share a curve
     assert set(HPARAM_METRICS) <= written  # every HParams column is a curve a run writes
     for i, tag in enumerate(TAGS.values()):
@@ -154,3 +155,38 @@ def test_a_running_session_has_no_end(tmp_path):
     logger.close()
     content = read(tmp_path).PluginTagToContent("hparams")
     assert "_hparams_/session_start_info" in content and "_hparams_/session_end_info" not in content
+
+
+def test_kl_slope_is_the_least_squares_slope_of_the_last_20_epochs_across_a_resume(tmp_path):
+    """KL/slope_last20 at epoch e is the fitted slope of val_kl over epochs max(0, e-19)..e (none at
+    epoch 0); a resumed run reads the earlier epochs back from its own event file."""
+    import numpy as np
+
+    kl = [30.0 - 2.0 * e if e < 12 else 6.0 + 0.01 * (e % 3) for e in range(40)]  # falls, then levels off
+    logger = TensorBoardLogger(tmp_path)
+    for epoch in range(17):
+        logger.log_epoch(epoch, {"val_kl": kl[epoch]})
+    logger.close()
+    logger = TensorBoardLogger(tmp_path)
+    for epoch in range(17, 40):
+        logger.log_epoch(epoch, {"val_kl": kl[epoch]} if epoch != 20 else {"val_kl": math.nan})
+    logger.close()
+    slopes = {e.step: e.value for e in read(tmp_path).Scalars(KL_SLOPE_TAG)}
+    assert 0 not in slopes and 20 not in slopes  # one point; no KL that epoch
+    for epoch, value in slopes.items():
+        window = [e for e in range(epoch + 1) if e != 20][-20:]
+        expected = np.polyfit(window, [kl[e] for e in window], 1)[0]
+        assert value == pytest.approx(expected, rel=1e-5, abs=1e-6), epoch
+    assert slopes[5] == pytest.approx(-2.0, rel=1e-5)
+    assert abs(slopes[39]) < 0.01 < abs(slopes[12])  # levelled off by the end
+
+
+def test_a_session_can_be_named(tmp_path):
+    """group_name is the session's name in the HParams tab (its Trial ID column)."""
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams({"lr": 1e-3}, dict.fromkeys(HPARAM_METRICS, 0.0), group_name="ef772_00000")
+    logger.close()
+    content = read(tmp_path).PluginTagToContent("hparams")
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.group_name == "ef772_00000"
+    assert start.session_start_info.hparams["lr"].number_value == pytest.approx(1e-3)

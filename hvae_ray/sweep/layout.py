@@ -6,7 +6,8 @@ Layout of an experiment directory (``<storage>/<name>``)::
                                  file and GPU share; read by resume and by trial tables
   trial_<id>/                    Ray Tune's trial directory: params.json (the sampled values),
                                  result.json (one :class:`EpochReport` row per epoch), error.txt
-  trial_<id>/tensorboard/        the trial's TensorBoard run (+ its HParams session)
+  trial_<id>/events.out.*        the trial's TensorBoard run, named trial_<id> (+ its HParams session);
+                                 in tensorboard/ in experiments written before
   trial_<id>/engine/             the engine's save_dir: last/, best/, and metrics.jsonl, rank 0's epoch
                                  log (the same rows as result.json, kept across resumes)
   _train/<trial_id>/             the trial's Ray Train run: its reported checkpoints
@@ -78,7 +79,11 @@ class TrialPaths:
 
     @property
     def tensorboard(self) -> Path:
-        return self.root / "tensorboard"
+        """The trial's TensorBoard run: the trial directory itself, so that TensorBoard names the run
+        ``trial_<id>`` (a run's name is its folder's path under the log directory). Experiments written
+        before kept it in ``tensorboard/``, which a resumed trial goes on writing to."""
+        old = self.root / "tensorboard"
+        return old if old.is_dir() else self.root
 
     @property
     def engine(self) -> Path:

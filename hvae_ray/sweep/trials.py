@@ -3,6 +3,8 @@
 Columns: trial_id, status, one ``param.<key>`` column per searched config key; for each tracked metric
 m: ``best_<m>`` (its best value over the epochs, on its own), ``last_<m>`` (the last epoch's) and
 ``<m>_at_best`` (at the trial's best epoch by the sweep's metric, e.g. the KL of the model it kept);
+val_kl_slope_last20 (the least-squares slope of val_kl over the last 20 epochs, nats per epoch: near 0
+once the KL levels off);
 best_epoch (0-based, the TensorBoard step of that epoch), epochs (a count), wall_time_s,
 best_checkpoint, error, node_id, trial_dir. status is one of: completed (ran to max_t),
 early_stopped (stopped by ASHA), diverged (NaN loss or KL runaway), error, running, unfinished,
@@ -35,7 +37,10 @@ from hvae_ray.sweep.layout import (
     read_sweep_state,
     trial_paths,
 )
+from hvae_ray.tracking import KL_SLOPE_EPOCHS, kl_slope
 from hvae_ray.tracking import TRIAL_METRICS as METRICS
+
+KL_SLOPE_COLUMN = f"val_kl_slope_last{KL_SLOPE_EPOCHS}"
 
 
 def epoch_results(paths: TrialPaths) -> list[dict[str, Any]]:
@@ -112,6 +117,8 @@ def _trial_row(paths: TrialPaths, state: SweepState, tune_status: str) -> dict[s
     row.update({f"param.{k}": params.get(k) for k in state.searched_keys})
     best_row = _best_row(results, state.metric, state.mode)
     row.update(_metric_columns(results, best_row, state.metric, state.mode))
+    row[KL_SLOPE_COLUMN] = kl_slope([(float(r[EPOCH]), kl) for r in results if isinstance(r.get(EPOCH), (int, float))
+                                     and (kl := _finite(r.get("val_kl"))) is not None])
     row["best_epoch"] = int(best_row[EPOCH]) if EPOCH in best_row else None
     row["epochs"] = int(max((r.get(EPOCHS_DONE, 0) for r in results), default=0))
     row["wall_time_s"] = _finite(last.get(TIME_TOTAL))
@@ -179,7 +186,8 @@ def _column_order(keys: list[str]) -> list[str]:
     cols = ["trial_id", "status", *(f"param.{k}" for k in keys)]
     for m in METRICS:
         cols += [f"best_{m}", f"last_{m}", f"{m}_at_best"]
-    return cols + ["best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "node_id", "trial_dir"]
+    return cols + [KL_SLOPE_COLUMN, "best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "node_id",
+                   "trial_dir"]
 
 
 def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
@@ -201,8 +209,9 @@ def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
     for m in METRICS:
         fields += [pa.field(f"best_{m}", pa.float64()), pa.field(f"last_{m}", pa.float64()),
                    pa.field(f"{m}_at_best", pa.float64())]
-    fields += [pa.field("best_epoch", pa.int64()), pa.field("epochs", pa.int64()),
-               pa.field("wall_time_s", pa.float64()), pa.field("best_checkpoint", pa.string()),
+    fields += [pa.field(KL_SLOPE_COLUMN, pa.float64()), pa.field("best_epoch", pa.int64()),
+               pa.field("epochs", pa.int64()), pa.field("wall_time_s", pa.float64()),
+               pa.field("best_checkpoint", pa.string()),
                pa.field("error", pa.string()), pa.field("node_id", pa.string()),
                pa.field("trial_dir", pa.string())]
     return pa.schema(fields, metadata={"format": "hvae-ray trials v1"})

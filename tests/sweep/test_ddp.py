@@ -327,5 +327,5 @@ def test_sweep_trial_keeps_one_rank_zero_checkpoint_per_epoch(ray_local, tmp_pat
     assert engine.load_checkpoint(work / "best")["epoch"] == best_two[0]
     # TensorBoard files: the HParams file the sweep's driver (this process) wrote when the trial ended,
     # and one training process's (rank 0) events
-    writers = {p.name.split(".")[-2] for p in (trial_dir / "tensorboard").glob("events.out.tfevents.*")}
+    writers = {p.name.split(".")[-2] for p in trial_dir.glob("events.out.tfevents.*")}
     assert str(os.getpid()) in writers and len(writers) == 2

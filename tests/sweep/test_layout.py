@@ -65,7 +65,10 @@ def test_a_trials_loop_config_is_plain_data_that_round_trips(tmp_path):
     state = SweepState.from_dict(OLD_STATE, "here")
     paths = TrialPaths.of(tmp_path, "abc_00001")
     loop = TrialLoop.of(state, paths, {"epochs": 3})
-    assert loop.tb_dir == str(tmp_path / "trial_abc_00001" / "tensorboard")
+    # the trial directory is its TensorBoard run (named trial_<id>); an older experiment's tensorboard/ stays
+    assert loop.tb_dir == str(tmp_path / "trial_abc_00001")
+    (tmp_path / "trial_abc_00001" / "tensorboard").mkdir(parents=True)
+    assert TrialLoop.of(state, paths, {"epochs": 3}).tb_dir == str(tmp_path / "trial_abc_00001" / "tensorboard")
     assert loop.work_dir == str(tmp_path / "trial_abc_00001" / "engine")
     assert (loop.gpu_share, loop.card_bytes, loop.data_path) == (0.25, 8.0e10, "/cache/q.parquet")
     assert TrialLoop.from_dict(json.loads(json.dumps(loop.to_dict()))) == loop

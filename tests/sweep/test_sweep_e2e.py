@@ -191,9 +191,9 @@ def test_tensorboard_tags_and_hparams(asha8):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     event_dirs = {p.parent for p in asha8.exp.rglob("events.out.tfevents.*")}
-    assert event_dirs == {Path(r["trial_dir"]) / "tensorboard" for r in asha8.table.to_pylist()}  # one run each
+    assert event_dirs == {Path(r["trial_dir"]) for r in asha8.table.to_pylist()}  # one run each, named trial_<id>
     for row in asha8.table.to_pylist():
-        tb_dir = Path(row["trial_dir"]) / "tensorboard"
+        tb_dir = Path(row["trial_dir"])
         assert list(tb_dir.glob("events.out.tfevents.*")), tb_dir
         acc = EventAccumulator(str(tb_dir))
         acc.Reload()

@@ -310,3 +310,51 @@ def test_headers_are_whole_names(exp, with_tune_state):
     text = trials.format_table(trials.load_trials(exp), metric="val_objective")
     heads = text.splitlines()[0].split()
     assert "best_val_objective" in heads and "wall_time_s" in heads
+
+
+def test_kl_slope_column(exp, with_tune_state):
+    """val_kl_slope_last20: the least-squares slope of val_kl over the epochs (0.5 + epoch: slope 1);
+    none with fewer than two epochs."""
+    rows = _by_id(trials.load_trials(exp))
+    assert rows["t_done"]["val_kl_slope_last20"] == pytest.approx(1.0)
+    assert rows["t_stop"]["val_kl_slope_last20"] is None and rows["t_wait"]["val_kl_slope_last20"] is None
+
+
+def test_tensorboard_runs_and_hparams_sessions_are_named_by_trial_id(exp):
+    """As TensorBoard itself reads the experiment folder: one run per trial named trial_<id> (not
+    .../tensorboard), its HParams session named by the table's trial id, an integer setting written as
+    an integer, and a log-scale setting also as log10(<key>)."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from hvae_ray.sweep.hparams import TrialOutcomeCallback
+    from hvae_ray.sweep.layout import TrialPaths
+    from hvae_ray.tracking import TensorBoardLogger
+
+    tb = TensorBoardLogger(TrialPaths.of(exp, "t_done").tensorboard)  # what the trial's engine writes
+    for epoch in range(3):
+        tb.log_epoch(epoch, {"val_kl": 0.5 + epoch, "val_objective": 3.0})
+    tb.close()
+    trial = SimpleNamespace(trial_id="t_done", config={"kl_max_weight": 1e-4, "batch_size": 16},
+                            last_result={"epochs_done": MAX_T, "diverged": 0.0})
+    callback = TrialOutcomeCallback(from_raw(RAW, "fake.yaml"), exp)
+    callback.on_trial_complete(0, [], trial)
+    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t_wait", config={}, last_result=None))
+
+    mux = EventMultiplexer().AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    assert set(mux.Runs()) == {"trial_t_done"}  # a trial that never started has no run
+    from tensorboard.util import tensor_util
+
+    slope = mux.Tensors("trial_t_done", "KL/slope_last20")[-1]
+    assert float(tensor_util.make_ndarray(slope.tensor_proto)) == pytest.approx(1.0)
+    content = mux.PluginRunToTagToContent("hparams")["trial_t_done"]
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert start.group_name == "t_done"
+    assert start.hparams["batch_size"].string_value == "16"  # not the number 16, shown as 16.000
+    assert start.hparams["kl_max_weight"].number_value == pytest.approx(1e-4)
+    assert start.hparams["log10(kl_max_weight)"].number_value == pytest.approx(-4.0)
+    assert "log10(batch_size)" not in start.hparams  # searched on a list, not a log scale
+    assert start.hparams["outcome"].string_value == "completed"
