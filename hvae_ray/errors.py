@@ -27,3 +27,8 @@ class FolderInUse(HvaeError):
 
 class ResumeRefused(HvaeError):
     """An experiment whose saved state cannot be shown to be this user's own: resuming it could run code."""
+
+
+class RayUnavailable(HvaeError):
+    """Ray could not be started or reached: a busy host, no free port, an unusable temporary folder, a wrong
+    cluster address, or a local instance that would run without authentication."""

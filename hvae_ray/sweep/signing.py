@@ -147,13 +147,23 @@ def _read_record(exp: Path) -> dict[str, list[str]]:
         return {}
 
 
+def session_artifacts_dir() -> Path:
+    """Where Ray Tune and Ray Train stage a driver's files: ``<session folder>/artifacts`` of the Ray
+    instance this process is connected to, from Ray's public runtime context (Ray's own function for it,
+    ``ray.train.constants._get_ray_train_session_dir``, is private; a test holds the two equal)."""
+    import ray
+
+    if not ray.is_initialized():
+        raise RuntimeError("Ray is not initialised")
+    ctx = ray.get_runtime_context()
+    return Path(ctx.get_temp_dir(), ctx.get_session_name(), "artifacts")
+
+
 def staging_dirs(experiment_name: str) -> list[Path]:
     """Where Tune's driver writes its state before copying it into the experiment folder
     (``<Ray session>/artifacts/<timestamp>/<experiment>/driver_artifacts``), newest first."""
     try:
-        from ray.train.constants import _get_ray_train_session_dir
-
-        root = Path(_get_ray_train_session_dir())
+        root = session_artifacts_dir()
     except Exception:  # noqa: BLE001 - no Ray session: nothing staged
         return []
 

@@ -16,7 +16,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from hvae_ray.errors import ConfigError, HvaeError
+from hvae_ray.errors import ConfigError, HvaeError, RayUnavailable
 from hvae_ray.sweep.layout import (
     DIVERGED,
     EPOCHS_DONE,
@@ -141,30 +141,71 @@ def experiment_path(storage: str, name: str) -> Path:
 
 def ray_init(address: str | None, **local: Any):
     """Connect to the cluster at ``address``, or start a Ray instance of our own (``local``: more
-    ``ray.init`` arguments for it, e.g. ``num_cpus``/``num_gpus``); returns ``ray.init``'s context, or
-    None when Ray was already initialised."""
+    ``ray.init`` arguments for it, e.g. ``num_cpus``/``num_gpus``; private, authenticated and stopped
+    with this process: :mod:`hvae_ray.sweep.local`); returns ``ray.init``'s context, or None when Ray was
+    already initialised (then an ``address`` must name the cluster this process is connected to).
+    Raises RayUnavailable (one line) when Ray cannot be started or reached."""
     import ray
 
+    from hvae_ray.sweep import local as local_ray
     from hvae_ray.sweep.trainer import env_vars
 
     for k, v in env_vars().items():
         os.environ.setdefault(k, v)
     if ray.is_initialized():
+        _same_cluster(ray, address)
         return None
     if address:
-        return ray.init(address=address, runtime_env={"env_vars": env_vars()}, log_to_driver=False)
-    else:
-        # Ray Train's placement-group cleaner, which frees a trial's resources when Tune stops the
-        # trial (ASHA), finds its cluster through the State API by auto-detection unless told where:
-        # with any other Ray instance on this host that fails, stopped trials keep their CPU/GPU
-        # share for good and the sweep stalls. So the workers are told this instance's API server.
-        port = _free_port()
-        env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        try:
+            return ray.init(address=address, runtime_env={"env_vars": env_vars()}, log_to_driver=False)
+        except Exception as e:  # noqa: BLE001 - Ray raises many kinds (ConnectionError, ValueError, ...)
+            raise RayUnavailable(f"cannot connect to the Ray cluster at {address[:200]!r}: {_first_line(e)}") from None
+    temp_dir = local_ray.temp_root()
+    local_ray.require_token_auth()
+    # Ray Train's placement-group cleaner, which frees a trial's resources when Tune stops the
+    # trial (ASHA), finds its cluster through the State API by auto-detection unless told where:
+    # with any other Ray instance on this host that fails, stopped trials keep their CPU/GPU
+    # share for good and the sweep stalls. So the workers are told this instance's API server.
+    port = _free_port()
+    env = {**env_vars(), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    reaper = local_ray.Reaper()
+    try:
         # address="local": always a new instance of our own, never a cluster that `ray start` left
         # running on this host (ray.init's default would join it); clusters are joined by `address`.
-        with _loopback_only(ray):
-            return ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
-                            dashboard_host="127.0.0.1", dashboard_port=port, **{"log_to_driver": False, **local})
+        with _loopback_only(ray), reaper.marked():
+            context = ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
+                               dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=str(temp_dir),
+                               **{"log_to_driver": False, **local})
+    except Exception as e:  # noqa: BLE001 - a busy host (a startup timeout), a port taken meanwhile, ...
+        reaper.close()
+        raise RayUnavailable(f"the local Ray instance failed to start: {_first_line(e)}") from None
+    local_ray.started()
+    return context
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[0][:300] if lines else "") or type(e).__name__
+
+
+def _same_cluster(ray, address: str | None) -> None:
+    """RayUnavailable unless ``address`` (if any) names the cluster this process is connected to."""
+    import socket
+
+    if not address or address == "auto":
+        return
+    connected = ray.get_runtime_context().gcs_address
+
+    def resolved(addr: str) -> str:
+        host, _, port = addr.removeprefix("ray://").rpartition(":")
+        try:
+            return f"{socket.gethostbyname(host)}:{port}"
+        except OSError:
+            return addr
+
+    if resolved(address) != resolved(connected):
+        raise RayUnavailable(f"this process is already connected to the Ray cluster at {connected}; it cannot "
+                             f"also use the cluster at {address[:200]!r}")
 
 
 #: Ray's single-machine switch: read into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is
