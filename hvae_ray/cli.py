@@ -7,6 +7,7 @@ arguments it names shown as this command line's flags) and exits with code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
@@ -327,12 +328,25 @@ def in_flags(message: str) -> str:
     return re.sub(r"`([^`]+)`", lambda m: FLAGS.get(m.group(1), m.group(0)), message)
 
 
+#: A write that failed for want of room or of a writable file system.
+_WRITE_FAULTS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except HvaeError as e:
         print(f"hvae-ray: error: {in_flags(str(e))}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.errno not in _WRITE_FAULTS:
+            raise
+        # A write that the command did not turn into a line of its own (a full disk, a read-only file
+        # system, a file-size limit): the line io_safe gives for one.
+        from hvae_ray.io_safe import write_failed
+
+        print(f"hvae-ray: error: {write_failed(e.filename or 'an output file', e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         import signal

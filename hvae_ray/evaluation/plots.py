@@ -120,7 +120,8 @@ def save_figures(figs: dict[str, Figure], out_dir: str | Path, overwrite: bool =
     """Write each figure to ``out_dir/{prefix}{key}.png`` and return the paths, in ``figs`` order.
 
     ``out_dir`` is created if missing. Existing files are never replaced unless ``overwrite=True``:
-    if any target exists, FileExistsError is raised before anything is written.
+    if any target exists, FileExistsError is raised before anything is written. Each file is written
+    atomically (:func:`hvae_ray.io_safe.atomic_write`); one that cannot be written is a DataError line.
     """
     out = Path(out_dir)
     paths = [out / f"{prefix}{key}.png" for key in figs]
@@ -129,7 +130,12 @@ def save_figures(figs: dict[str, Figure], out_dir: str | Path, overwrite: bool =
         if existing:
             raise FileExistsError(f"{existing[0]} exists ({len(existing)} of {len(paths)} figures); "
                                   "pass overwrite=True to replace")
+    from hvae_ray.io_safe import atomic_write, write_failed
+
     out.mkdir(parents=True, exist_ok=True)
     for path, fig in zip(paths, figs.values(), strict=True):
-        fig.savefig(path, format="png", dpi=dpi)
+        try:
+            atomic_write(path, lambda f, fig=fig: fig.savefig(f, format="png", dpi=dpi))
+        except OSError as e:
+            raise write_failed(path, e) from None
     return paths
