@@ -24,19 +24,17 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from hvae_ray.config import COMPONENTS, Config
 from hvae_ray.data.dense import DenseFeaturizer, device_jets
-from hvae_ray.data.jets import JetSample
-from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, prepare, split_seed, step_layout
+from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, split_seed, step_layout
 from hvae_ray.engine.paths import dense_val_batches, validation_metrics
 from hvae_ray.engine.runtime import Precision, resolve_device
 from hvae_ray.engine.steps import STAT_KEYS, PopulationStep, scheduled_lr
-from hvae_ray.engine.trainer import OBJECTIVE_METRICS, check_divergence, generation_scorer, node_stats
+from hvae_ray.engine.trainer import check_divergence, generation_scorer, node_stats
 from hvae_ray.errors import ConfigError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer
 from hvae_ray.model.hypervae import HyperVAE
@@ -314,59 +312,3 @@ def _adam_moments(optimizer: dict[str, Any] | None, model: torch.nn.Module
         s = state.get(i, {})
         out[name] = (s.get("exp_avg"), s.get("exp_avg_sq"), float(s.get("step", 0.0)))
     return out
-
-
-def fit_population(cfgs: Sequence[Config], sample: JetSample, *, save_dirs: Sequence[str | Path | None] | None = None,
-                   log_dirs: Sequence[str | Path | None] | None = None, device: torch.device | str | None = None,
-                   slots: int | None = None) -> list[dict[str, Any]]:
-    """Train ``cfgs`` (one shape) as one population: what :func:`~hvae_ray.engine.fit` does for each, with
-    each member's own ``save_dir`` (``last/``, ``best/``, ``config.yaml``) and TensorBoard ``log_dir``,
-    best epoch, patience and divergence. Returns one result per config, as ``fit`` returns it, with
-    ``diverged`` set to the reason for a member that diverged. ``slots`` (default: all) bounds how many
-    train at once; the others take a slot as one finishes."""
-    from hvae_ray.engine.checkpoint import write_run_files
-    from hvae_ray.engine.trainer import RunLog, patience_ran_out
-    from hvae_ray.tracking import TensorBoardLogger
-
-    n = len(cfgs)
-    save_dirs = [Path(d) if d is not None else None for d in (save_dirs or [None] * n)]
-    log_dirs = list(log_dirs or [None] * n)
-    dev = torch.device(device) if device is not None else resolve_device(cfgs[0].device)
-    pop = Population(cfgs[0], prepare(cfgs[0], sample, device=dev), slots or n, dev)
-    results: list[dict[str, Any]] = [{} for _ in cfgs]
-    waiting, runs, index = list(range(n)), {}, {}
-
-    def admit() -> None:
-        while waiting and len(pop.occupied) < pop.slots:
-            i = waiting.pop(0)
-            slot = pop.add(cfgs[i])
-            logger = TensorBoardLogger(log_dirs[i]) if log_dirs[i] is not None else None
-            if save_dirs[i] is not None:
-                write_run_files(save_dirs[i], cfgs[i])
-            runs[slot], index[slot] = RunLog(cfgs[i], logger, pop.splits, save_dirs[i]), i
-
-    def finish(slot: int, result: dict[str, Any]) -> None:
-        member, run, i = pop.member(slot), runs.pop(slot), index.pop(slot)
-        if result.get("diverged") is None:
-            run.close(member, member.epoch - 1)
-        if run.logger is not None:
-            run.logger.close()
-        key = OBJECTIVE_METRICS[member.cfg.objective]
-        results[i] = {**result, "epochs_run": member.epoch - member.start_epoch, "best_epoch": member.best_epoch,
-                      f"best_{key}": member.best, "save_dir": str(save_dirs[i]) if save_dirs[i] else None,
-                      "log_dir": str(log_dirs[i]) if log_dirs[i] else None}
-        pop.remove(slot)
-
-    admit()
-    while pop.occupied:
-        for rep in pop.train_epoch():
-            member = pop.member(rep.slot)
-            if rep.diverged is not None:
-                finish(rep.slot, {"diverged": rep.diverged})
-                continue
-            runs[rep.slot].record(member, rep.epoch, rep.metrics)
-            if rep.epoch + 1 >= member.cfg.epochs or patience_ran_out(member.cfg, member.best_epoch, rep.epoch,
-                                                                     False):
-                finish(rep.slot, dict(rep.metrics))
-        admit()
-    return results
