@@ -30,6 +30,9 @@ import os
 import stat
 from pathlib import Path
 
+import pyarrow
+import pyarrow.fs
+
 from hvae_ray.errors import ResumeRefused
 
 SIGNATURES = ".hvae-ray-signatures.json"
@@ -223,13 +226,15 @@ class Signer:
             atomic_write_text(exp / SIGNATURES, json.dumps({"version": 1, "files": record}, indent=0), mode=0o644)
 
 
-def verify(experiment_dir: str | Path) -> None:
+def verify(experiment_dir: str | Path) -> dict[str, bytes]:
     """ResumeRefused (one line) unless every file Ray may unpickle on resume is a regular file whose bytes
-    match the record signed with this user's key."""
+    match the record signed with this user's key. Returns the bytes verified, by absolute path: Ray is to
+    read these, not the files again (:class:`VerifiedFiles`)."""
     exp = Path(experiment_dir)
     files = loaded_files(exp, strict=True)
+    verified: dict[str, bytes] = {}
     if not files:
-        return
+        return verified
     record = _read_record(exp)
     secret = key()
     for p in files:
@@ -252,3 +257,153 @@ def verify(experiment_dir: str | Path) -> None:
         if why:
             raise ResumeRefused(f"{p}: {why}; not resuming, since Ray would unpickle it (run code from it). "
                                 f"If you trust it, sign it with: hvae-ray sweep sign {exp}")
+        verified[os.path.normpath(os.path.abspath(p))] = data
+    return verified
+
+
+def is_loaded(experiment_dir: str | Path, path: str | Path) -> bool:
+    """Whether ``path`` is a file of the experiment that Ray may unpickle on resume (:func:`loaded_files`'s
+    rule, for one path)."""
+    try:
+        rel = Path(os.path.normpath(os.path.abspath(path))).relative_to(os.path.normpath(os.path.abspath(
+            experiment_dir)))
+    except ValueError:
+        return False
+    parts = rel.parts
+    if not parts or parts[0] == "_train" and len(parts) > 1:
+        return False
+    return parts[-1].endswith(".pkl") or (len(parts) == 1 and any(fnmatch.fnmatchcase(parts[0], pattern)
+                                                                  for pattern in TOP_PATTERNS))
+
+
+class VerifiedFiles(pyarrow.fs.FileSystemHandler):
+    """Ray Tune's storage file system for a resume (``Tuner.restore(storage_filesystem=...)``, through
+    :meth:`filesystem`): the local file system, except that a file of the experiment that Ray may unpickle
+    reads as the bytes :func:`verify` checked, held in memory, however the file on disk has changed since;
+    one that was not verified is absent (not listed, not readable); one that Tune writes during the run is
+    written atomically and reads back as the bytes it wrote. So Ray unpickles exactly what was verified,
+    and a file swapped in between the check and Ray's read is never loaded. In a trial's process (Tune
+    sends the file system to its trials, where nothing is unpickled from the experiment) it is the plain
+    local file system."""
+
+    def __init__(self, experiment_dir: str | Path, verified: dict[str, bytes] | None):
+        self.experiment_dir = os.path.normpath(os.path.abspath(experiment_dir))
+        self.verified = verified  # None: the plain local file system
+        self.local = pyarrow.fs.LocalFileSystem()
+
+    def __reduce__(self):
+        return VerifiedFiles, (self.experiment_dir, None)
+
+    def filesystem(self) -> pyarrow.fs.PyFileSystem:
+        return pyarrow.fs.PyFileSystem(self)
+
+    def _guarded(self, path: str) -> bool:
+        return self.verified is not None and is_loaded(self.experiment_dir, path)
+
+    def _bytes(self, path: str) -> bytes:
+        data = self.verified.get(os.path.normpath(os.path.abspath(path)))
+        if data is None:
+            raise FileNotFoundError(errno.ENOENT, "not among the files verified for this resume", path)
+        return data
+
+    def _info(self, info: pyarrow.fs.FileInfo) -> pyarrow.fs.FileInfo:
+        if info.type != pyarrow.fs.FileType.File or not self._guarded(info.path):
+            return info
+        data = self.verified.get(os.path.normpath(os.path.abspath(info.path)))
+        if data is None:
+            return pyarrow.fs.FileInfo(info.path, pyarrow.fs.FileType.NotFound)
+        return pyarrow.fs.FileInfo(info.path, pyarrow.fs.FileType.File, size=len(data), mtime=info.mtime)
+
+    # reads
+    def get_type_name(self) -> str:
+        return "hvae-ray-verified"
+
+    def normalize_path(self, path):
+        return self.local.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return [self._info(info) for info in self.local.get_file_info(paths)]
+
+    def get_file_info_selector(self, selector):
+        infos = [self._info(info) for info in self.local.get_file_info(selector)]
+        return [info for info in infos if info.type != pyarrow.fs.FileType.NotFound]
+
+    def open_input_stream(self, path):
+        return pyarrow.BufferReader(self._bytes(path)) if self._guarded(path) else self.local.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return pyarrow.BufferReader(self._bytes(path)) if self._guarded(path) else self.local.open_input_file(path)
+
+    # writes
+    def open_output_stream(self, path, metadata):
+        if not self._guarded(path):
+            return self.local.open_output_stream(path, metadata=metadata)
+        return pyarrow.PythonFile(_Written(self, path), mode="w")
+
+    def open_append_stream(self, path, metadata):
+        if self._guarded(path):
+            raise PermissionError(errno.EPERM, "appending to a file Ray unpickles", path)
+        return self.local.open_append_stream(path, metadata=metadata)
+
+    def create_dir(self, path, recursive):
+        self.local.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.local.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.local.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise PermissionError(errno.EPERM, "deleting the root folder's contents")
+
+    def delete_file(self, path):
+        self.local.delete_file(path)
+        if self.verified is not None:
+            self.verified.pop(os.path.normpath(os.path.abspath(path)), None)
+
+    def move(self, src, dest):
+        self.local.move(src, dest)
+        if self._guarded(src) or self._guarded(dest):
+            data = self.verified.pop(os.path.normpath(os.path.abspath(src)), None)
+            if data is not None and self._guarded(dest):
+                self.verified[os.path.normpath(os.path.abspath(dest))] = data
+
+    def copy_file(self, src, dest):
+        if self._guarded(dest):
+            with self.open_input_stream(src) as f:
+                data = f.read()
+            with self.open_output_stream(dest, None) as out:
+                out.write(data)
+        else:
+            self.local.copy_file(src, dest)
+
+
+class _Written:
+    """A file Ray unpickles, as Tune writes it during a resumed run: its bytes kept, written atomically on
+    close, then read back from memory."""
+
+    def __init__(self, files: VerifiedFiles, path: str):
+        self.files, self.path, self.buffer, self.closed = files, path, bytearray(), False
+
+    def write(self, data) -> int:
+        self.buffer += data
+        return len(data)
+
+    def tell(self) -> int:
+        return len(self.buffer)
+
+    def writable(self) -> bool:
+        return True
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        from hvae_ray.io_safe import atomic_write_bytes
+
+        self.closed = True
+        atomic_write_bytes(self.path, bytes(self.buffer))
+        self.files.verified[os.path.normpath(os.path.abspath(self.path))] = bytes(self.buffer)

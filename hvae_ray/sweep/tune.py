@@ -28,7 +28,7 @@ from hvae_ray.sweep.layout import (
     train_storage,
     trial_dirname,
 )
-from hvae_ray.sweep.signing import Signer, verify
+from hvae_ray.sweep.signing import Signer, VerifiedFiles, verify
 from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
 
 #: Trial-table statuses by what they mean for the sweep as a whole.
@@ -392,7 +392,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
     with hold(exp, "experiment"):  # not while its sweep (or another resume) still runs
-        verify(exp)  # before Ray unpickles any of it
+        verified = verify(exp)  # before Ray unpickles any of it; Ray then reads these bytes, not the files again
         ray_init(address)
         _no_tune_tensorboard()
         if on_start is not None:
@@ -404,7 +404,8 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
             try:
                 tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(state, spec), resume_unfinished=True,
                                                resume_errored=True, restart_errored=False,
-                                               param_space=search_space(spec))
+                                               param_space=search_space(spec),
+                                               storage_filesystem=VerifiedFiles(exp, verified).filesystem())
                 results = tuner.fit()
             finally:
                 signer.sign()

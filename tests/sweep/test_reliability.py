@@ -200,3 +200,121 @@ def test_no_ray_process_outlives_a_killed_driver(tmp_path, sweep_file, child_env
     while (left := _alive(tree, marker)) and time.monotonic() < gone_by:
         time.sleep(0.5)
     assert not left, f"still running 20 s after the driver was killed: {left}"
+
+
+class _Marker:
+    """Unpickling it creates a file: proof that code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.fixture
+def signed_experiment(tmp_path, sweep_file, monkeypatch) -> Path:
+    """An experiment with its sweep state and a signed (harmless) ``tuner.pkl``, signed with a key of this
+    test's own."""
+    import json
+    import pickle
+
+    from hvae_ray.sweep.layout import SWEEP_FILE
+    from hvae_ray.sweep.signing import Signer
+    from hvae_ray.sweep.spec import load_sweep
+    from hvae_ray.sweep.tune import _prepare
+
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config-home"))
+    spec = load_sweep(sweep_file(tmp_path / "s.yaml"))
+    exp = tmp_path / "runs" / "s"
+    exp.mkdir(parents=True)
+    (exp / SWEEP_FILE).write_text(json.dumps(_prepare(spec, "s", str(exp.parent)).to_dict(), default=str))
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"harmless": True}))
+    Signer(exp).sign()
+    return exp
+
+
+def test_ray_reads_the_verified_bytes_not_the_file_again(signed_experiment, tmp_path):
+    """The storage file system a resume hands Ray: the verified bytes of a file swapped after the check,
+    nothing of an unsigned file that appeared after it, Tune's own writes read back as written, and
+    everything else the local file system's."""
+    import pickle
+
+    import pyarrow.fs
+
+    from hvae_ray.sweep.signing import VerifiedFiles, verify
+
+    exp = signed_experiment
+    verified = verify(exp)
+    original = (exp / "tuner.pkl").read_bytes()
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Marker(tmp_path / "marker")))
+    (exp / "experiment_state-2099.json").write_text("{}")  # planted after the check
+    fs = VerifiedFiles(exp, verified).filesystem()
+    with fs.open_input_file(str(exp / "tuner.pkl")) as f:
+        assert f.readall() == original
+    with fs.open_input_stream(str(exp / "tuner.pkl")) as f:
+        assert f.readall() == original
+    listed = {Path(i.path).name for i in fs.get_file_info(pyarrow.fs.FileSelector(str(exp)))}
+    assert "tuner.pkl" in listed and "experiment_state-2099.json" not in listed
+    assert fs.get_file_info(str(exp / "experiment_state-2099.json")).type == pyarrow.fs.FileType.NotFound
+    with pytest.raises(FileNotFoundError):
+        fs.open_input_stream(str(exp / "experiment_state-2099.json"))
+    # what Tune writes during the run: written (atomically) and read back as written, even if swapped after
+    with fs.open_output_stream(str(exp / "experiment_state-2100.json")) as out:
+        out.write(b'{"ours": 1}')
+    assert (exp / "experiment_state-2100.json").read_bytes() == b'{"ours": 1}'
+    (exp / "experiment_state-2100.json").write_text("swapped")
+    with fs.open_input_stream(str(exp / "experiment_state-2100.json")) as f:
+        assert f.readall() == b'{"ours": 1}'
+    # other files are the local file system's, both ways
+    fs.create_dir(str(exp / "trial_x"))
+    with fs.open_output_stream(str(exp / "trial_x" / "result.json")) as out:
+        out.write(b"{}")
+    assert (exp / "trial_x" / "result.json").read_bytes() == b"{}"
+    # sent to a trial's process, it is the plain local file system
+    plain = pickle.loads(pickle.dumps(fs))
+    with plain.open_input_stream(str(exp / "tuner.pkl")) as f:
+        assert f.readall() == (exp / "tuner.pkl").read_bytes()
+    assert not (tmp_path / "marker").exists()
+
+
+def test_a_file_swapped_between_the_check_and_ray_s_read_runs_no_code(signed_experiment, tmp_path, monkeypatch):
+    """`resume_sweep`: the signed tuner.pkl verifies, then a crafted one replaces it before Ray reads it.
+    Ray gets the verified bytes: the crafted pickle is never loaded."""
+    import pickle
+
+    from hvae_ray.sweep import tune
+
+    exp, marker = signed_experiment, tmp_path / "marker"
+    checked = tune.verify
+
+    def verify_then_swap(path):
+        verified = checked(path)
+        (Path(path) / "tuner.pkl").write_bytes(pickle.dumps(_Marker(marker)))
+        return verified
+
+    monkeypatch.setattr(tune, "verify", verify_then_swap)
+    monkeypatch.setattr(tune, "ray_init", lambda address, **kw: None)
+    with pytest.raises(Exception):  # noqa: B017 - the harmless pickle is no Tuner state: Ray refuses it
+        tune.resume_sweep(exp)
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_through_the_verified_files(ray_local, tmp_path, sweep_file):
+    """A real sweep, then its resume: Tune restores its Tuner, experiment, search and callback states
+    through the verified files, keeps its finished trials, and what it saves verifies again."""
+    from hvae_ray.sweep.signing import verify
+    from hvae_ray.sweep.trials import load_trials
+    from hvae_ray.sweep.tune import resume_sweep, run_sweep
+
+    path = sweep_file(tmp_path / "s.yaml", num_samples=2, config={"epochs": 1},
+                      search_space={"learning_rate": {"loguniform": [1e-4, 1e-3]}},
+                      scheduler={"max_t": 1, "grace_period": 1})
+    first = run_sweep(path, storage=str(tmp_path / "runs"), name="again")
+    before = {r["trial_id"]: r["status"] for r in load_trials(first.experiment_dir).to_pylist()}
+    assert sorted(before.values()) == ["completed", "completed"]
+    again = resume_sweep(first.experiment_dir)
+    assert not again.results.errors and len(again.results) == 2
+    assert {r["trial_id"]: r["status"] for r in load_trials(again.experiment_dir).to_pylist()} == before
+    verify(again.experiment_dir)
