@@ -6,7 +6,8 @@ On a shared folder anyone who can write there could plant one that runs code as 
 the driver that writes them signs them: an HMAC-SHA256 of each file's name and bytes, with a key kept
 in the user's config folder (``~/.config/hvae-ray/resume.key``, mode 0600, made on first use), recorded
 in ``<experiment>/.hvae-ray-signatures.json``. ``sweep resume`` checks every such file before Ray reads
-any of them and refuses, in one line, when one is missing from the record or does not match it.
+any of them and refuses, in one line, when one is missing from the record or does not match it; Ray then
+reads the bytes that were checked, from memory (:class:`VerifiedFiles`), not the files a second time.
 
 The driver signs Tune's state in Tune's staging folder as Tune saves it, before Tune copies it into
 the experiment (a callback's state is asked for at that moment), so a driver killed at any point leaves
