@@ -72,13 +72,47 @@ def _epoch_line(report) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from hvae_ray.tracking import RUN_SUMMARY
 
-    result = api.train(a.config, a.data_path, save_dir=a.save_dir, log_dir=a.log_dir, resume=a.resume,
-                       save_test_indices=a.save_test_indices, overrides=_overrides(a.set), progress=not a.quiet,
-                       callbacks=() if a.quiet else (_epoch_line,))
+    try:
+        result = api.train(a.config, a.data_path, save_dir=a.save_dir, log_dir=a.log_dir, resume=a.resume,
+                           save_test_indices=a.save_test_indices, overrides=_overrides(a.set),
+                           progress=not a.quiet, callbacks=() if a.quiet else (_epoch_line,))
+    except KeyboardInterrupt:
+        return _train_interrupted(a)
     print(" ".join(f"{k}={result[k]:.5g}" if isinstance(result.get(k), float) else f"{k}={result.get(k)}"
                    for k in RUN_SUMMARY) + f" best_epoch={result['best_epoch'] + 1} (1-based, as epochs_run)")
     print(f"checkpoints: {result['save_dir']}/{{last,best}}  tensorboard: {result['log_dir']}")
     return 0
+
+
+def train_resume_command(a: argparse.Namespace) -> str:
+    """The command that continues this `train` run: the same config, data, folders and overrides, with --resume."""
+    import shlex
+
+    parts = ["hvae-ray", "train"]
+    for flag, value in (("--config", a.config), ("--data-path", a.data_path), ("--save-dir", a.save_dir),
+                        ("--log-dir", a.log_dir)):
+        if value is not None:
+            parts += [flag, str(value)]
+    for pair in a.set or []:
+        parts += ["--set", pair]
+    parts += ["--save-test-indices"] * bool(a.save_test_indices) + ["--quiet"] * bool(a.quiet) + ["--resume"]
+    return shlex.join(parts)
+
+
+def _train_interrupted(a: argparse.Namespace) -> int:
+    """Ctrl+C during `train`: below the progress bar, how to continue from the last saved epoch."""
+    from hvae_ray.engine import CHECKPOINT_FILE
+
+    if not a.quiet:
+        print(file=sys.stderr)  # off the progress bar's line
+    if (Path(a.save_dir) / "last" / CHECKPOINT_FILE).is_file():
+        print(f"hvae-ray: interrupted; the last finished epoch is saved in {Path(a.save_dir) / 'last'}; "
+              "continue with:", file=sys.stderr)
+        print(train_resume_command(a), file=sys.stderr)
+    else:
+        print("hvae-ray: interrupted before the first epoch ended; nothing was saved to resume from",
+              file=sys.stderr)
+    return 130
 
 
 def cmd_sample(a: argparse.Namespace) -> int:

@@ -424,6 +424,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg.with_overrides(overrides, "override") if overrides else cfg
 
 
+def warmup_warning(cfg: Config) -> str | None:
+    """One line when a linear KL warm-up is longer than the run: β rises through every epoch and never
+    reaches ``kl_max_weight`` (it is at the cap from epoch ``kl_warmup_epochs`` on, 0-based)."""
+    if cfg.kl_schedule != "linear" or cfg.kl_warmup_epochs < cfg.epochs:
+        return None
+    last = max(cfg.kl_min_weight, cfg.kl_max_weight * (cfg.epochs - 1) / cfg.kl_warmup_epochs)
+    return (f"warning: kl_warmup_epochs={cfg.kl_warmup_epochs} >= epochs={cfg.epochs}: the KL weight never "
+            f"reaches kl_max_weight={cfg.kl_max_weight:g} (the last epoch's is {last:.2g}); set "
+            f"kl_warmup_epochs below {cfg.epochs}")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """'model.latent_dim=32' → ('model.latent_dim', 32); the value is parsed as YAML."""
     if "=" not in text:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hvae_ray.config import COMPONENTS, OBJECTIVE_METRICS, Config
+from hvae_ray.config import COMPONENTS, OBJECTIVE_METRICS, Config, warmup_warning
 from hvae_ray.data.dense import DenseFeaturizer, FeatureNormaliser, device_jets
 from hvae_ray.data.jets import JetSample
 from hvae_ray.engine.batches import Splits, prepare, validation_batch_size
@@ -251,6 +251,11 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
     try:
         for epoch in range(trainer.start_epoch, cfg.epochs):
             metrics = epoch_metrics(trainer, epoch, progress and trainer.rank == 0)
+            if epoch == trainer.start_epoch and progress and trainer.rank == 0:
+                from tqdm.auto import tqdm
+
+                tqdm.write(run_estimate(cfg, len(trainer.splits.train), device, epoch, metrics["epoch_time_s"]),
+                           file=sys.stderr)
             report = run.record(trainer, epoch, metrics)
             if any([bool(cb(report)) for cb in callbacks]) or patience_ran_out(
                     cfg, trainer.best_epoch, epoch, progress and trainer.rank == 0):
@@ -319,11 +324,33 @@ def _start(cfg: Config, sample: JetSample, device: torch.device,
         except (RuntimeError, KeyError, TypeError, ValueError) as e:
             raise DataError(f"{src}: cannot resume from this checkpoint ({e.__class__.__name__})") from e
     if trainer.dense:
-        line = f"training step: {trainer.step_mode}"
-        log.info(line)
+        log.info("training step: %s", trainer.step_mode)  # engine detail: the log only, not the console
+    if (note := warmup_warning(cfg)) is not None:
+        log.info(note)  # the console line below when shown; a warning record would print it twice
         if progress and trainer.rank == 0:
-            print(line, file=sys.stderr)
+            print(note, file=sys.stderr)
     return trainer
+
+
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: seconds, minutes or hours."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def run_estimate(cfg: Config, jets: int, device: torch.device, start_epoch: int, first_epoch_s: float) -> str:
+    """One line after the run's first epoch: what it trains, where, and about how long the whole run
+    takes (that epoch's time, validation and generation scoring included, times the run's epochs)."""
+    epochs = f"{cfg.epochs} epochs" if start_epoch == 0 else f"epochs {start_epoch + 1}-{cfg.epochs}"
+    where = "cpu" if device.type == "cpu" else "the GPU" if device.type == "cuda" else device.type
+    total = first_epoch_s * (cfg.epochs - start_epoch)
+    stop = f", less if {cfg.patience} epochs without a better {OBJECTIVE_METRICS[cfg.objective]} stop it" \
+        if cfg.patience > 0 else ""
+    return (f"training {jets} jets, {epochs} on {where}: about {duration(total)} in all "
+            f"(first epoch {first_epoch_s:.1f} s){stop}")
 
 
 def _open_outputs(trainer: Trainer, save_dir: Path | None, log_dir: str | Path | None,
