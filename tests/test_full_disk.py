@@ -127,6 +127,7 @@ def test_a_write_fault_the_command_does_not_catch_is_one_line(tmp_path, monkeypa
 
     monkeypatch.setattr(tune, "ray_init", lambda address, **kw: None)
     monkeypatch.setattr(tune, "_local_gpus", lambda: 0.0)
+    monkeypatch.setattr(tune, "_plan_populations", lambda spec, state: state, raising=False)
     monkeypatch.setattr(layout.SweepState, "write", full)
     storage = tmp_path / "runs"
     rc = main(["sweep", "run", str(sweep_file(tmp_path / "s.yaml")), "--storage", str(storage), "--name", "full"])
