@@ -126,6 +126,8 @@ class SweepState:
     card_bytes:     the card size the share was sized for (None: not sized from memory)
     trial_bytes:    one trial's whole-process GPU memory the share holds
     context_bytes:  the CUDA context measured while sizing (None: the usual figure)
+    population_slots, population_executors: the trials train as members of this many populations of
+                    this many slots (0: one process per trial; :mod:`hvae_ray.sweep.population`)
     """
 
     raw: dict[str, Any]
@@ -140,6 +142,8 @@ class SweepState:
     card_bytes: float | None = None
     trial_bytes: float | None = None
     context_bytes: float | None = None
+    population_slots: int = 0
+    population_executors: int = 0
 
     @property
     def metric(self) -> str:

@@ -5,7 +5,8 @@ m: ``best_<m>`` (its best value over the epochs, on its own), ``last_<m>`` (the 
 ``<m>_at_best`` (at the trial's best epoch by the sweep's metric, e.g. the KL of the model it kept);
 val_kl_slope_last20 (the least-squares slope of val_kl over the last 20 epochs, nats per epoch: near 0
 once the KL levels off);
-best_epoch (0-based, the TensorBoard step of that epoch), epochs (a count), wall_time_s,
+best_epoch (0-based, the TensorBoard step of that epoch), epochs (a count), wall_time_s, population (the
+slots of the population the trial trained in; 1: a process of its own),
 best_checkpoint, error, node_id, trial_dir. status is one of: completed (ran to max_t),
 early_stopped (stopped by ASHA), diverged (NaN loss or KL runaway), error, running, unfinished,
 pending. Every column name is what ``sort_trials`` and the table's header take. The files read are those of
@@ -122,6 +123,8 @@ def _trial_row(paths: TrialPaths, state: SweepState, tune_status: str) -> dict[s
     row["best_epoch"] = int(best_row[EPOCH]) if EPOCH in best_row else None
     row["epochs"] = int(max((r.get(EPOCHS_DONE, 0) for r in results), default=0))
     row["wall_time_s"] = _finite(last.get(TIME_TOTAL))
+    # the slots of the population it trained in (1: a process of its own)
+    row["population"] = int(max((r.get("population", 1) for r in results), default=1)) if results else None
     row["best_checkpoint"] = _best_checkpoint(paths, best_row, state.metric)
     row["node_id"] = last.get(NODE_ID)
     row["error"] = _error_of(paths, results)
@@ -151,9 +154,9 @@ def _metric_columns(results: list[dict[str, Any]], best_row: dict[str, Any], met
 
 def _best_checkpoint(paths: TrialPaths, best_row: dict[str, Any], metric: str) -> str | None:
     best = best_row.get(CHECKPOINT_PATH)
-    if (best is None or not Path(best).exists()) and metric == "val_objective" and paths.engine_best.is_dir():
-        # the engine's own best/ is kept by its objective's metric: val_objective for objective
-        # reconstruction, so this sweep's best epoch too
+    if (best is None or not Path(best).exists()) and paths.engine_best.is_dir():
+        # the engine's own best/ is kept by its objective's metric, which is the sweep's metric (sweep.spec
+        # refuses a sweep whose two differ)
         best = str(paths.engine_best)
     return best
 
@@ -186,8 +189,8 @@ def _column_order(keys: list[str]) -> list[str]:
     cols = ["trial_id", "status", *(f"param.{k}" for k in keys)]
     for m in METRICS:
         cols += [f"best_{m}", f"last_{m}", f"{m}_at_best"]
-    return cols + [KL_SLOPE_COLUMN, "best_epoch", "epochs", "wall_time_s", "best_checkpoint", "error", "node_id",
-                   "trial_dir"]
+    return cols + [KL_SLOPE_COLUMN, "best_epoch", "epochs", "wall_time_s", "population", "best_checkpoint", "error",
+                   "node_id", "trial_dir"]
 
 
 def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
@@ -211,7 +214,7 @@ def _schema(keys: list[str], rows: list[dict[str, Any]]) -> pa.Schema:
                    pa.field(f"{m}_at_best", pa.float64())]
     fields += [pa.field(KL_SLOPE_COLUMN, pa.float64()), pa.field("best_epoch", pa.int64()),
                pa.field("epochs", pa.int64()), pa.field("wall_time_s", pa.float64()),
-               pa.field("best_checkpoint", pa.string()),
+               pa.field("population", pa.int64()), pa.field("best_checkpoint", pa.string()),
                pa.field("error", pa.string()), pa.field("node_id", pa.string()),
                pa.field("trial_dir", pa.string())]
     return pa.schema(fields, metadata={"format": "hvae-ray trials v1"})

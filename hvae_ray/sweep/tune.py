@@ -286,6 +286,7 @@ def _tuner(spec: SweepSpec, state: SweepState):
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
     from ray.tune.schedulers import ASHAScheduler
 
+    from hvae_ray.sweep.console import console_callbacks, tune_verbosity
     from hvae_ray.sweep.driver import SignState
     from hvae_ray.sweep.hparams import TrialOutcomeCallback
 
@@ -293,19 +294,31 @@ def _tuner(spec: SweepSpec, state: SweepState):
     sched = spec.scheduler
     asha = ASHAScheduler(time_attr=EPOCHS_DONE, max_t=sched.max_t, grace_period=sched.grace_period,
                          reduction_factor=sched.reduction_factor)
+    members = state.population_slots > 0
+    extra: dict[str, Any] = {}
+    if members:
+        from hvae_ray.sweep.population import MemberLeaves
+
+        # A member's checkpoints are the trial's own (Tune keeps the latest and the 2 best by the sweep's
+        # metric); a trial in its own process has its Ray Train run keep them (sweep.trainer).
+        extra = {"checkpoint_config": ray.tune.CheckpointConfig(
+            num_to_keep=2, checkpoint_score_attribute=sched.metric, checkpoint_score_order=sched.mode)}
     return ray.tune.Tuner(
         _trainable(state, spec),
         param_space=search_space(spec),
         tune_config=ray.tune.TuneConfig(metric=sched.metric, mode=sched.mode, scheduler=asha,
                                         num_samples=spec.num_samples,
-                                        max_concurrent_trials=spec.tune_concurrency(),
+                                        max_concurrent_trials=(state.population_slots * state.population_executors
+                                                               if members else spec.tune_concurrency()),
                                         trial_dirname_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(name=state.name, storage_path=state.storage,
                                       failure_config=ray.tune.FailureConfig(max_failures=spec.max_failures),
                                       callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
                                                  TrialOutcomeCallback(spec, state.experiment_dir),
-                                                 SignState(state.experiment_dir)],
-                                      stop={DIVERGED: 1.0}, verbose=1),
+                                                 SignState(state.experiment_dir),
+                                                 *console_callbacks(spec, state.experiment_dir)]
+                                      + ([MemberLeaves(state.population_executors)] if members else []),
+                                      stop={DIVERGED: 1.0}, verbose=tune_verbosity(), **extra),
     )
 
 
@@ -317,12 +330,45 @@ def _no_tune_tensorboard() -> None:
 
 
 def _trainable(state: SweepState, spec: SweepSpec):
-    """The trial driver with the sweep state and spec bound; it holds no resources itself (the
-    TorchTrainer's workers hold the CPUs/GPUs), so concurrency is set by the workers' resources and
-    ``max_concurrent_trials``."""
+    """The trial's function with the sweep state and spec bound: a population member
+    (:func:`~hvae_ray.sweep.population.member_trial`) or a TorchTrainer of its own (:func:`_trial_driver`).
+    It holds no resources itself (the executors or the TorchTrainer's workers hold the CPUs/GPUs), so
+    concurrency is set by their resources and ``max_concurrent_trials``."""
     import ray.tune
 
-    return ray.tune.with_resources(ray.tune.with_parameters(_trial_driver, state=state, spec=spec), {"CPU": 0.01})
+    from hvae_ray.sweep.population import member_trial
+
+    fn = member_trial if state.population_slots > 0 else _trial_driver
+    return ray.tune.with_resources(ray.tune.with_parameters(fn, state=state, spec=spec), {"CPU": 0.01})
+
+
+@contextmanager
+def _executors(state: SweepState, spec: SweepSpec):
+    """The sweep's population executors while its trials run (none when each trial has its own process)."""
+    from hvae_ray.sweep.population import PopulationPlan, start_executors, stop_executors
+
+    executors = []
+    if state.population_slots > 0:
+        plan = PopulationPlan(state.population_slots, state.population_executors)
+        executors = start_executors(plan, state, spec)
+    try:
+        yield executors
+    finally:
+        if executors:
+            stop_executors(executors)
+
+
+def _plan_populations(spec: SweepSpec, state: SweepState) -> SweepState:
+    """Decide whether and how the trials share populations (said in one line), into the sweep state."""
+    import dataclasses
+
+    import ray
+
+    from hvae_ray.sweep.population import population_plan
+
+    plan = population_plan(spec, state, float(ray.cluster_resources().get("GPU", 0)))
+    print(f"sweep: {plan.describe()}", file=sys.stderr)
+    return dataclasses.replace(state, population_slots=plan.slots, population_executors=plan.executors)
 
 
 def _trial_dirname(trial) -> str:
@@ -362,13 +408,14 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
             print("no GPU on this machine: the trials train on its CPUs (the sweep's GPU share is not used)",
                   file=sys.stderr)
             state = state.on_cpus()
+        state = _plan_populations(spec, state)
         state.write()
         if on_start is not None:
             on_start(exp)
         from hvae_ray.sweep.driver import stop_on_signals
 
         signer = Signer(exp)
-        with stop_on_signals() as stopped:
+        with stop_on_signals() as stopped, _executors(state, spec):
             try:
                 tuner = _tuner(spec, state)
                 signer.sign()  # tuner.pkl
@@ -400,12 +447,15 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
         from hvae_ray.sweep.driver import stop_on_signals
 
         signer = Signer(exp)
-        with stop_on_signals() as stopped:
+        with stop_on_signals() as stopped, _executors(state, spec):
             try:
                 tuner = ray.tune.Tuner.restore(str(exp), trainable=_trainable(state, spec), resume_unfinished=True,
                                                resume_errored=True, restart_errored=False,
                                                param_space=search_space(spec),
                                                storage_filesystem=VerifiedFiles(exp, verified).filesystem())
+                from hvae_ray.sweep.console import on_restore
+
+                on_restore(tuner, spec, exp)  # this run's console and verbosity, not the saved run config's
                 results = tuner.fit()
             finally:
                 signer.sign()
