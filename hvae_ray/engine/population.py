@@ -3,8 +3,9 @@
 Runs whose configs differ only in scalars (seed, KL schedule, loss weights, learning rate, weight decay,
 gradient clipping, free bits) share every tensor shape, so their weights stack along a leading member
 axis and one step trains them all: each member's batch is featurised together, then
-``torch.func.vmap(torch.func.grad(loss))`` over ``functional_call`` of one :class:`HyperVAE` gives every
-member's gradient of its own loss, and a vectorised AdamW (per-member learning rate, weight decay, step
+``torch.func.vmap(loss)`` over ``functional_call`` of one :class:`HyperVAE` gives every member's loss, one
+``autograd.grad`` of their sum every member's gradient of its own loss (members share no op), and a
+vectorised AdamW (per-member learning rate, weight decay, step
 count and clipping norm) updates them. On CUDA the whole step is one CUDA graph, captured once for the
 population's life: members come and go at epoch boundaries by writing their slot's rows in place and
 flipping its ``active`` flag, and an idle slot is masked (its weights and optimiser state do not move).

@@ -227,8 +227,9 @@ class PopulationStep:
     The members' weights and AdamW moments are stacked along a leading slot axis; their per-member
     scalars (learning rate, weight decay, clipping norm, step count, β, free bits, loss weights) are device
     tensors. ``step(pos, valid, eps)`` with positions and validity (K, accum, B) and noise (K, accum, B, Z)
-    featurises all members' batches together, takes every member's gradient of its own loss with
-    ``vmap(grad(loss))`` over ``functional_call`` of ``model`` (randomness per member), clips each member's
+    featurises all members' batches together, computes every member's loss with ``vmap(loss)`` over
+    ``functional_call`` of ``model`` (randomness per member) and takes each member's gradient by one
+    ``autograd.grad`` of their sum through the batched ops (members share no op), clips each member's
     gradient to its norm and applies each member's AdamW, on the active slots only; it returns the
     (K, accum, len(STAT_KEYS)) statistics rows. On CUDA (``graphed``) the step is captured once, with every
     slot in it: a member joining or leaving writes its slot's rows and flips ``active`` in place, so one
@@ -238,7 +239,7 @@ class PopulationStep:
 
     def __init__(self, shape: Config, model: torch.nn.Module, slots: int, featurize: DenseFeaturizer,
                  jets: tuple[torch.Tensor, torch.Tensor], node_stats, precision: Precision, graphed: bool):
-        from torch.func import grad, vmap
+        from torch.func import vmap
 
         self.shape, self.model, self.featurize, self.jets = shape, model, featurize, jets
         self.node_stats, self.precision, self.graphed = node_stats, precision, graphed
@@ -254,7 +255,7 @@ class PopulationStep:
         self.free_bits = torch.zeros(k, device=dev)
         self.weights = {c: torch.zeros(k, device=dev) for c in COMPONENTS}
         self.active = torch.zeros(k, dtype=torch.bool, device=dev)
-        self._grad = vmap(grad(self._member_loss, has_aux=True), randomness="different")
+        self._losses = vmap(self._member_loss, randomness="different")
         self._graph: torch.cuda.CUDAGraph | None = None
 
     @torch.no_grad()
@@ -310,8 +311,11 @@ class PopulationStep:
             batch = self.featurize(parts[flat], mask[flat], valid[:, a].reshape(-1).float())  # (K·B, ...)
             fields = [t.view(k, b, *t.shape[1:]) for t in (batch.x, batch.mask, batch.edges, batch.pair_mask,
                                                            batch.hyperedges, batch.incidence, batch.weight)]
-            with self._attention():  # fp32: autocast inside vmap(grad) mixes bf16 and fp32 in the backward
-                g, row = self._grad(self.params, *fields, eps[:, a], self.beta, self.free_bits, self.weights)
+            with self._attention(), torch.enable_grad():
+                leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
+                loss, row = self._losses(leaves, *fields, eps[:, a], self.beta, self.free_bits, self.weights)
+                # Members share no op, so the gradient of the sum is each member's gradient of its own loss
+                g = dict(zip(leaves, torch.autograd.grad(loss.sum(), list(leaves.values()))))
             grads = g if grads is None else {n: grads[n] + g[n] for n in grads}
             rows.append(row)
         self._adamw(grads)
