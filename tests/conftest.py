@@ -63,12 +63,15 @@ TINY_DATA = {"flavor": "q", "n_jets": 60, "seed": 0}
 
 def write_sweep(path: Path, **sections) -> Path:
     """Write a sweep file: the tiny model and data, overridden/extended by ``sections``
-    (``config`` entries are merged into the tiny config)."""
+    (``config`` entries are merged into the tiny config). Its trials train one process each
+    (``resources.population: off``) unless ``resources`` says otherwise."""
     raw = {"name": path.stem.replace(".", "_"), "config": dict(TINY_CONFIG), "data": dict(TINY_DATA),
-           "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "gpu_fraction": 0}}
+           "resources": {"num_workers": 1, "cpus_per_worker": 0.5, "gpu_fraction": 0, "population": "off"}}
     for key, value in sections.items():
         if key == "config":
             raw["config"].update(value)
+        elif key == "resources" and isinstance(value, dict):
+            raw[key] = {"population": "off", **value}
         else:
             raw[key] = value
     path.parent.mkdir(parents=True, exist_ok=True)
