@@ -44,7 +44,7 @@ from hvae_ray.sweep.spec import SweepSpec
 POPULATION = "population"
 POPULATION_MEMBERS = "population_members"
 MEMBER_TOKEN = "population_member"
-#: Named actors of a sweep's executors (in the sweep's Ray job): ``<prefix><index>``.
+#: Named actors of a sweep's executors: ``<prefix><experiment>-<index>`` (:func:`executor_names`).
 EXECUTOR_PREFIX = "hvae-population-"
 #: Most members in one population when sized automatically on a CPU.
 CPU_SLOTS = 32
@@ -426,27 +426,39 @@ def start_executors(plan: PopulationPlan, state: SweepState, spec: SweepSpec) ->
     options = {"num_cpus": cpus if not gpu else spec.resources.cpus_per_worker, "num_gpus": gpu,
                "max_restarts": -1, "max_task_retries": 0, "max_concurrency": 4 * plan.slots + 16}
     out = []
-    for i in range(plan.executors):
-        out.append(actor.options(name=f"{EXECUTOR_PREFIX}{i}", **options).remote(
+    for name in executor_names(state.experiment_dir, plan.executors):
+        out.append(actor.options(name=name, **options).remote(
             spec.base.to_dict(), state.data_path, plan.slots, state.card_bytes, state.context_bytes,
             threads=max(1, round(cpus)) if not gpu else None))
     return out
 
 
-def stop_executors(executors: list) -> None:
+def stop_executors(executors: list, names: list[str]) -> None:
+    """Kill the executors and wait (up to 30 s) until their names are free for a next run of the sweep."""
     import ray
 
     for ex in executors:
         ray.kill(ex, no_restart=True)
+    deadline = time.monotonic() + 30
+    while _executors(names) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
-def _executors(n: int) -> list:
+def executor_names(experiment_dir: str, n: int) -> list[str]:
+    """The executors' actor names: one experiment's, whichever driver runs or resumes it."""
+    import hashlib
+
+    tag = hashlib.sha256(str(experiment_dir).encode()).hexdigest()[:12]
+    return [f"{EXECUTOR_PREFIX}{tag}-{i}" for i in range(n)]
+
+
+def _executors(names: list[str]) -> list:
     import ray
 
     out = []
-    for i in range(n):
+    for name in names:
         try:
-            out.append(ray.get_actor(f"{EXECUTOR_PREFIX}{i}"))
+            out.append(ray.get_actor(name))
         except ValueError:
             continue
     return out
@@ -470,7 +482,8 @@ def member_trial(sampled: dict[str, Any], state: SweepState, spec: SweepSpec) ->
     ckpt = ray.tune.get_checkpoint()
     resume = ckpt.path if ckpt is not None else None
     loop_started_at = time.time()
-    executor, token = _join(trial_id, cfg.to_dict(), paths, resume, state.population_executors)
+    names = executor_names(state.experiment_dir, state.population_executors)
+    executor, token = _join(trial_id, cfg.to_dict(), paths, resume, names)
     while True:
         out = ray.get(executor.epoch.remote(token))
         if out.get("error"):
@@ -491,12 +504,12 @@ def member_trial(sampled: dict[str, Any], state: SweepState, spec: SweepSpec) ->
             return
 
 
-def _join(trial_id: str, config: dict[str, Any], paths: TrialPaths, resume: str | None, n: int):
+def _join(trial_id: str, config: dict[str, Any], paths: TrialPaths, resume: str | None, names: list[str]):
     """The first executor with a free slot, and the membership's token (waits while every slot is taken)."""
     import ray
 
     while True:
-        executors = _executors(n)
+        executors = _executors(names)
         if not executors:
             raise HvaeError("population: the sweep's executors are gone (the Ray instance is stopping)")
         for ex in executors:
@@ -511,8 +524,8 @@ class MemberLeaves(Callback):
     stopped, finished, failed for good (whatever membership it holds leaves), or failed and about to be
     retried (the membership of its last report leaves; the retry's own join replaces any other)."""
 
-    def __init__(self, executors: int):
-        self.executors = executors
+    def __init__(self, names: list[str]):
+        self.names = names
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._leave(trial.trial_id, None)
@@ -526,6 +539,6 @@ class MemberLeaves(Callback):
             self._leave(trial.trial_id, token)
 
     def _leave(self, trial_id: str, token: str | None) -> None:
-        for ex in _executors(self.executors):
+        for ex in _executors(self.names):
             ex.leave.remote(trial_id, token)
 

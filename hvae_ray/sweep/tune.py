@@ -296,11 +296,13 @@ def _tuner(spec: SweepSpec, state: SweepState):
                          reduction_factor=sched.reduction_factor)
     members = state.population_slots > 0
     extra: dict[str, Any] = {}
+    leaves: list = []
     if members:
-        from hvae_ray.sweep.population import MemberLeaves
+        from hvae_ray.sweep.population import MemberLeaves, executor_names
 
         # A member's checkpoints are the trial's own (Tune keeps the latest and the 2 best by the sweep's
         # metric); a trial in its own process has its Ray Train run keep them (sweep.trainer).
+        leaves = [MemberLeaves(executor_names(state.experiment_dir, state.population_executors))]
         extra = {"checkpoint_config": ray.tune.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=sched.metric, checkpoint_score_order=sched.mode)}
     return ray.tune.Tuner(
@@ -317,7 +319,7 @@ def _tuner(spec: SweepSpec, state: SweepState):
                                                  TrialOutcomeCallback(spec, state.experiment_dir),
                                                  SignState(state.experiment_dir),
                                                  *console_callbacks(spec, state.experiment_dir)]
-                                      + ([MemberLeaves(state.population_executors)] if members else []),
+                                      + leaves,
                                       stop={DIVERGED: 1.0}, verbose=tune_verbosity(), **extra),
     )
 
@@ -345,7 +347,7 @@ def _trainable(state: SweepState, spec: SweepSpec):
 @contextmanager
 def _executors(state: SweepState, spec: SweepSpec):
     """The sweep's population executors while its trials run (none when each trial has its own process)."""
-    from hvae_ray.sweep.population import PopulationPlan, start_executors, stop_executors
+    from hvae_ray.sweep.population import PopulationPlan, executor_names, start_executors, stop_executors
 
     executors = []
     if state.population_slots > 0:
@@ -355,7 +357,7 @@ def _executors(state: SweepState, spec: SweepSpec):
         yield executors
     finally:
         if executors:
-            stop_executors(executors)
+            stop_executors(executors, executor_names(state.experiment_dir, state.population_executors))
 
 
 def _plan_populations(spec: SweepSpec, state: SweepState) -> SweepState:
