@@ -159,7 +159,18 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep_console(a: argparse.Namespace) -> None:
+    """--verbose: Ray's own console output (result boxes, progress tables) instead of the sweep's lines."""
+    if a.verbose:
+        import os
+
+        from hvae_ray.sweep.console import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
+
+
 def cmd_sweep_run(a: argparse.Namespace) -> int:
+    _sweep_console(a)
     res = api.run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address,
                         on_start=_announce_sweep)
     return _report_sweep(res)
@@ -190,6 +201,7 @@ def _report_sweep(res) -> int:
 
 
 def cmd_sweep_resume(a: argparse.Namespace) -> int:
+    _sweep_console(a)
     return _report_sweep(api.resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep))
 
 
@@ -322,10 +334,12 @@ def _add_sweep(sub) -> None:
     r.add_argument("--storage", default=None,
                    help="folder (or shared mount) for experiments (default: the sweep file's storage, runs/sweeps)")
     r.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    r.add_argument("--verbose", action="store_true", help="Ray Tune's own output instead of one line per trial event")
     r.set_defaults(func=cmd_sweep_run)
     rs = sw.add_parser("resume", help="resume an interrupted sweep")
     rs.add_argument("experiment_dir", help="the folder `sweep run` printed")
     rs.add_argument("--address", default=None, help="Ray cluster address (default: start a local instance)")
+    rs.add_argument("--verbose", action="store_true", help="Ray Tune's own output instead of one line per trial event")
     rs.set_defaults(func=cmd_sweep_resume)
     sg = sw.add_parser("sign", help="trust an experiment's saved state as it is now (resume refuses state "
                                     "your own sweeps did not sign)")
