@@ -13,9 +13,10 @@ line that is rewritten in place on a terminal, with the overall progress and the
 end line lists the rungs it passed (and the one that stopped it). So the console holds at most two lines
 per trial, whatever the rungs, and a log file gets the same lines without the status line.
 
-Ray's own output (its result boxes, progress tables and its ``Tuner.restore`` hint on Ctrl+C) is hidden:
-Tune runs with ``verbose=0``. ``hvae-ray sweep run/resume --verbose`` (or ``HVAE_RAY_VERBOSE=1``) brings it
-back in place of this console.
+Ray's own output (its result boxes, progress tables, its ``Tuner.restore`` hint on Ctrl+C, and the
+raylet's notice that many worker processes started) is hidden: Tune runs with ``verbose=0``.
+``hvae-ray sweep run/resume --verbose`` (or ``HVAE_RAY_VERBOSE=1``) brings it back in place of this
+console.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ from hvae_ray.sweep.hparams import outcome_of
 from hvae_ray.sweep.layout import EPOCHS_DONE, ERROR, TrialPaths
 from hvae_ray.sweep.spec import SweepSpec
 
-__all__ = ["SweepConsole", "VERBOSE_ENV", "verbose", "tune_verbosity", "console_callbacks", "on_restore",
-           "rungs", "expected_epochs"]
+__all__ = ["SweepConsole", "VERBOSE_ENV", "TUNE_OUTPUT_ENV", "verbose", "tune_verbosity", "console_callbacks",
+           "on_restore", "rungs", "expected_epochs"]
 
 #: Set to 1 for Ray's own console output instead of this one (``--verbose`` sets it).
 VERBOSE_ENV = "HVAE_RAY_VERBOSE"
@@ -46,9 +47,26 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "0").strip().lower() in ("1", "true", "yes")
 
 
+#: Tune's choice of console engine, read when a run starts: "0" is its legacy engine. The default engine
+#: prints its experiment box, its closing trial table and each error at any ``verbose``; at ``verbose=0``
+#: the legacy one prints nothing.
+TUNE_OUTPUT_ENV = "RAY_AIR_NEW_OUTPUT"
+_set_output_env = False
+
+
 def tune_verbosity() -> int:
-    """Tune's ``verbose``: 0 (silent, this console speaks) unless Ray's output is wanted (1: its default)."""
-    return 1 if verbose() else 0
+    """Tune's ``verbose`` for a run starting now: 0 (silent: this console speaks, and Tune's legacy engine is
+    selected, which keeps quiet at 0) unless Ray's output is wanted (1, with the engine the user had)."""
+    global _set_output_env
+    if verbose():
+        if _set_output_env:
+            os.environ.pop(TUNE_OUTPUT_ENV, None)
+            _set_output_env = False
+        return 1
+    if os.environ.get(TUNE_OUTPUT_ENV) != "0":
+        os.environ[TUNE_OUTPUT_ENV] = "0"
+        _set_output_env = True
+    return 0
 
 
 def console_callbacks(spec: SweepSpec, experiment_dir: str | Path) -> list[Callback]:
@@ -106,16 +124,44 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-class _RayRestoreHint(logging.Filter):
-    """Drops Tune's own hints at the end of an interrupted run ("Resume experiment with: Tuner.restore(...)",
-    "Trials did not complete"): the sweep's command prints its own, with the command to resume."""
+class _TuneRunLog(logging.Filter):
+    """Drops what Tune's run loop logs below a warning, and its hints at the end of an interrupted run
+    ("Resume experiment with: Tuner.restore(...)", "Trials did not complete"): the sweep's command prints
+    its own, with the command to resume."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if verbose():
+            return True
         text = record.getMessage()
-        return not ("Tuner.restore(" in text or text.startswith("Trials did not complete"))
+        return record.levelno >= logging.WARNING and not ("Tuner.restore(" in text
+                                                          or text.startswith("Trials did not complete"))
 
 
-_HINT_FILTER = _RayRestoreHint()
+_TUNE_LOG_FILTER = _TuneRunLog()
+
+#: Raylet messages the driver prints that say nothing a sweep's user can act on: a sweep starts more
+#: worker processes at once than Ray expects (each trial is a chain of three processes).
+_RAYLET_NOISE = ("PYTHON worker processes have been started",)
+
+
+def _quiet_raylet_notices() -> None:
+    """Keep the raylet's start-up concurrency notice off the console (Ray prints raylet messages to the
+    driver's stdout through ``ray._private.worker.print_to_stdstream``); every other message passes."""
+    import ray._private.worker as worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_hvae_quiet", False):
+        return
+
+    def print_to_stdstream(data, *args, **kwargs):
+        lines = data.get("lines", []) if isinstance(data, dict) else []
+        if (not verbose() and data.get("pid") == "raylet"
+                and lines and all(any(n in ln for n in _RAYLET_NOISE) for ln in lines)):
+            return None
+        return printer(data, *args, **kwargs)
+
+    print_to_stdstream._hvae_quiet = True
+    worker.print_to_stdstream = print_to_stdstream
 
 
 class SweepConsole(Callback):
@@ -137,6 +183,7 @@ class SweepConsole(Callback):
     def _reset(self) -> None:
         self.started_at: float | None = None
         self.finished: dict[str, int] = {}  # trial id -> epochs it ran
+        self.broken: set[str] = set()  # trials that diverged or failed
         self.epochs: dict[str, int] = {}  # trial id -> epochs done, as reported
         self.best: dict[str, float] = {}
         self.passed: dict[str, list[int]] = {}
@@ -145,7 +192,7 @@ class SweepConsole(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(started_at=None, finished={}, epochs={}, best={}, passed={}, announced=set(),
+        state.update(started_at=None, finished={}, broken=set(), epochs={}, best={}, passed={}, announced=set(),
                      status_shown=False)  # a run's progress is not saved with the run config
         return state
 
@@ -183,7 +230,7 @@ class SweepConsole(Callback):
         done = len(self._finished_ids(trials))
         text = f"{done}/{self.total} finished"
         left = self.seconds_left(trials)
-        if done < self.total and left is not None:
+        if done < self.total and left is not None and left >= 1:
             text += f", about {_duration(left)} left"
         return text
 
@@ -192,15 +239,16 @@ class SweepConsole(Callback):
         return ended | set(self.finished)
 
     def seconds_left(self, trials: list, now: float | None = None) -> float | None:
-        """The sweep's remaining time: the epochs still to train (a trial trains the mean of the finished
-        trials' epochs, or ASHA's expectation before any has finished), at the rate the sweep has trained
-        epochs since its first trial started. None before any epoch was reported."""
+        """The sweep's remaining time: the epochs still to train (a trial trains the mean epochs of the
+        trials ASHA has ended, or ASHA's expectation before it has ended any: diverged and failed trials
+        say nothing of it), at the rate the sweep has trained epochs since its first trial started. None
+        before any epoch was reported."""
         trained = sum(self.epochs.values())
         if self.started_at is None or trained <= 0:
             return None
         elapsed = (now if now is not None else time.monotonic()) - self.started_at
         finished = self._finished_ids(trials)
-        ran = [self.finished[t] for t in self.finished]
+        ran = [self.finished[t] for t in self.finished if t not in self.broken]
         per_trial = sum(ran) / len(ran) if ran else self.per_trial
         running = sum(min(e, per_trial) for t, e in self.epochs.items() if t not in finished)
         remaining = max(0.0, (self.total - len(finished)) * per_trial - running)
@@ -209,7 +257,8 @@ class SweepConsole(Callback):
     # -- Tune's callbacks
 
     def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
-        logging.getLogger("ray.tune.tune").addFilter(_HINT_FILTER)
+        logging.getLogger("ray.tune.tune").addFilter(_TUNE_LOG_FILTER)
+        _quiet_raylet_notices()
         self._reset()
         rungs = ", ".join(map(str, self.rungs)) or "none"
         at_once = f", {self.concurrent} at a time" if self.concurrent else ""
@@ -261,6 +310,8 @@ class SweepConsole(Callback):
         status = outcome_of(last, self.max_t, errored)
         epochs = self.epochs.get(tid, int(last.get(EPOCHS_DONE, 0) or 0))
         self.finished[tid] = epochs
+        if status in ("diverged", "error"):
+            self.broken.add(tid)
         text = f"{tid} {status} after {epochs} epoch{'s' * (epochs != 1)}"
         if status == "diverged":
             text += f": {last.get(ERROR) or 'diverged'}"
