@@ -17,7 +17,6 @@ from hvae_ray import engine
 from hvae_ray.config import COMPONENTS, Config, load_config
 from hvae_ray.data.generate import generate_jets
 from hvae_ray.errors import ConfigError, DataError, HvaeError, TrainingDiverged
-from hvae_ray.model.hypervae import HyperVAE
 from hvae_ray.model.losses import kl_weight
 
 MAIN_EPOCHS = 6
@@ -234,7 +233,6 @@ def test_tensorboard_has_every_required_tag_once_per_epoch(main_run):
 def test_callbacks_get_one_report_per_epoch(main_run):
     assert [r.epoch for r in main_run.reports] == list(range(MAIN_EPOCHS))
     for r in main_run.reports:
-        assert isinstance(r, engine.EpochReport)
         assert r.checkpoint_dir == main_run.save_dir / "last"
         assert r.metrics["epoch"] == r.epoch
         assert r.metrics["kl_weight"] == kl_weight(r.epoch, main_run.cfg)
@@ -330,7 +328,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(few_jets, tmp_path, m
     assert_same_state(state["model"], good["state"])
     assert all(torch.isfinite(t).all() for t in state["model"].values())
     model, normaliser, cfg = engine.model_from_checkpoint(state)
-    assert isinstance(model, HyperVAE) and cfg.epochs == 5
+    assert_same_state(model.state_dict(), state["model"])  # the weights of the last good epoch
+    assert cfg.epochs == 5
 
 
 def test_kl_runaway_stops_the_run(few_jets, tmp_path):

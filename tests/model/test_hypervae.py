@@ -55,7 +55,6 @@ def make_model(dropout: float = 0.0, seed: int = 0) -> HyperVAE:
 def test_forward_shapes(batch):
     out = make_model()(batch)
     dec = out.decoded
-    assert isinstance(dec, Decoded)
     assert dec.particles.shape == (B, 30, 3)
     assert dec.exist_logits.shape == (B, 30)
     assert dec.edges.shape == (B, 30, 30, 4)
