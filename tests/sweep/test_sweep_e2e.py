@@ -1,8 +1,9 @@
 """End to end: real sweeps on the session's local Ray instance (4 logical CPUs, 1 logical GPU).
 
 One 8-trial ASHA sweep at a quarter GPU per trial is shared by the checks of scheduling, TensorBoard
-output, the trial table, its exports and the CLI; a two-trial sweep checks diverged trials; a sweep
-interrupted with Ctrl+C (SIGINT) in a separate driver process checks resume.
+output, the trial table, its exports and the CLI; a two-trial sweep checks diverged trials; one sweep,
+its driver a separate process stopped in each way in turn (killed, Ctrl+C, Ctrl+C twice, SIGTERM) and
+resumed after each, checks stopping and resume.
 """
 
 from __future__ import annotations
@@ -143,13 +144,6 @@ def test_a_local_sweep_listens_on_loopback_only(asha8):
     assert any(name.startswith("ray::") for name in names), sorted(seen)  # trials' workers
     open_ = sorted((name, ip, port) for name, ip, port in seen if not ListenerWatch.is_loopback(ip))
     assert not open_, f"listening beyond loopback: {open_}"
-
-
-def test_logical_gpu_is_declared(ray_local):
-    import ray
-
-    assert ray.cluster_resources().get("GPU") == 1.0
-    assert ray.cluster_resources().get("CPU") == 4.0
 
 
 def test_all_trials_finish_and_asha_stops_some(asha8):
@@ -484,29 +478,37 @@ def test_a_killed_training_worker_is_retried_from_the_last_checkpoint(ray_local,
     assert sorted(set(epochs)) == list(range(max_t))
 
 
-def test_local_instance_tells_its_workers_where_its_api_server_is(monkeypatch):
-    """A sweep's own Ray instance gives its workers the address of its API server: Ray Train's
-    placement-group cleaner otherwise auto-detects the cluster, which fails as soon as another Ray
-    instance runs on the host, and then trials stopped by ASHA never give back their resources."""
+def test_local_instance_tells_its_workers_where_its_api_server_is(ray_local):
+    """A sweep's own Ray instance (``ray_local`` is started as a sweep starts one) gives its workers the
+    address of its API server, on loopback, and the server answers there: Ray Train's placement-group
+    cleaner otherwise auto-detects the cluster, which fails as soon as another Ray instance runs on the
+    host, and then trials stopped by ASHA never give back their resources."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     import ray
 
-    from hvae_ray.sweep import tune
+    @ray.remote(num_cpus=0)
+    def worker_env():
+        return {k: os.environ.get(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_TRAIN_V2_ENABLED", "NCCL_NVLS_ENABLE")}
 
-    calls = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
-    tune.ray_init(None)
-    (kw,) = calls
-    env = kw["runtime_env"]["env_vars"]
-    assert env["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{kw['dashboard_port']}"
-    assert kw["include_dashboard"] and kw["dashboard_host"] == "127.0.0.1"
+    env = ray.get(worker_env.remote(), timeout=120)
     assert env["RAY_TRAIN_V2_ENABLED"] == "1" and env["NCCL_NVLS_ENABLE"] == "0"
-    assert kw["address"] == "local"  # its own instance, never a `ray start` cluster found on the host
+    address = env["RAY_API_SERVER_ADDRESS"]
+    assert address == f"http://{ray_local.dashboard_url}"  # this instance's own API server
+    assert ListenerWatch.is_loopback(urllib.parse.urlparse(address).hostname), address
+    try:
+        with urllib.request.urlopen(f"{address}/api/version", timeout=30) as response:
+            status = response.status
+    except urllib.error.HTTPError as e:  # with Ray's token authentication on: an answer all the same
+        status = e.code
+    assert status in (200, 401)
 
 
 # --- interrupted sweep --------------------------------------------------------------------------
 
-RESUME_T = 30
+RESUME_T = 40  # enough epochs for the slow trial to outlast four stops, each a few epochs late
 
 
 def _wait_for(cond, timeout: float, proc: subprocess.Popen, what: str) -> None:
@@ -546,42 +548,18 @@ def _last_checkpoint_epoch(train_dir: Path) -> int:
     return max(epochs)
 
 
-@pytest.mark.parametrize("sig, times", [(signal.SIGINT, 1), (signal.SIGINT, 2), (signal.SIGTERM, 1),
-                                        (signal.SIGKILL, 1)], ids=["ctrl-c", "ctrl-c-twice", "sigterm", "killed"])
-def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp_path, sweep_file, child_env,
-                                                                  sig, times):
-    """Two trials one at a time: a fast one (batch 16) and a slow one (batch 1). The driver, a separate
-    `hvae-ray sweep run` process with its own Ray instance, is interrupted (Ctrl+C, or killed) once the
-    fast trial finished and the slow one has checkpointed its first epoch. Resuming on this session's
-    Ray keeps the finished trial as it was and continues the slow one from its last checkpoint."""
-    path = sweep_file(tmp_path / "resume.yaml", search_space={"batch_size": {"grid": [16, 1]}},
-                      scheduler={"max_t": RESUME_T, "grace_period": RESUME_T}, max_concurrent_trials=1)
-    storage = tmp_path / "runs"
-    exp = storage / "resume"
-    proc = subprocess.Popen([sys.executable, "-m", "hvae_ray.cli", "sweep", "run", str(path),
-                             "--storage", str(storage), "--name", "resume"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env,
-                            start_new_session=True)
+#: The ways a driver is stopped, in the order one interrupted sweep meets them: the first stops `hvae-ray
+#: sweep run`, and each stop is followed by `hvae-ray sweep resume`, in a driver of its own, which the next
+#: stop interrupts, or after the last by a resume on this session's Ray.
+STOPS = {"killed": (signal.SIGKILL, 1), "ctrl-c": (signal.SIGINT, 1), "ctrl-c-twice": (signal.SIGINT, 2),
+         "sigterm": (signal.SIGTERM, 1)}
 
-    def trial_of(batch):
-        for d in exp.glob("trial_*"):
-            p = d / "params.json"
-            if p.is_file() and json.loads(p.read_text() or "{}").get("batch_size") == batch:
-                return d
-        return None
 
-    def fast_done():
-        d = trial_of(16)
-        return d is not None and any(r.get("epochs_done") == RESUME_T for r in _rows(d / "result.json"))
-
-    def slow_started():
-        d = trial_of(1)
-        return d is not None and len(_rows(d / "result.json")) >= 1
-
+def _stop_driver(proc: subprocess.Popen, sig: int, times: int) -> str:
+    """Send ``sig`` ``times`` times (0.3 s apart: a second Ctrl+C waits for the first's stop), wait for the
+    driver to end and for its Ray instance to let go of the experiment; the driver's output."""
     try:
-        _wait_for(fast_done, 240, proc, "the fast trial finished")
-        _wait_for(slow_started, 120, proc, "the slow trial reported an epoch")
-        for i in range(times):  # Ctrl+C twice, 0.3 s apart: the second waits for the first's stop
+        for i in range(times):
             if i:
                 time.sleep(0.3)
             proc.send_signal(sig)
@@ -605,33 +583,121 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
         time.sleep(0.2)
     for pid, _ in _session_processes(proc.pid):
         os.kill(pid, signal.SIGKILL)
+    return out
 
+
+def _runs_of(trial_dir: Path) -> list[list[int]]:
+    """The epochs each training run of a trial reported to its engine log, one list per run, in order."""
+    runs: dict[float, list[int]] = {}
+    for r in _rows(trial_dir / "engine" / "metrics.jsonl"):
+        if "loop_started_at" in r and "epoch" in r:
+            runs.setdefault(r["loop_started_at"], []).append(int(r["epoch"]))
+    return [runs[k] for k in sorted(runs)]
+
+
+@pytest.fixture(scope="module")
+def interrupted(ray_local, tmp_path_factory, sweep_file):
+    """One sweep of two trials, one at a time: a fast one (batch 16) and a slow one (batch 1). The driver,
+    a separate `hvae-ray sweep run` process with its own Ray instance, is stopped in each way of
+    :data:`STOPS` in turn: first once the fast trial finished and the slow one reported an epoch, then,
+    after each `hvae-ray sweep resume` (a driver of its own again), once the slow trial reported an epoch
+    of that driver. What each stop left is recorded for the tests, before the next driver starts."""
+    root = tmp_path_factory.mktemp("resume")
+    path = sweep_file(root / "resume.yaml", search_space={"batch_size": {"grid": [16, 1]}},
+                      scheduler={"max_t": RESUME_T, "grace_period": RESUME_T}, max_concurrent_trials=1)
+    storage = root / "runs"
+    exp = storage / "resume"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+
+    def trial_of(batch):
+        for d in exp.glob("trial_*"):
+            p = d / "params.json"
+            if p.is_file() and json.loads(p.read_text() or "{}").get("batch_size") == batch:
+                return d
+        return None
+
+    def fast_done():
+        d = trial_of(16)
+        return d is not None and any(r.get("epochs_done") == RESUME_T for r in _rows(d / "result.json"))
+
+    stops = {}
+    for name, (sig, times) in STOPS.items():
+        command = ["run", str(path), "--storage", str(storage), "--name", "resume"] if not stops else \
+            ["resume", str(exp)]
+        slow = trial_of(1)
+        runs_before = len(_runs_of(slow)) if slow is not None else 0
+        proc = subprocess.Popen([sys.executable, "-m", "hvae_ray.cli", "sweep", *command],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+
+        def slow_reported(runs_before=runs_before):
+            d = trial_of(1)
+            return d is not None and len(_runs_of(d)) > runs_before and len(_rows(d / "result.json")) >= 1
+
+        try:
+            if not stops:
+                _wait_for(fast_done, 240, proc, "the fast trial finished")
+            _wait_for(slow_reported, 240, proc, "the slow trial reported an epoch")
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        out = _stop_driver(proc, sig, times)
+        fast, slow = trial_of(16), trial_of(1)
+        stops[name] = SimpleNamespace(
+            sig=sig, returncode=proc.returncode, out=out, fast_results=(fast / "result.json").read_text(),
+            slow_results=_rows(slow / "result.json"), runs=_runs_of(slow),
+            last_checkpoint=_last_checkpoint_epoch(exp / "_train" / slow.name.removeprefix("trial_")),
+            table={r["trial_id"]: r for r in hvae_ray.load_trials(exp).to_pylist()})
     fast, slow = trial_of(16), trial_of(1)
-    fast_id, slow_id = fast.name.removeprefix("trial_"), slow.name.removeprefix("trial_")
-    if sig != signal.SIGKILL:  # Ctrl+C: exit 130 (SIGTERM 143), what finished and what did not, how to resume
-        assert proc.returncode == (143 if sig == signal.SIGTERM else 130), out[-3000:]
+    return SimpleNamespace(exp=exp, fast=fast, slow=slow, fast_id=fast.name.removeprefix("trial_"),
+                           slow_id=slow.name.removeprefix("trial_"), stops=stops)
+
+
+@pytest.mark.parametrize("how", list(STOPS))
+def test_a_stopped_sweep_keeps_its_finished_trial_and_the_others_checkpoints(interrupted, how):
+    """Each way of stopping the driver (Ctrl+C, Ctrl+C twice, SIGTERM: exit 130 or 143 with what finished,
+    what did not and how to resume; or killed) leaves the finished trial as it was and the unfinished one
+    checkpointed, not finished; a driver that resumed the sweep continued the unfinished trial from the
+    checkpoint the stop before it left."""
+    stop, fast_id, slow_id = interrupted.stops[how], interrupted.fast_id, interrupted.slow_id
+    out = stop.out
+    if stop.sig != signal.SIGKILL:
+        assert stop.returncode == (143 if stop.sig == signal.SIGTERM else 130), out[-3000:]
         assert "Traceback" not in out, out[-3000:]
         assert f"  finished: 1 ({fast_id})" in out and f"  interrupted: 1 ({slow_id})" in out, out[-3000:]
         assert "  never started: 0" in out, out[-3000:]
-        assert f"interrupted; continue with: hvae-ray sweep resume {exp.resolve()}" in out, out[-3000:]
-    fast_before = (fast / "result.json").read_text()
-    slow_before = _rows(slow / "result.json")
-    assert slow_before and max(r["epochs_done"] for r in slow_before) < RESUME_T, out[-3000:]
-    before = {r["trial_id"]: r for r in hvae_ray.load_trials(exp).to_pylist()}
-    assert before[fast_id]["status"] == "completed"
-    assert before[slow_id]["status"] != "completed"
-    driver_node = slow_before[0]["node_id"]
-    assert driver_node != ray_node_id(), "the driver process attached to the session's Ray instance"
-    last_before = max(int(r["epoch"]) for r in slow_before)
-    last_checkpoint = _last_checkpoint_epoch(exp / "_train" / slow_id)
-    assert last_before <= last_checkpoint < RESUME_T - 1
+        assert f"interrupted; continue with: hvae-ray sweep resume {interrupted.exp.resolve()}" in out, out[-3000:]
+    first = next(iter(interrupted.stops.values()))
+    assert stop.fast_results == first.fast_results  # the finished trial did not run again
+    assert stop.table[fast_id]["status"] == "completed" and stop.table[fast_id]["epochs"] == RESUME_T
+    assert stop.table[slow_id]["status"] != "completed"
+    assert stop.slow_results and max(r["epochs_done"] for r in stop.slow_results) < RESUME_T, out[-3000:]
+    assert stop.slow_results[0]["node_id"] != ray_node_id(), "the driver attached to the session's Ray instance"
+    last_before = max(int(r["epoch"]) for r in stop.slow_results)
+    assert last_before <= stop.last_checkpoint < RESUME_T - 1
+    names = list(interrupted.stops)
+    if names.index(how):
+        before = interrupted.stops[names[names.index(how) - 1]]
+        resumed = stop.runs[-1]
+        assert len(stop.runs) == len(before.runs) + 1
+        assert max(int(r["epoch"]) for r in before.slow_results) + 1 <= resumed[0] <= before.last_checkpoint + 1
+        assert resumed == list(range(resumed[0], resumed[0] + len(resumed)))
 
+
+def test_an_interrupted_sweep_resumes_without_losing_finished_trials(interrupted):
+    """Resuming on this session's Ray, after the last stop, keeps the finished trial as it was and continues
+    the unfinished one from its last checkpoint to the end, with its whole history."""
+    exp, fast, slow = interrupted.exp, interrupted.fast, interrupted.slow
+    fast_id, slow_id = interrupted.fast_id, interrupted.slow_id
+    stop = list(interrupted.stops.values())[-1]
+    last_before = max(int(r["epoch"]) for r in stop.slow_results)
     result = hvae_ray.resume_sweep(exp)
     assert not result.results.errors and not result.interrupted
     table = {r["trial_id"]: r for r in hvae_ray.load_trials(exp).to_pylist()}
     assert {k: r["status"] for k, r in table.items()} == {fast_id: "completed", slow_id: "completed"}
     # the finished trial was not run again: its results are exactly as before
-    assert (fast / "result.json").read_text() == fast_before
+    assert (fast / "result.json").read_text() == stop.fast_results
     assert table[fast_id]["epochs"] == RESUME_T
     assert Path(table[fast_id]["best_checkpoint"]).is_dir()
     # the unfinished one continued from its last checkpoint (Ray Train restores the run from
@@ -639,15 +705,15 @@ def test_interrupted_sweep_resumes_without_losing_finished_trials(ray_local, tmp
     # (Tune restarts the trial's result log, so only the rows after resume may remain there.)
     new = [r for r in _rows(slow / "result.json") if r.get("node_id") == ray_node_id()]
     assert new, "the unfinished trial did not run after resume"
-    # It restarts no earlier than right after the last epoch Tune recorded. A killed driver's instance
+    # It restarts no earlier than right after the last epoch Tune recorded. A stopped driver's instance
     # may write several checkpoints (here up to last_checkpoint) that never reach Ray Train's
     # checkpoint snapshot; the run then restores the newest registered one, not the newest on disk.
     first_new = int(new[0]["epoch"])
-    assert last_before + 1 <= first_new <= last_checkpoint + 1
+    assert last_before + 1 <= first_new <= stop.last_checkpoint + 1
     assert [int(r["epoch"]) for r in new] == list(range(int(new[0]["epoch"]), RESUME_T))
     assert table[slow_id]["epochs"] == RESUME_T
     # ...but the trial table keeps the whole history from the trial's own epoch log: every epoch
-    # from 0, including those trained before the interruption, and a best checkpoint on disk.
+    # from 0, including those trained before each interruption, and a best checkpoint on disk.
     from hvae_ray.sweep.layout import TrialPaths
 
     history = trials.epoch_results(TrialPaths(slow))
