@@ -211,8 +211,9 @@ def _device_used(dev) -> float | None:
 
 def trial_footprint(measured: dict[str, float] | None) -> tuple[float, float]:
     """(whole-process bytes, of which CUDA context) of a trial from :func:`measure_trial_memory`'s figures:
-    the context is the process less the allocator's reserved peak; without a whole-process figure (no
-    NVML), the reserved peak plus :data:`CUDA_CONTEXT`; without a measurement, the default estimate."""
+    the context is the process less the allocator's reserved peak; without a whole-process figure above
+    that peak (no NVML, or a card other processes freed memory on meanwhile), the reserved peak plus
+    :data:`CUDA_CONTEXT`; without a measurement, the default estimate."""
     if measured and math.isfinite(measured["process"]) and measured["process"] > measured["reserved_peak"]:
         return measured["process"], measured["process"] - measured["reserved_peak"]
     if measured:
