@@ -91,14 +91,16 @@ class PopulationRuns:
         """Free ``slot``. A member that ``finished`` (its last epoch) gets its closing figures. Returns its
         summary: epochs run, best epoch and best value."""
         member, run = self.population.member(slot), self._runs.pop(slot)
-        if finished and member.active:
-            run.close(member, member.epoch - 1)
-        if run.logger is not None:
-            run.logger.close()
         key = OBJECTIVE_METRICS[member.cfg.objective]
         summary = {"epochs_run": member.epoch - member.start_epoch, "best_epoch": member.best_epoch,
                    f"best_{key}": member.best, "save_dir": str(run.save_dir) if run.save_dir else None}
-        self.population.remove(slot)
+        try:
+            if finished and member.active:
+                run.close(member, member.epoch - 1)
+        finally:
+            if run.logger is not None:
+                run.logger.close()
+            self.population.remove(slot)
         return summary
 
 

@@ -28,6 +28,7 @@ import math
 import sys
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,16 @@ from typing import Any
 from ray.tune import Callback
 
 from hvae_ray.errors import HvaeError
-from hvae_ray.sweep.layout import DivergedReport, EpochReport, SweepState, TrialPaths, append_jsonl
+from hvae_ray.sweep.layout import (
+    EPOCH,
+    METRICS_LOG,
+    DivergedReport,
+    EpochReport,
+    SweepState,
+    TrialPaths,
+    append_jsonl,
+    read_jsonl,
+)
 from hvae_ray.sweep.spec import SweepSpec
 
 #: Report keys of a member's epoch beside the engine's metrics: the population's slots and how many members
@@ -231,6 +241,7 @@ class _Join:
     work_dir: str
     tb_dir: str
     resume: str | None
+    loop_started_at: float
     token: str | None = None
     error: str | None = None
 
@@ -240,6 +251,8 @@ class _Member:
     trial_id: str
     token: str
     slot: int
+    log: Path  # the trial's epoch log, appended to as soon as an epoch is trained (and checkpointed)
+    loop_started_at: float
     wants: bool = False  # its trial asked for its next epoch
     result: dict[str, Any] | None = None  # that epoch's outcome, for the waiting call
     asked_at: float = field(default_factory=time.monotonic)
@@ -287,18 +300,18 @@ class PopulationExecutor:
     # Calls from trials and from the driver -------------------------------------------------------------
 
     def join(self, trial_id: str, config: dict[str, Any], work_dir: str, tb_dir: str,
-             resume: str | None = None) -> str | None:
+             resume: str | None = None, loop_started_at: float | None = None) -> str | None:
         """Make ``trial_id`` a member (replacing a membership it held before: a retried trial) at the next
         epoch boundary; returns the membership's token, or None at once when every slot is taken."""
         with self._cond:
             held = 1 if trial_id in self._members else 0
             if self.runs.free + held + len(self._leaves) - len(self._joins) <= 0:
                 return None
-            j = _Join(trial_id, config, work_dir, tb_dir, resume)
+            j = _Join(trial_id, config, work_dir, tb_dir, resume, loop_started_at or time.time())
             self._joins.append(j)
             self._cond.notify_all()
             while j.token is None and j.error is None:
-                self._cond.wait()
+                self._cond.wait(timeout=1.0)
         if j.error is not None:
             raise HvaeError(j.error)
         return j.token
@@ -338,12 +351,16 @@ class PopulationExecutor:
 
     def _train_loop(self) -> None:
         while True:
-            with self._cond:
-                batch = self._next_batch()
-            outcomes = self._train([m.slot for m in batch])
-            with self._cond:
-                self._deliver(batch, outcomes)
-                self._cond.notify_all()
+            try:
+                with self._cond:
+                    batch = self._next_batch()
+                outcomes = self._train(batch)
+                with self._cond:
+                    self._deliver(batch, outcomes)
+                    self._cond.notify_all()
+            except Exception:  # noqa: BLE001 - said in the executor's log; the population goes on
+                traceback.print_exc()
+                time.sleep(0.1)
 
     def _next_batch(self) -> list[_Member]:
         """At an epoch boundary: leaves, then joins, then the members to train: every member once all have
@@ -382,27 +399,39 @@ class PopulationExecutor:
             self._joins.pop(0)
             try:
                 slot = self.runs.join(from_dict(j.config, f"trial {j.trial_id}"), j.work_dir, j.tb_dir, j.resume)
-            except HvaeError as e:
-                j.error = str(e)
-                continue
-            j.token = uuid.uuid4().hex
-            self._members[j.trial_id] = _Member(j.trial_id, j.token, slot)
+            except Exception as e:  # noqa: BLE001 - the trial's join fails with it; the population goes on
+                j.error = f"population: trial {j.trial_id} cannot join: {type(e).__name__}: {e}"
+            else:
+                j.token = uuid.uuid4().hex
+                self._members[j.trial_id] = _Member(j.trial_id, j.token, slot, Path(j.work_dir) / METRICS_LOG,
+                                                    j.loop_started_at)
+            self._cond.notify_all()
 
-    def _train(self, slots: list[int]) -> dict[int, dict[str, Any]]:
-        """One epoch of ``slots``; every slot's outcome (a fault of the whole step is every slot's error)."""
+    def _train(self, batch: list[_Member]) -> dict[int, dict[str, Any]]:
+        """One epoch of ``batch``'s members; each one's outcome: its report ``row`` (already in its epoch
+        log, beside its ``last/`` checkpoint), ``checkpoint``, ``done``, ``diverged``; a fault of the whole
+        step is every member's ``error``."""
+        slots = [m.slot for m in batch]
         try:
             epochs = self.runs.train_epoch(slots)
         except Exception as e:  # noqa: BLE001 - handed to each waiting trial, which fails and is retried
             return {s: {"error": f"{type(e).__name__}: {e}"} for s in slots}
         self._epochs += 1
+        members = {m.slot: m for m in batch}
         out = {}
         for ep in epochs:
-            rep = ep.report
-            out[ep.slot] = {"metrics": rep.metrics if rep else None, "epoch": rep.epoch if rep else None,
-                            "checkpoint": str(rep.checkpoint_dir) if rep and rep.checkpoint_dir else None,
-                            "done": ep.done, "diverged": ep.diverged, POPULATION: self.slots,
-                            POPULATION_MEMBERS: len(slots), "node_id": self.node_id,
-                            "worker_started_at": self.started_at}
+            m, rep = members[ep.slot], ep.report
+            if rep is None:
+                row = DivergedReport(ep.diverged, self.node_id).to_row()
+            else:
+                metrics = {k: float(v) for k, v in rep.metrics.items() if isinstance(v, (int, float))}
+                row = EpochReport(metrics, epochs_done=rep.epoch + 1, node_id=self.node_id,
+                                  worker_started_at=self.started_at, loop_started_at=m.loop_started_at,
+                                  reported_at=time.time()).to_row()
+                row |= {POPULATION: self.slots, POPULATION_MEMBERS: len(slots), MEMBER_TOKEN: m.token}
+            append_jsonl(m.log, row)
+            out[ep.slot] = {"row": row, "done": ep.done, "diverged": ep.diverged,
+                            "checkpoint": str(rep.checkpoint_dir) if rep and rep.checkpoint_dir else None}
         return out
 
     def _deliver(self, batch: list[_Member], outcomes: dict[int, dict[str, Any]]) -> None:
@@ -481,7 +510,9 @@ def member_trial(sampled: dict[str, Any], state: SweepState, spec: SweepSpec) ->
     paths = TrialPaths(Path(state.experiment_dir) / Path(ctx.get_trial_dir()).name)
     ckpt = ray.tune.get_checkpoint()
     resume = ckpt.path if ckpt is not None else None
-    loop_started_at = time.time()
+    resume, finished = _catch_up(paths, cfg, resume)
+    if finished:
+        return
     names = executor_names(state.experiment_dir, state.population_executors)
     executor, token = _join(trial_id, cfg.to_dict(), paths, resume, names)
     while True:
@@ -489,19 +520,44 @@ def member_trial(sampled: dict[str, Any], state: SweepState, spec: SweepSpec) ->
         if out.get("error"):
             raise RuntimeError(f"population: {out['error']}")
         if out["diverged"] is not None:
-            row = DivergedReport(out["diverged"], out["node_id"]).to_row()
-            append_jsonl(paths.metrics_log, row)
-            ray.tune.report(row)
+            ray.tune.report(out["row"])
             return
-        metrics = {k: float(v) for k, v in out["metrics"].items() if isinstance(v, (int, float))}
-        row = EpochReport(metrics, epochs_done=out["epoch"] + 1, node_id=out["node_id"],
-                          worker_started_at=out["worker_started_at"], loop_started_at=loop_started_at,
-                          reported_at=time.time()).to_row()
-        row |= {POPULATION: out[POPULATION], POPULATION_MEMBERS: out[POPULATION_MEMBERS], MEMBER_TOKEN: token}
-        append_jsonl(paths.metrics_log, row)
-        ray.tune.report(row, checkpoint=ray.tune.Checkpoint.from_directory(out["checkpoint"]))
+        ray.tune.report(out["row"], checkpoint=ray.tune.Checkpoint.from_directory(out["checkpoint"]))
         if out["done"]:
             return
+
+
+def _catch_up(paths: TrialPaths, cfg, resume: str | None) -> tuple[str | None, bool]:
+    """Report the epochs the member trained and logged that Tune's checkpoint does not hold (a sweep
+    stopped between the member's epoch log and Tune's state), so that none is trained twice; returns the
+    checkpoint to continue from, and whether the trial had already finished.
+
+    Only when the member's own ``last/`` is the newest logged epoch and every epoch after Tune's
+    checkpoint is in the log; otherwise the member continues from Tune's checkpoint."""
+    import ray.tune
+
+    from hvae_ray.engine import load_checkpoint
+    from hvae_ray.engine.trainer import patience_ran_out
+    from hvae_ray.errors import DataError
+
+    last = paths.engine / "last"
+    try:
+        start = int(load_checkpoint(resume)["epoch"]) if resume is not None else -1
+        newest = load_checkpoint(last)
+    except DataError:
+        return resume, False
+    rows = [r for r in read_jsonl(paths.metrics_log) if isinstance(r.get(EPOCH), (int, float))]
+    pending = [r for r in rows if r[EPOCH] > start]
+    epochs = [int(r[EPOCH]) for r in pending]
+    if not pending or epochs != list(range(start + 1, start + 1 + len(pending))) \
+            or int(newest["epoch"]) != epochs[-1]:
+        return resume, False
+    for row in pending[:-1]:
+        ray.tune.report(row)
+    ray.tune.report(pending[-1], checkpoint=ray.tune.Checkpoint.from_directory(str(last)))
+    epoch = epochs[-1]
+    done = epoch + 1 >= cfg.epochs or patience_ran_out(cfg, int(newest["best_epoch"]), epoch, False)
+    return str(last), done
 
 
 def _join(trial_id: str, config: dict[str, Any], paths: TrialPaths, resume: str | None, names: list[str]):
@@ -513,7 +569,8 @@ def _join(trial_id: str, config: dict[str, Any], paths: TrialPaths, resume: str 
         if not executors:
             raise HvaeError("population: the sweep's executors are gone (the Ray instance is stopping)")
         for ex in executors:
-            token = ray.get(ex.join.remote(trial_id, config, str(paths.engine), str(paths.tensorboard), resume))
+            token = ray.get(ex.join.remote(trial_id, config, str(paths.engine), str(paths.tensorboard), resume,
+                                           time.time()))
             if token is not None:
                 return ex, token
         time.sleep(0.1)
