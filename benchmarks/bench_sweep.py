@@ -5,7 +5,9 @@ overhead  per --scales JETS:EPOCHS, bare engine.fit against a one-trial sweep pe
           data-parallel speed-up (goal >= 1.8 on 2 GPUs at 100k jets).
 sweep     --sweep FILE (+ --sweep-set): wall time, trials and epochs per hour, jets/s, trial start-up, report gaps,
           GPU share, trial memory, GPU busy fraction, trial table, best trial's curve; --one-device: x_one_device
-          (goal >= 1.9 on 2 GPUs); --evaluate HELDOUT scores --gen-jets jets of the best trial.
+          (goal >= 1.9 on 2 GPUs); --evaluate HELDOUT scores --gen-jets jets of the best trial; --modes off,auto:
+          the sweep once per resources.population value, in that order, with x_wall against the first and each
+          trial's epochs (the rung ASHA stopped it at) side by side.
 """
 
 import json
@@ -190,10 +192,16 @@ def markdown(res: dict) -> list[str]:
         for e in r["timeline"]) + f"; process groups {r.get('process_groups')}" for r in ov if r.get("timeline")]
     for r in sw:
         r["x_one_device"] = ratio(r.get("jets_per_s"), sw[-1].get("jets_per_s")) if r is not sw[-1] else None
-    md.append(harness.table(sw, "label trials_done statuses wall_s trials_per_hour epochs_per_hour jets_per_s "
+        r["x_wall"] = ratio(sw[0].get("wall_s"), r.get("wall_s"))
+    md.append(harness.table(sw, "label trials_done statuses wall_s x_wall trials_per_hour epochs_per_hour jets_per_s "
                                 f"x_one_device gpu_share trial_memory_mib {cols} error",
                             f"Sweep {res.get('sweep')} {json.dumps(res.get('sweep_overrides'))} (x_one_device: "
                             "goal >= 1.9 with 2 GPUs)"))
+    if len(sw) > 1 and all(r.get("table") for r in sw):  # each trial by its index in the sweep, in every run
+        by = [{t["trial_id"].rsplit("_", 1)[-1]: t for t in r["table"]} for r in sw]
+        md.append(harness.table([{"trial": k, **{f"{r['label']}": f"{b[k]['status']} {b[k]['epochs']}"
+                                                 for r, b in zip(sw, by) if k in b}} for k in sorted(by[0])],
+                                ["trial", *(r["label"] for r in sw)], "Each trial's status and epochs per run"))
     if best := (sw or [{}])[0].get("best"):
         md.append(harness.table(sorted(sw[0]["table"], key=lambda t: t["best_val_objective"] or 1e300),
                                 ["trial_id", "status", *sw[0]["params"], "loss_weights", "best_val_objective",
@@ -219,6 +227,7 @@ def main() -> None:
         gpu_memory_gb=(4.0, "with CUDA: the card size trials are sized for"),
         gpu_fraction=(float, "with CUDA: a fixed GPU share instead"),
         one_device=(False, "run the sweep again on one GPU (CPU) only"),
+        modes=(str, "run the sweep once per resources.population value (e.g. off,auto)", "MODES"),
         evaluate=(str, "evaluate the best trial against these jets", "HELDOUT"),
         timeout=(900.0, "seconds allowed per sweep (then killed)"),
         release_wait=(15.0, "seconds to wait for Ray to free all CPUs/GPUs"),
@@ -242,8 +251,11 @@ def main() -> None:
         res.update(sweep=a.sweep, sweep_overrides=ov, sweeps=[])
         one = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if cuda else {
             "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 1})}
-        for label, env in [("all devices", {})] + ([("one device", one)] if a.one_device else []):
-            r = run(a, a.sweep, ov, label.replace(" ", "_"), storage, env)
+        runs = [(f"population {m}", {"resources.population": yaml.safe_load(m)}, {})
+                for m in a.modes.split(",")] if a.modes else [("all devices", {}, {})]
+        runs += [("one device", {}, one)] if a.one_device else []
+        for label, mode, env in runs:
+            r = run(a, a.sweep, {**ov, **mode}, label.replace(" ", "_"), storage, env)
             res["sweeps"].append({**r, **summarise(r)})
             harness.save(a, res)
         if a.evaluate and not (best := res["sweeps"][0].get("best")):

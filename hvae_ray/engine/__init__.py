@@ -4,8 +4,8 @@
 Parts: :mod:`~hvae_ray.engine.batches` (split, order, noise), :mod:`~hvae_ray.engine.steps` (step
 strategies), :mod:`~hvae_ray.engine.paths` (dense and PyG data paths), :mod:`~hvae_ray.engine.checkpoint`,
 :mod:`~hvae_ray.engine.runtime` (device, ranks, precision), :mod:`~hvae_ray.engine.trainer`,
-:mod:`~hvae_ray.engine.population`,
-:mod:`~hvae_ray.engine.runs` (a population's members as runs); the generation score is :mod:`hvae_ray.evaluation.scorer`.
+:mod:`~hvae_ray.engine.population`, :mod:`~hvae_ray.engine.runs` (a population's members as runs); the
+generation score is :mod:`hvae_ray.evaluation.scorer`.
 """
 
 from hvae_ray.engine.batches import (

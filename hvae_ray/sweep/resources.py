@@ -246,3 +246,12 @@ def trial_share(gpu_memory_gb: float, trial_memory_mb: float | str, headroom: fl
         trial = float(trial_memory_mb) * MiB
         context = min(CUDA_CONTEXT, trial)
     return gpu_fraction(gpu_memory_gb * GiB, trial, headroom, context), trial, context
+
+
+def mps_running() -> bool:
+    """Whether a CUDA MPS control daemon serves this user's processes: its control pipe exists in
+    ``CUDA_MPS_PIPE_DIRECTORY`` (default /tmp/nvidia-mps)."""
+    import os
+    from pathlib import Path
+
+    return (Path(os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")) / "control").exists()

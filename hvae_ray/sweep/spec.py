@@ -13,8 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from hvae_ray.config import (OBJECTIVE_METRICS, Config, apply_overrides, build_section, current_key, flatten,
-                             from_dict, read_yaml)
+from hvae_ray.config import (
+    OBJECTIVE_METRICS,
+    Config,
+    apply_overrides,
+    build_section,
+    current_key,
+    flatten,
+    from_dict,
+    read_yaml,
+)
 from hvae_ray.data.generate import FLAVORS
 from hvae_ray.errors import ConfigError
 from hvae_ray.tracking import RANKABLE_METRICS

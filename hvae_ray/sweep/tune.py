@@ -370,6 +370,12 @@ def _plan_populations(spec: SweepSpec, state: SweepState) -> SweepState:
 
     plan = population_plan(spec, state, float(ray.cluster_resources().get("GPU", 0)))
     print(f"sweep: {plan.describe()}", file=sys.stderr)
+    if not plan.on and state.gpu_share > 0 and _local_gpus():
+        from hvae_ray.sweep.resources import mps_running
+
+        print("sweep: CUDA MPS is " + ("on: trials sharing a GPU run side by side" if mps_running() else
+                                       "off: trials sharing a GPU take turns on it (README: CUDA MPS)"),
+              file=sys.stderr)
     return dataclasses.replace(state, population_slots=plan.slots, population_executors=plan.executors)
 
 
