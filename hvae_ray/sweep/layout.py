@@ -19,6 +19,7 @@ directories read as new ones do.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from hvae_ray.errors import DataError
+from hvae_ray.sweep.spec import SweepSpec, from_raw
 from hvae_ray.tracking import RANKABLE_METRICS
 
 SWEEP_FILE = "hvae_sweep.json"
@@ -119,9 +121,8 @@ class SweepState:
     """What the driver resolved before the first trial, stored as ``hvae_sweep.json``.
 
     raw:            the sweep file made self-contained (base config inlined, data path resolved): the
-                    sweep spec is rebuilt from it by ``sweep.spec.from_raw``
+                    sweep is stored once, as this; :attr:`spec` is it validated (``sweep.spec.from_raw``)
     source:         the sweep file it came from (for messages)
-    spec:           the validated spec in plain data (``SweepSpec.to_dict``)
     gpu_share:      each trial worker's share of a GPU (0: CPU only)
     card_bytes:     the card size the share was sized for (None: not sized from memory)
     trial_bytes:    one trial's whole-process GPU memory the share holds
@@ -136,7 +137,6 @@ class SweepState:
     storage: str
     experiment_dir: str
     data_path: str
-    spec: dict[str, Any]
     train_storage: str
     gpu_share: float = 0.0
     card_bytes: float | None = None
@@ -145,22 +145,27 @@ class SweepState:
     population_slots: int = 0
     population_executors: int = 0
 
+    @functools.cached_property
+    def spec(self) -> SweepSpec:
+        """The sweep, validated from :attr:`raw` (once per state)."""
+        return from_raw(self.raw, self.source)
+
     @property
     def metric(self) -> str:
         """The metric the sweep ranks its trials by (its scheduler's)."""
-        return self.spec["scheduler"]["metric"]
+        return self.spec.scheduler.metric
 
     @property
     def mode(self) -> str:
-        return self.spec["scheduler"]["mode"]
+        return self.spec.scheduler.mode
 
     @property
     def max_t(self) -> int:
-        return int(self.spec["scheduler"]["max_t"])
+        return int(self.spec.scheduler.max_t)
 
     @property
     def searched_keys(self) -> list[str]:
-        return list(self.spec["search_space"])
+        return list(self.spec.search_space)
 
     def on_cpus(self) -> SweepState:
         """The same sweep with its trials on CPUs only (no GPU share)."""

@@ -265,7 +265,6 @@ def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | 
     """The best trial's full training config as YAML, a config file for ``train``."""
     import yaml
 
-    from hvae_ray.sweep.spec import from_raw
 
     ranked = sort_trials(table, experiment_dir, metric)
     column, _, _ = _sort_column(table, experiment_dir, metric)
@@ -273,7 +272,7 @@ def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | 
         raise DataError(f"{experiment_dir}: no trial has reported {column} yet")
     best = ranked.slice(0, 1).to_pylist()[0]
     state = read_sweep_state(Path(experiment_dir).resolve())
-    spec = from_raw(state.raw, state.source)
+    spec = state.spec
     params = json.loads(TrialPaths(Path(best["trial_dir"])).params.read_text())
     cfg = spec.trial_config(params)
     header = (f"# best trial {best['trial_id']} of {Path(experiment_dir).name}: "

@@ -29,7 +29,7 @@ from hvae_ray.sweep.layout import (
     trial_dirname,
 )
 from hvae_ray.sweep.signing import Signer, VerifiedFiles, verify
-from hvae_ray.sweep.spec import SweepSpec, from_raw, load_sweep
+from hvae_ray.sweep.spec import SweepSpec, load_sweep
 
 #: Trial-table statuses by what they mean for the sweep as a whole.
 FINISHED = ("completed", "early_stopped", "diverged", "error")
@@ -276,7 +276,7 @@ def _prepare(spec: SweepSpec, name: str, storage: str) -> SweepState:
     root = storage_root(storage)
     experiment_dir = str(root / name)
     return SweepState(raw=spec.raw, source=spec.source, name=name, storage=str(root),
-                      experiment_dir=experiment_dir, data_path=str(data_path), spec=spec.to_dict(),
+                      experiment_dir=experiment_dir, data_path=str(data_path),
                       train_storage=train_storage(experiment_dir), gpu_share=gpu_share, card_bytes=card_bytes,
                       trial_bytes=trial_bytes, context_bytes=context_bytes)
 
@@ -443,7 +443,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
 
     exp = Path(experiment_dir).resolve()
     state = read_sweep_state(exp)
-    spec = from_raw(state.raw, state.source)
+    spec = state.spec
     if not ray.tune.Tuner.can_restore(str(exp)):
         raise HvaeError(f"{exp}: Ray Tune has no saved experiment state to resume from")
     with hold(exp, "experiment"):  # not while its sweep (or another resume) still runs

@@ -22,25 +22,33 @@ from hvae_ray.sweep.layout import (
 )
 from hvae_ray.tracking import RANKABLE_METRICS
 
-# hvae_sweep.json as sweeps wrote it before the state had a type (and before context_bytes existed)
+# hvae_sweep.json as sweeps wrote it before the state had a type (before context_bytes and populations existed,
+# and with the sweep stored twice: as written, and validated)
 OLD_STATE = {
-    "raw": {"name": "old", "search_space": {"learning_rate": {"choice": [0.001]}}},
+    "raw": {"name": "old", "search_space": {"learning_rate": {"choice": [0.001]}},
+            "scheduler": {"metric": "val_objective", "mode": "min", "max_t": 7}},
     "source": "sweeps/old.yaml", "name": "old-20260101-000000", "storage": "/runs/sweeps",
     "experiment_dir": "/runs/sweeps/old-20260101-000000", "data_path": "/cache/q.parquet",
     "gpu_share": 0.25, "card_bytes": 8.0e10, "trial_bytes": 1.2e9,
     "train_storage": "/runs/sweeps/old-20260101-000000/_train",
     "spec": {"search_space": {"learning_rate": {"choice": [0.001]}},
-             "scheduler": {"metric": "val_w1m", "mode": "min", "max_t": 7}},
+             "scheduler": {"metric": "val_objective", "mode": "min", "max_t": 7}},
 }
 
 
 def test_an_old_sweep_state_file_reads(tmp_path):
     (tmp_path / SWEEP_FILE).write_text(json.dumps(OLD_STATE, indent=2))
     state = read_sweep_state(tmp_path)
-    assert (state.metric, state.mode, state.max_t, state.searched_keys) == ("val_w1m", "min", 7, ["learning_rate"])
-    assert state.gpu_share == 0.25 and state.context_bytes is None
-    # written back, it has the keys it was read from (and the one it lacked)
-    assert set(state.to_dict()) == set(OLD_STATE) | {"context_bytes"}
+    assert (state.metric, state.mode, state.max_t, state.searched_keys) == ("val_objective", "min", 7,
+                                                                            ["learning_rate"])
+    assert state.gpu_share == 0.25 and state.context_bytes is None and state.population_slots == 0
+    # written back, it holds the sweep once (as written; validated when read) and the keys it lacked
+    assert set(state.to_dict()) == (set(OLD_STATE) - {"spec"}) | {"context_bytes", "population_slots",
+                                                                  "population_executors"}
+    state = SweepState.from_dict({**state.to_dict(), "experiment_dir": str(tmp_path)}, "here")
+    state.write()
+    written = json.loads((tmp_path / SWEEP_FILE).read_text())
+    assert "spec" not in written and written["raw"] == OLD_STATE["raw"]
     assert state.on_cpus().gpu_share == 0.0 and state.on_cpus().card_bytes is None
 
 
