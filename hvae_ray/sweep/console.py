@@ -32,7 +32,8 @@ from typing import Any
 from ray.tune import Callback
 
 from hvae_ray.sweep.hparams import outcome_of
-from hvae_ray.sweep.layout import EPOCHS_DONE, ERROR, TrialPaths
+from hvae_ray.errors import HvaeError
+from hvae_ray.sweep.layout import EPOCHS_DONE, ERROR, TrialPaths, read_sweep_state
 from hvae_ray.sweep.spec import SweepSpec
 
 __all__ = ["SweepConsole", "VERBOSE_ENV", "TUNE_OUTPUT_ENV", "verbose", "tune_verbosity", "console_callbacks",
@@ -84,6 +85,15 @@ def on_restore(tuner, spec: SweepSpec, experiment_dir: str | Path) -> None:
     run_config.verbose = tune_verbosity()
     kept = [c for c in (run_config.callbacks or []) if not isinstance(c, SweepConsole)]
     run_config.callbacks = kept + console_callbacks(spec, experiment_dir)
+
+
+def _population_of(experiment_dir: str | Path) -> tuple[int, int] | None:
+    """(slots, executors) when the sweep's trials train as population members, from its state file."""
+    try:
+        state = read_sweep_state(experiment_dir)
+    except HvaeError:
+        return None
+    return (state.population_slots, state.population_executors) if state.population_slots > 0 else None
 
 
 def rungs(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -178,6 +188,7 @@ class SweepConsole(Callback):
         self.searched = list(spec.search_space)
         self.total = spec.expected_trials()
         self.concurrent = spec.max_concurrent_trials
+        self.population = _population_of(experiment_dir)
         self._reset()
 
     def _reset(self) -> None:
@@ -262,6 +273,10 @@ class SweepConsole(Callback):
         self._reset()
         rungs = ", ".join(map(str, self.rungs)) or "none"
         at_once = f", {self.concurrent} at a time" if self.concurrent else ""
+        if self.population:
+            slots, executors = self.population
+            at_once = (f", as members of {executors} populations of {slots}" if executors > 1 else
+                       f", as members of one population of {slots}")
         self._line(f"sweep {self.name}: {self.total} trials{at_once}; ASHA on {self.metric} ({self.mode}), "
                    f"rungs at epoch {rungs}, at most {self.max_t} epochs")
 
