@@ -31,8 +31,8 @@ from typing import Any
 
 from ray.tune import Callback
 
-from hvae_ray.sweep.hparams import outcome_of
 from hvae_ray.errors import HvaeError
+from hvae_ray.sweep.hparams import outcome_of
 from hvae_ray.sweep.layout import EPOCHS_DONE, ERROR, TrialPaths, read_sweep_state
 from hvae_ray.sweep.spec import SweepSpec
 
