@@ -34,6 +34,7 @@ from ray.tune import Callback
 from hvae_ray.errors import HvaeError
 from hvae_ray.sweep.hparams import outcome_of
 from hvae_ray.sweep.layout import EPOCHS_DONE, ERROR, TrialPaths, read_sweep_state
+from hvae_ray.sweep.ray_internals import filter_driver_messages, run_config_of
 from hvae_ray.sweep.spec import SweepSpec
 
 __all__ = ["SweepConsole", "VERBOSE_ENV", "TUNE_OUTPUT_ENV", "verbose", "tune_verbosity", "console_callbacks",
@@ -78,10 +79,9 @@ def console_callbacks(spec: SweepSpec, experiment_dir: str | Path) -> list[Callb
 def on_restore(tuner, spec: SweepSpec, experiment_dir: str | Path) -> None:
     """A restored Tuner keeps the run config it was saved with: set its verbosity and console for this
     run (a fresh console, also for experiments saved without one)."""
-    local = getattr(tuner, "_local_tuner", None)  # None under Ray Client, which keeps its own
-    if local is None:
+    run_config = run_config_of(tuner)
+    if run_config is None:
         return
-    run_config = local.get_run_config()
     run_config.verbose = tune_verbosity()
     kept = [c for c in (run_config.callbacks or []) if not isinstance(c, SweepConsole)]
     run_config.callbacks = kept + console_callbacks(spec, experiment_dir)
@@ -154,24 +154,16 @@ _TUNE_LOG_FILTER = _TuneRunLog()
 _RAYLET_NOISE = ("PYTHON worker processes have been started",)
 
 
+def _raylet_noise(message: dict[str, Any]) -> bool:
+    """The raylet's start-up concurrency notice (unless Ray's own output is wanted)."""
+    lines = message.get("lines", [])
+    return (not verbose() and message.get("pid") == "raylet" and bool(lines)
+            and all(any(n in ln for n in _RAYLET_NOISE) for ln in lines))
+
+
 def _quiet_raylet_notices() -> None:
-    """Keep the raylet's start-up concurrency notice off the console (Ray prints raylet messages to the
-    driver's stdout through ``ray._private.worker.print_to_stdstream``); every other message passes."""
-    import ray._private.worker as worker
-
-    printer = getattr(worker, "print_to_stdstream", None)
-    if printer is None or getattr(printer, "_hvae_quiet", False):
-        return
-
-    def print_to_stdstream(data, *args, **kwargs):
-        lines = data.get("lines", []) if isinstance(data, dict) else []
-        if (not verbose() and data.get("pid") == "raylet"
-                and lines and all(any(n in ln for n in _RAYLET_NOISE) for ln in lines)):
-            return None
-        return printer(data, *args, **kwargs)
-
-    print_to_stdstream._hvae_quiet = True
-    worker.print_to_stdstream = print_to_stdstream
+    """Keep the raylet's start-up concurrency notice off the console; every other message passes."""
+    filter_driver_messages(_raylet_noise)
 
 
 class SweepConsole(Callback):

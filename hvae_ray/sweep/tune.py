@@ -28,6 +28,7 @@ from hvae_ray.sweep.layout import (
     train_storage,
     trial_dirname,
 )
+from hvae_ray.sweep.ray_internals import loopback_only
 from hvae_ray.sweep.signing import Signer, VerifiedFiles, verify
 from hvae_ray.sweep.spec import SweepSpec, load_sweep
 
@@ -172,7 +173,7 @@ def ray_init(address: str | None, **local: Any):
     try:
         # address="local": always a new instance of our own, never a cluster that `ray start` left
         # running on this host (ray.init's default would join it); clusters are joined by `address`.
-        with _loopback_only(ray), reaper.marked():
+        with loopback_only(), reaper.marked():
             context = ray.init(address="local", runtime_env={"env_vars": env}, include_dashboard=True,
                                dashboard_host="127.0.0.1", dashboard_port=port, _temp_dir=str(temp_dir),
                                **{"log_to_driver": False, **local})
@@ -206,36 +207,6 @@ def _same_cluster(ray, address: str | None) -> None:
     if resolved(address) != resolved(connected):
         raise RayUnavailable(f"this process is already connected to the Ray cluster at {connected}; it cannot "
                              f"also use the cluster at {address[:200]!r}")
-
-
-#: Ray's single-machine switch: read into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is
-#: imported; "0" keeps a node's IP at 127.0.0.1.
-_SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-
-
-@contextmanager
-def _loopback_only(ray):
-    """While a local instance starts, make every one of its listeners bind to 127.0.0.1 alone.
-
-    Ray 2.60 binds its gRPC servers (GCS, raylet, workers, driver) and its agents (dashboard, metrics,
-    runtime env, autoscaler monitor) to loopback only when the node's IP is exactly "127.0.0.1"; on
-    Linux it replaces a loopback node IP with the host's outbound address unless its single-machine
-    switch is off. Ray has no public setting for this, so the switch is turned off for the start (the
-    processes it spawns inherit the environment variable) and restored after it: a later connection to
-    a cluster in this process must advertise the host's address again.
-    """
-    constants = ray._private.ray_constants
-    saved_flag, saved_env = constants.ENABLE_RAY_CLUSTER, os.environ.get(_SINGLE_MACHINE_ENV)
-    constants.ENABLE_RAY_CLUSTER = False
-    os.environ[_SINGLE_MACHINE_ENV] = "0"
-    try:
-        yield
-    finally:
-        constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(_SINGLE_MACHINE_ENV, None)
-        else:
-            os.environ[_SINGLE_MACHINE_ENV] = saved_env
 
 
 def _local_gpus() -> float:
