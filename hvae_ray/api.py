@@ -364,6 +364,7 @@ SWEEP_FUNCTIONS = {
     "export_trials": ("hvae_ray.sweep.trials", "export"),
     "format_trials": ("hvae_ray.sweep.trials", "format_table"),
     "sweep_metric": ("hvae_ray.sweep.trials", "sweep_metric"),
+    "write_report": ("hvae_ray.sweep.report", "write_report"),
     "sign_experiment": ("hvae_ray.sweep.tune", "sign_experiment"),
 }
 

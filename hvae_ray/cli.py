@@ -214,6 +214,9 @@ def cmd_sweep_sign(a: argparse.Namespace) -> int:
 def cmd_trials(a: argparse.Namespace) -> int:
     _at_least_one(a.top, "--top")
     table = api.load_trials(a.experiment_dir)
+    if a.report:
+        print(f"wrote the report of {table.num_rows} trials to {api.write_report(a.experiment_dir, a.report)}")
+        return 0
     if a.best:
         print(api.best_config_yaml(table, a.experiment_dir, metric=a.sort), end="")
         return 0
@@ -357,6 +360,9 @@ def _add_trials(sub) -> None:
     tr.add_argument("--top", type=int, default=None, help="show only the N best trials")
     tr.add_argument("--export", default=None, metavar="FILE", help=".parquet or .csv")
     tr.add_argument("--best", action="store_true", help="print the best trial's config as YAML")
+    tr.add_argument("--report", default=None, metavar="FILE",
+                    help="write a self-contained HTML page of the sweep (best so far, parallel coordinates, "
+                         "parameter importance, learning curves, the best trial's jets)")
     tr.set_defaults(func=cmd_trials)
 
 
