@@ -172,7 +172,7 @@ def _sweep_console(a: argparse.Namespace) -> None:
 def cmd_sweep_run(a: argparse.Namespace) -> int:
     _sweep_console(a)
     res = api.run_sweep(a.sweep, overrides=_overrides(a.set), name=a.name, storage=a.storage, address=a.address,
-                        on_start=_announce_sweep)
+                        on_start=_announce_sweep, hint=False)
     return _report_sweep(res)
 
 
@@ -202,7 +202,7 @@ def _report_sweep(res) -> int:
 
 def cmd_sweep_resume(a: argparse.Namespace) -> int:
     _sweep_console(a)
-    return _report_sweep(api.resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep))
+    return _report_sweep(api.resume_sweep(a.experiment_dir, address=a.address, on_start=_announce_sweep, hint=False))
 
 
 def cmd_sweep_sign(a: argparse.Namespace) -> int:

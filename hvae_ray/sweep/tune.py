@@ -354,9 +354,17 @@ def _trial_dirname(trial) -> str:
     return trial_dirname(trial.trial_id)
 
 
+def _said(result: SweepResult, hint: bool) -> SweepResult:
+    """``result``, after one line on stderr saying how to resume it when it was interrupted (``hint``)."""
+    if hint and result.interrupted:
+        print(f"sweep interrupted ({result.summary()}); continue with resume_sweep({str(result.experiment_dir)!r}) "
+              f"or: hvae-ray sweep resume {result.experiment_dir}", file=sys.stderr)
+    return result
+
+
 def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, name: str | None = None,
               storage: str | None = None, address: str | None = None,
-              on_start: Callable[[Path], None] | None = None) -> SweepResult:
+              on_start: Callable[[Path], None] | None = None, hint: bool = True) -> SweepResult:
     """Run a sweep file. ``overrides`` are dotted keys of the sweep file (``config.epochs``,
     ``num_samples``, ``scheduler.max_t``, ...). ``on_start(experiment_dir)`` is called once the
     experiment directory exists, before the first trial. Returns the experiment directory and Tune's
@@ -401,11 +409,11 @@ def run_sweep(sweep: str | Path, overrides: dict[str, Any] | None = None, *, nam
                 results = tuner.fit()
             finally:
                 signer.sign()
-    return SweepResult(exp, results, spec.expected_trials(), stopped.signal)
+    return _said(SweepResult(exp, results, spec.expected_trials(), stopped.signal), hint)
 
 
 def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
-                 on_start: Callable[[Path], None] | None = None) -> SweepResult:
+                 on_start: Callable[[Path], None] | None = None, hint: bool = True) -> SweepResult:
     """Continue an interrupted sweep: finished trials are kept, unfinished ones continue from their
     last checkpoint (their Ray Train runs restore from ``_train/<trial_id>``), errored ones retry."""
     import ray.tune
@@ -438,7 +446,7 @@ def resume_sweep(experiment_dir: str | Path, *, address: str | None = None,
                 results = tuner.fit()
             finally:
                 signer.sign()
-    return SweepResult(exp, results, spec.expected_trials(), stopped.signal)
+    return _said(SweepResult(exp, results, spec.expected_trials(), stopped.signal), hint)
 
 
 def sign_experiment(experiment_dir: str | Path) -> list[Path]:

@@ -204,3 +204,17 @@ def test_ctrl_c_then_resume_trains_nothing_twice(reference, ray_local, tmp_path,
         ref = {r["epoch"]: r["val_objective"] for r in reference.trials[rate].log}
         assert [r["val_objective"] for r in t.log if r["epoch"] in ref] == \
             [ref[r["epoch"]] for r in t.log if r["epoch"] in ref], rate
+
+
+def test_an_interrupted_sweep_from_python_says_how_to_resume(reference, capsys):
+    """``run_sweep``/``resume_sweep`` called from Python end an interrupted sweep with one line on how to go on
+    (here: a sweep whose last trial was never created)."""
+    from hvae_ray.sweep.tune import SweepResult, _said
+
+    res = SweepResult(reference.exp, None, expected_trials=len(RATES) + 1)
+    assert res.interrupted and not SweepResult(reference.exp, None, expected_trials=len(RATES)).interrupted
+    assert _said(res, hint=True) is res
+    err = capsys.readouterr().err
+    assert f"resume_sweep({str(reference.exp)!r})" in err and f"hvae-ray sweep resume {reference.exp}" in err
+    _said(res, hint=False)
+    assert capsys.readouterr().err == ""
