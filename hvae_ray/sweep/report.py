@@ -322,7 +322,7 @@ def _curves_figure(exp: Path, top: list[dict], metric: str, mode: str):
         elif r["status"] == "diverged":
             ax.plot(ep[-1], val[-1], marker="^", markersize=10, color=colors(i % 10), markeredgecolor="black",
                     linestyle="none", zorder=4)
-    ax.set_xlabel("epochs trained (best_epoch + 1)")
+    ax.set_xlabel("epochs trained (the epoch column + 1)")
     ax.set_ylabel(metric)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
