@@ -571,33 +571,9 @@ def _graphs_to_sample(path: Path, obj: object, given: Mapping | Layout | None = 
     if len(obj) == 0:
         raise _fail(path, "the dataset is empty (0 graphs)")
 
-    import torch
 
     layout = find_layout(path, in_file, given)
-    xs, unused = [], set()
-    n_cols = None
-    for i, graph in enumerate(obj):
-        if not isinstance(graph, Data):
-            raise _fail(path, f"item {i} is a {type(graph).__name__}, not a torch_geometric Data")
-        x = graph.x if "x" in graph else None
-        if x is None:
-            raise _fail(path, f"graph {i} has no node features 'x'")
-        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] < 3:
-            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-            raise _fail(path, f"graph {i}: x must be a (nodes, >=3) tensor of "
-                              f"(eta_rel, phi_rel, pt_rel, ...), got {shape}")
-        if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
-            raise _fail(path, f"graph {i}: x has dtype {x.dtype}, not real numbers")
-        if n_cols is None:
-            n_cols = int(x.shape[1])
-        elif x.shape[1] != n_cols:
-            raise _fail(path, f"graph {i}: x has {x.shape[1]} columns, graph 0 has {n_cols}")
-        stated = graph._store.get("num_nodes") if hasattr(graph, "_store") else None
-        if stated is not None and int(stated) != x.shape[0]:
-            raise _fail(path, f"graph {i}: num_nodes = {int(stated)} but x has {x.shape[0]} rows")
-        xs.append(x.detach().to(torch.float32).numpy())
-        unused.update(k for k in _graph_keys(graph) if k not in ("x", "num_nodes"))
-
+    xs, unused, n_cols = _node_features(path, obj)
     counts = np.array([len(x) for x in xs])
     stored = np.concatenate(xs) if counts.sum() else np.zeros((0, n_cols), np.float32)
     jet = np.repeat(np.arange(len(xs)), counts)
@@ -622,6 +598,40 @@ def _graphs_to_sample(path: Path, obj: object, given: Mapping | Layout | None = 
     sample = _finish(path, "graphs", stored[real], jet[real], index[real], len(xs), layout, None, check)
     _report_graph_layout(path, layout, sorted(unused))  # after the checks: a refused file gets one line
     return sample
+
+
+def _node_features(path: Path, graphs) -> tuple[list[np.ndarray], set[str], int]:
+    """Each graph's node features ``x`` (float32 arrays, checked: a real (nodes, >=3) tensor with as many
+    rows as the graph's nodes and as many columns as graph 0's), the attributes the graphs carry besides,
+    and the column count."""
+    import torch
+    from torch_geometric.data import Data
+
+    xs, unused = [], set()
+    n_cols = None
+    for i, graph in enumerate(graphs):
+        if not isinstance(graph, Data):
+            raise _fail(path, f"item {i} is a {type(graph).__name__}, not a torch_geometric Data")
+        x = graph.x if "x" in graph else None
+        if x is None:
+            raise _fail(path, f"graph {i} has no node features 'x'")
+        if not torch.is_tensor(x) or x.dim() != 2 or x.shape[1] < 3:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise _fail(path, f"graph {i}: x must be a (nodes, >=3) tensor of "
+                              f"(eta_rel, phi_rel, pt_rel, ...), got {shape}")
+        if x.is_complex() or not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)):
+            raise _fail(path, f"graph {i}: x has dtype {x.dtype}, not real numbers")
+        if n_cols is None:
+            n_cols = int(x.shape[1])
+        elif x.shape[1] != n_cols:
+            raise _fail(path, f"graph {i}: x has {x.shape[1]} columns, graph 0 has {n_cols}")
+        stated = graph._store.get("num_nodes") if hasattr(graph, "_store") else None
+        if stated is not None and int(stated) != x.shape[0]:
+            raise _fail(path, f"graph {i}: num_nodes = {int(stated)} but x has {x.shape[0]} rows")
+        xs.append(x.detach().to(torch.float32).numpy())
+        unused.update(k for k in _graph_keys(graph) if k not in ("x", "num_nodes"))
+
+    return xs, unused, n_cols
 
 
 def _report_graph_layout(path: Path, layout: Layout, unused: list[str]) -> None:
