@@ -251,7 +251,7 @@ def main() -> None:
         res.update(sweep=a.sweep, sweep_overrides=ov, sweeps=[])
         one = {"CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]} if cuda else {
             "RAY_OVERRIDE_RESOURCES": json.dumps({"CPU": 1})}
-        runs = [(f"population {m}", {"resources.population": yaml.safe_load(m)}, {})
+        runs = [(f"population {m}", {"resources.population": int(m) if m.isdigit() else m}, {})
                 for m in a.modes.split(",")] if a.modes else [("all devices", {}, {})]
         runs += [("one device", {}, one)] if a.one_device else []
         for label, mode, env in runs:

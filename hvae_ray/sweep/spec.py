@@ -318,6 +318,9 @@ def _check_one_best(base: Config, space: dict[str, Any], sched: SchedulerSpec, w
 
 
 def _resources(raw: dict[str, Any], where: str) -> ResourceSpec:
+    section = raw.get("resources")
+    if isinstance(section, dict) and section.get("population") is False:
+        raw = {**raw, "resources": {**section, "population": "off"}}  # YAML reads a bare `off` as false
     res = build_section(ResourceSpec, raw.get("resources"), "resources", where)
     if res.num_workers < 1:
         raise ConfigError(f"{where}: 'resources.num_workers' must be >= 1, got {res.num_workers}")
