@@ -58,6 +58,12 @@ MEMBER_TOKEN = "population_member"
 EXECUTOR_PREFIX = "hvae-population-"
 #: Most members in one population when sized automatically on a CPU.
 CPU_SLOTS = 32
+#: A member's epochs reach Tune with a checkpoint at a new best, at its end and every this many epochs; in
+#: between, its own ``last/`` and epoch log hold them, and a resumed trial reports the epochs after Tune's
+#: checkpoint from there (:func:`_catch_up`). Tune copies each checkpoint and saves its whole experiment
+#: state once a trial has made two since the last save, which at a checkpoint per epoch of every member
+#: took most of the time between a population's epochs.
+CHECKPOINT_EVERY = 10
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -430,7 +436,8 @@ class PopulationExecutor:
                                   reported_at=time.time()).to_row()
                 row |= {POPULATION: self.slots, POPULATION_MEMBERS: len(slots), MEMBER_TOKEN: m.token}
             append_jsonl(m.log, row)
-            out[ep.slot] = {"row": row, "done": ep.done, "diverged": ep.diverged,
+            out[ep.slot] = {"row": row, "done": ep.done, "diverged": ep.diverged, "is_best": bool(rep and rep.is_best),
+                            "epoch": rep.epoch if rep else None,
                             "checkpoint": str(rep.checkpoint_dir) if rep and rep.checkpoint_dir else None}
         return out
 
@@ -522,7 +529,8 @@ def member_trial(sampled: dict[str, Any], state: SweepState, spec: SweepSpec) ->
         if out["diverged"] is not None:
             ray.tune.report(out["row"])
             return
-        ray.tune.report(out["row"], checkpoint=ray.tune.Checkpoint.from_directory(out["checkpoint"]))
+        keep = out["done"] or out["is_best"] or (out["epoch"] + 1) % CHECKPOINT_EVERY == 0
+        ray.tune.report(out["row"], checkpoint=ray.tune.Checkpoint.from_directory(out["checkpoint"]) if keep else None)
         if out["done"]:
             return
 
