@@ -62,6 +62,7 @@ def filter_driver_messages(drop: Callable[[dict[str, Any]], bool]) -> None:
         return printer(data, *args, **kwargs)
 
     print_to_stdstream._hvae_filtered = True
+    print_to_stdstream.__wrapped__ = printer
     worker.print_to_stdstream = print_to_stdstream
 
 
