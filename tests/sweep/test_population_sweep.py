@@ -9,7 +9,6 @@ and resumed, checks that nothing is trained twice and that every member continue
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -23,24 +22,13 @@ import pytest
 
 import hvae_ray
 from hvae_ray.engine import fit, load_checkpoint
+from hvae_ray.sweep.layout import read_jsonl as _rows
 
 pytestmark = pytest.mark.slow
 
 MAX_T = 4
 RATES = [1.0e-2, 6.0e-3, 4.0e-3, 3.0e-3, 1.0e-4, 5.0e-5, 2.0e-5, 1.0e-5]
 SLOTS = 4
-
-
-def _rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return out
 
 
 def _sweep(sweep_file, path: Path) -> Path:
