@@ -208,23 +208,16 @@ def measure_member_memory(cfg, ks: tuple[int, int] = (2, 6)) -> dict[str, float]
 def _member_burst(cfg, k: int) -> dict[str, float]:
     """A population of ``k`` members of ``cfg`` on the GPU, briefly: an epoch of synthetic 30-particle jets,
     validation and the generation score for each member."""
-    import numpy as np
     import torch
 
-    from hvae_ray.data.jets import from_padded
     from hvae_ray.engine import PopulationRuns
-    from hvae_ray.sweep.resources import _device_used
+    from hvae_ray.sweep.resources import _device_used, burst_jets
 
     dev = torch.device("cuda")
     used0 = _device_used(dev)
-    rng = np.random.default_rng(0)
     n = max(256, math.ceil(8 * cfg.batch_size * cfg.gradient_accumulation_steps / (1 - cfg.data.val_fraction
                                                                                     - cfg.data.test_fraction)))
-    p = np.zeros((n, 30, 3), np.float32)
-    p[..., :2] = rng.normal(0, 0.2, (n, 30, 2))
-    pt = rng.exponential(1, (n, 30))
-    p[..., 2] = pt / pt.sum(1, keepdims=True)
-    runs = PopulationRuns(cfg, from_padded(p), k, dev)
+    runs = PopulationRuns(cfg, burst_jets(n), k, dev)
     for i in range(k):
         runs.join(cfg.with_overrides({"seed": i, "data.split_seed": cfg.data.split_seed if cfg.data.split_seed >= 0
                                       else cfg.seed}, "member burst"))

@@ -168,25 +168,18 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     slots full), a validation pass (its batches of ``max(64, batch_size)`` jets peak above training's),
     1500 jets sampled from N(0, 1) in the 512-jet batches the run's figures are drawn in, and the
     generation score (in validation's batches), on a validation split of at least one such batch."""
-    import numpy as np
     import torch
 
     from hvae_ray import engine
     from hvae_ray.config import Config
-    from hvae_ray.data.jets import from_padded
 
     cfg = cfg or Config()
     dev = torch.device("cuda")
     used0 = _device_used(dev)
-    rng = np.random.default_rng(0)
     train_share = 1.0 - cfg.data.val_fraction - cfg.data.test_fraction
     n_jets = max(n_jets, math.ceil(steps * cfg.batch_size / train_share) + 2,
                  math.ceil(engine.validation_batch_size(cfg) / cfg.data.val_fraction) + 2)
-    p = np.zeros((n_jets, 30, 3), np.float32)
-    p[..., :2] = rng.normal(0, 0.2, (n_jets, 30, 2))
-    pt = rng.exponential(1, (n_jets, 30))
-    p[..., 2] = pt / pt.sum(1, keepdims=True)
-    splits = engine.prepare(cfg, from_padded(p), device=dev)
+    splits = engine.prepare(cfg, burst_jets(n_jets), device=dev)
     trainer = engine.Trainer(cfg, splits, dev)
     epoch = cfg.kl_warmup_epochs  # the KL weight at its cap
     trainer.train_epoch(epoch)
@@ -198,6 +191,21 @@ def _burst(steps: int, cfg=None, n_jets: int = 256) -> dict[str, float]:
     return {"allocated_peak": float(torch.cuda.max_memory_allocated(dev)),
             "reserved_peak": float(torch.cuda.max_memory_reserved(dev)),
             "process": float(used1 - used0) if used0 is not None and used1 is not None else float("nan")}
+
+
+def burst_jets(n: int):
+    """``n`` synthetic jets of 30 particles (every slot full: a burst's worst case), seeded: η, φ ~ N(0, 0.2),
+    pT_rel exponential and normalised to sum to 1."""
+    import numpy as np
+
+    from hvae_ray.data.jets import from_padded
+
+    rng = np.random.default_rng(0)
+    p = np.zeros((n, 30, 3), np.float32)
+    p[..., :2] = rng.normal(0, 0.2, (n, 30, 2))
+    pt = rng.exponential(1, (n, 30))
+    p[..., 2] = pt / pt.sum(1, keepdims=True)
+    return from_padded(p)
 
 
 def _device_used(dev) -> float | None:
