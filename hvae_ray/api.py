@@ -317,17 +317,42 @@ def _check_metric_sizes(sizes: dict) -> None:
                               f"this machine has {format_bytes(memory)}")
 
 
-def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_dir: str | Path | None = None,
-             log_dir: str | Path | None = None, overwrite: bool = False, **metric_kwargs) -> dict[str, float]:
+def _per_side(per_side: int | str, n_real: int, n_gen: int) -> int | None:
+    """Jets per side of a same-N comparison: ``"auto"``, as many as both files allow (the generated
+    jets, at most half the real ones); ``"all"`` (None), every generated jet against every real one;
+    or N, checked against the files."""
+    if per_side == "all":
+        return None
+    n = max(2, min(n_gen, n_real // 2)) if per_side == "auto" else per_side
+    if n_real < 2 * n or n_gen < n:
+        raise DataError(f"{n} jets per side needs {2 * n} real jets (the value's and the floor's) and {n} "
+                        f"generated jets; the files hold {n_real} and {n_gen}")
+    return n
+
+
+def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, per_side: int | str = "auto",
+             plots_dir: str | Path | None = None, log_dir: str | Path | None = None, overwrite: bool = False,
+             **metric_kwargs) -> dict[str, float]:
     """The field's generation metrics (W1m, W1p, W1efp, FPD, KPD) of ``generated`` against ``real``,
     computed as jetnet 0.2.5 does (``evaluation.metrics.evaluate_generation``), each with its
     real-vs-real floor, the sample sizes and ``convention``; optional PNG plots (existing ones replaced
-    only if ``overwrite``) and TensorBoard figures. Sizes and output folders are checked before any work."""
+    only if ``overwrite``) and TensorBoard figures. Sizes and output folders are checked before any work.
+
+    ``per_side`` (default ``"auto"``): N generated against N real jets, the floor between those N real
+    jets and N others, and each metric's ratio to its floor (``M_ratio``); ``"auto"`` takes the largest N
+    the files allow, ``"all"`` every jet of both files (the floor then from two halves of the real ones,
+    no ratios). The papers' scale is 50,000 per side: 100,000 real jets and 50,000 generated."""
     from hvae_ray.data.io import load_jets
     from hvae_ray.evaluation.metrics import evaluate_generation
     from hvae_ray.outputs import check_output_dir
 
     _check_metric_sizes(metric_kwargs)
+    if not (per_side in ("auto", "all") or (isinstance(per_side, int) and not isinstance(per_side, bool)
+                                            and per_side >= 2)):
+        raise ConfigError(f"jets per side must be 'auto', 'all' or an integer ≥ 2, got {per_side!r}")
+    # The generated jets skip the physical-range check: how unphysical they are is what the metrics measure.
+    r, g = load_jets(real), load_jets(generated, check_ranges=False)
+    n = _per_side(per_side, len(r), len(g))
     if plots_dir is not None:
         from hvae_ray.evaluation.plots import FIGURE_KEYS
 
@@ -335,9 +360,7 @@ def evaluate(real: str | Path, generated: str | Path, *, seed: int = 42, plots_d
                          overwrite=overwrite)
     if log_dir is not None:
         check_output_dir(log_dir, "TensorBoard folder")
-    # The generated jets skip the physical-range check: how unphysical they are is what the metrics measure.
-    r, g = load_jets(real), load_jets(generated, check_ranges=False)
-    result = evaluate_generation(r.particles, r.mask, g.particles, g.mask, seed=seed, **metric_kwargs)
+    result = evaluate_generation(r.particles, r.mask, g.particles, g.mask, seed=seed, per_side=n, **metric_kwargs)
     if plots_dir is not None or log_dir is not None:
         from hvae_ray.evaluation.plots import distribution_figures, save_figures
 

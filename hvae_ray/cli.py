@@ -136,20 +136,27 @@ def cmd_prior_fit(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     sizes = dict(num_eval_samples=a.w1_samples, fpd_min_samples=a.fpd_min_samples,
                  fpd_max_samples=a.fpd_max_samples, kpd_batch_size=a.kpd_batch_size)
-    result = api.evaluate(a.real, a.generated, seed=a.seed, plots_dir=a.plots, log_dir=a.log_dir,
-                          overwrite=a.force, **sizes)
+    result = api.evaluate(a.real, a.generated, seed=a.seed, per_side=a.per_side, plots_dir=a.plots,
+                          log_dir=a.log_dir, overwrite=a.force, **sizes)
     if a.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{'metric':<14}{'generated':>22}{'real-vs-real floor':>24}")
+    r, same_n = result, result["n_per_side"] > 0
+    print(f"{'metric':<14}{'generated':>22}{'real-vs-real floor':>24}" + (f"{'ratio':>9}" if same_n else ""))
     for key in [k for k in result if f"{k}_floor" in result]:
         val, err = result[key], result.get(f"{key}_err", float("nan"))
         fl, fl_err = result[f"{key}_floor"], result.get(f"{key}_floor_err", float("nan"))
-        print(f"{key:<14}{val:>13.4g} ± {err:<7.2g}{fl:>15.4g} ± {fl_err:<7.2g}")
-    r = result
+        ratio = f"{result[f'{key}_ratio']:>9.3g}" if same_n else ""
+        print(f"{key:<14}{val:>13.4g} ± {err:<7.2g}{fl:>15.4g} ± {fl_err:<7.2g}{ratio}")
     print(f"convention: {r['convention']} (z = pT_rel as given; the values compare with papers that use "
           f"jetnet, at their sample sizes)")
-    print(f"jets: real {r['n_real']} (floor: two halves of {r['n_floor']}), generated {r['n_gen']}")
+    if same_n:
+        scale = "the papers' scale" if r["n_per_side"] == 50_000 else "papers compare 50,000 per side"
+        print(f"jets: {r['n_per_side']} generated against {r['n_per_side']} real; floor: those real jets "
+              f"against {r['n_per_side']} others ({scale}; files hold {r['n_real']} real, {r['n_gen']} generated)")
+    else:
+        print(f"jets: real {r['n_real']} (floor: two halves of {r['n_floor']}), generated {r['n_gen']}; "
+              f"no ratios: the value and the floor are at different N")
     print(f"subsamples with replacement: W1 {r['w1_num_batches']} × {r['w1_eval_samples']} jets; "
           f"FPD {r['fpd_num_points']} sizes {r['fpd_min_samples']}–{r['fpd_max_samples']} × "
           f"{r['fpd_num_batches']}; KPD {r['kpd_num_batches']} × {r['kpd_batch_size']}")
@@ -307,12 +314,21 @@ def _add_prior(sub) -> None:
     f.set_defaults(func=cmd_prior_fit)
 
 
+def _per_side_arg(text: str) -> int | str:
+    """``auto``, ``all`` or a number of jets (``5e4`` style accepted)."""
+    return text if text in ("auto", "all") else jet_count(text)
+
+
 def _add_evaluate(sub) -> None:
     e = sub.add_parser("evaluate", help="generation metrics of generated vs real jets, as jetnet 0.2.5")
     e.add_argument("--real", required=True, help="real jets (.parquet, .npz, .h5, .pt)")
     e.add_argument("--generated", required=True, help="generated jets, e.g. the .npz of `sample`")
     e.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     e.add_argument("--seed", type=int, default=42, help="subsample seed (42: jetnet's default)")
+    e.add_argument("--per-side", type=_per_side_arg, default="auto", metavar="N|auto|all",
+                   help="N generated against N real jets, floor against N more real jets, ratios to the floor "
+                        "(auto, the default: as many as the files allow; papers use 50000); all: every jet, "
+                        "floor from two halves of the real ones")
     e.add_argument("--w1-samples", type=int, default=50_000, metavar="N",
                    help="jets per W1 subsample (default 50000, jetnet's)")
     e.add_argument("--fpd-min-samples", type=int, default=20_000, metavar="N",

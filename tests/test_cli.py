@@ -229,14 +229,40 @@ def test_evaluate_table_output(data_file, tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == 0
     lines = out.splitlines()
-    assert "real-vs-real floor" in lines[0]
-    rows = {line.split()[0] for line in lines[1:] if "±" in line}
-    assert {"w1m", "w1p_mean", "w1efp_mean", "fpd", "kpd"} <= rows
+    assert "real-vs-real floor" in lines[0] and lines[0].endswith("ratio")
+    rows = {line.split()[0]: line.split() for line in lines[1:] if "±" in line}
+    assert {"w1m", "w1p_mean", "w1efp_mean", "fpd", "kpd"} <= set(rows)
+    for row in rows.values():  # value ± err, floor ± err, ratio = value / floor as printed
+        assert float(row[-1]) == pytest.approx(float(row[1]) / float(row[4]), rel=1e-2)
     assert any(line.startswith("convention: jetnet-0.2.5") for line in lines)
-    assert "jets: real 40 (floor: two halves of 20), generated 30" in lines
+    assert ("jets: 20 generated against 20 real; floor: those real jets against 20 others (papers compare "
+            "50,000 per side; files hold 40 real, 30 generated)") in lines
     assert ("subsamples with replacement: W1 5 × 2000 jets; FPD 10 sizes 1000–3000 × 20; "
             "KPD 10 × 500") in lines
     assert lines[-1].startswith("note: fewer jets than the largest subsample")
+
+    rc = main(["evaluate", "--real", str(data_file), "--generated", str(gen), "--per-side", "all", *QUICK])
+    lines = capsys.readouterr().out.splitlines()
+    assert rc == 0 and "ratio" not in lines[0]
+    assert ("jets: real 40 (floor: two halves of 20), generated 30; no ratios: the value and the floor are "
+            "at different N") in lines
+
+
+@pytest.mark.parametrize("per_side, expected", [
+    ("21", "21 jets per side needs 42 real jets (the value's and the floor's) and 21 generated jets; "
+           "the files hold 40 and 30"),
+    ("1", "jets per side must be 'auto', 'all' or an integer ≥ 2, got 1"),
+])
+def test_evaluate_refuses_more_jets_per_side_than_the_files_hold(per_side, expected, data_file, tmp_path,
+                                                                 capsys):
+    particles, mask = random_particles(30, seed=9)
+    gen = tmp_path / "gen.npz"
+    np.savez(gen, particle_features=np.concatenate([particles, mask[..., None]], axis=-1))
+    plots = tmp_path / "plots"
+    line = one_line_error(capsys, main(["evaluate", "--real", str(data_file), "--generated", str(gen),
+                                        "--per-side", per_side, "--plots", str(plots), *QUICK]))
+    assert expected in line, line
+    assert not plots.exists()
 
 
 @pytest.mark.parametrize("flags, problem", [

@@ -15,9 +15,10 @@ Jets are padded arrays (N, P, 3) = (η_rel, φ_rel, pT_rel) with an optional (N,
 to jetnet's own numbers on the same jets (``tests/fixtures/jetnet_parity/make_fixture.py`` makes
 that fixture).
 
-Every metric is quoted together with a floor: the same metric between two disjoint halves of the real
-set (``evaluate_generation``). Values of all metrics grow as the samples shrink, so compare a model's
-numbers with the floor, and with published values only at the paper's sample sizes (50k jets).
+Every metric is quoted together with a floor: the same metric between two disjoint real sets
+(``evaluate_generation``). Values of all metrics grow as the samples shrink, so compare a model's
+numbers with a floor of the same N (``per_side``), and with published values only at the papers' scale:
+50,000 generated against 50,000 real jets.
 """
 
 from __future__ import annotations
@@ -456,16 +457,18 @@ def _put(out: dict, key: str, batches: np.ndarray, floor: np.ndarray) -> None:
     out[f"{key}_floor_err"] = float(floor.std())
 
 
-def _sample_sizes(n_real: int, n_gen: int, num_eval_samples: int, num_batches: int, fpd_min: int,
-                  fpd_max: int, fpd_batches: int, fpd_points: int, kpd_batches: int,
+def _sample_sizes(n_real: int, n_gen: int, per_side: int | None, num_eval_samples: int, num_batches: int,
+                  fpd_min: int, fpd_max: int, fpd_batches: int, fpd_points: int, kpd_batches: int,
                   kpd_size: int) -> dict:
     """The bookkeeping keys of ``evaluate_generation``: set sizes and every subsample size used."""
     fpd_batch_sizes(fpd_min, fpd_max, fpd_points)  # checks the range before any work
+    n_floor = n_real // 2 if per_side is None else per_side
     return {
         "convention": CONVENTION,
         "n_real": n_real,
         "n_gen": n_gen,
-        "n_floor": n_real // 2,
+        "n_per_side": 0 if per_side is None else per_side,
+        "n_floor": n_floor,
         "w1_eval_samples": num_eval_samples,
         "w1_num_batches": num_batches,
         "fpd_min_samples": fpd_min,
@@ -475,7 +478,7 @@ def _sample_sizes(n_real: int, n_gen: int, num_eval_samples: int, num_batches: i
         "kpd_batch_size": kpd_size,
         "kpd_num_batches": kpd_batches,
         # jetnet recommends ≥ 50k jets: smaller sets add their own finite-sample effect to every value
-        "small_sample": int(min(n_gen, n_real // 2) < max(num_eval_samples, fpd_max)),
+        "small_sample": int(min(n_gen, n_floor) < max(num_eval_samples, fpd_max)),
     }
 
 
@@ -483,7 +486,7 @@ def evaluate_generation(
     real_particles: np.ndarray, real_mask: np.ndarray | None, gen_particles: np.ndarray,
     gen_mask: np.ndarray | None, seed: int = 42, num_eval_samples: int = 50_000, num_batches: int = 5,
     fpd_min_samples: int = 20_000, fpd_max_samples: int = 50_000, fpd_num_batches: int = 20,
-    fpd_num_points: int = 10, kpd_num_batches: int = 10, kpd_batch_size: int = 5000,
+    fpd_num_points: int = 10, kpd_num_batches: int = 10, kpd_batch_size: int = 5000, per_side: int | None = None,
 ) -> dict:
     """All generation metrics of the field, as jetnet 0.2.5 computes them, each with a floor.
 
@@ -500,6 +503,12 @@ def evaluate_generation(
     of the real set (split by ``default_rng(seed).permutation``): what a perfect generator would
     score against a real set of half the size. A value is meaningful only well above its floor.
 
+    **Same N** (``per_side`` = N): N generated jets (the first N) against N real jets, and the floor
+    between those N real jets and N others, disjoint (the first and second N of the permutation above):
+    value and floor then see the same sample sizes, and ``M_ratio`` = value / floor is each metric's
+    distance from a perfect generator in units of real-vs-real noise. Needs 2N real and N generated
+    jets. Papers compare 50,000 with 50,000 jets; quote N beside any other numbers.
+
     real_particles, gen_particles: (N, P, 3) = (η_rel, φ_rel, pT_rel); masks (N, P) bool or None.
     Needs at least 4 real and 2 generated jets.
 
@@ -511,22 +520,35 @@ def evaluate_generation(
     ``n_real``, ``n_gen``, ``n_floor`` (jets per half), ``w1_eval_samples``, ``w1_num_batches``,
     ``fpd_min_samples``, ``fpd_max_samples``, ``fpd_num_points``, ``fpd_num_batches``,
     ``kpd_batch_size``, ``kpd_num_batches`` and ``small_sample`` (1 when the generated set or a real
-    half is smaller than the largest subsample, else 0).
+    floor set is smaller than the largest subsample, else 0); ``n_per_side`` (N, or 0 without
+    ``per_side``); with ``per_side``, ``M_ratio`` for each metric M.
     """
     xr, mr = as_particles(real_particles, real_mask)
     xg, mg = as_particles(gen_particles, gen_mask)
+    if per_side is not None and (per_side < 2 or len(xr) < 2 * per_side or len(xg) < per_side):
+        raise ValueError(f"{per_side} jets per side needs at least {2 * max(per_side, 2)} real and "
+                         f"{max(per_side, 2)} generated jets, got {len(xr)} and {len(xg)}")
     if len(xr) < 4 or len(xg) < 2:
         raise ValueError(f"need at least 4 real and 2 generated jets, got {len(xr)} and {len(xg)}")
-    out: dict = _sample_sizes(len(xr), len(xg), num_eval_samples, num_batches, fpd_min_samples,
+    out: dict = _sample_sizes(len(xr), len(xg), per_side, num_eval_samples, num_batches, fpd_min_samples,
                               fpd_max_samples, fpd_num_batches, fpd_num_points, kpd_num_batches,
                               kpd_batch_size)
-    real, gen = _JetFeatures.of(xr, mr), _JetFeatures.of(xg, mg)
-    halves = _real_halves(len(xr), seed)
-    out.update(_w1_metrics(real, gen, halves, num_eval_samples, num_batches, seed))
+    a, b = _real_parts(len(xr), per_side, seed)
+    if per_side is None:
+        real, gen = _JetFeatures.of(xr, mr), _JetFeatures.of(xg, mg)
+        floor = (real.take(a), real.take(b))
+    else:
+        both = _JetFeatures.of(xr[np.concatenate([a, b])], mr[np.concatenate([a, b])])
+        floor = (both.take(np.arange(per_side)), both.take(np.arange(per_side, 2 * per_side)))
+        real, gen = floor[0], _JetFeatures.of(xg[:per_side], mg[:per_side])
+    out.update(_w1_metrics(real, gen, floor, num_eval_samples, num_batches, seed))
     fpd_args = dict(min_samples=fpd_min_samples, max_samples=fpd_max_samples,
                     num_batches=fpd_num_batches, num_points=fpd_num_points, seed=seed)
     kpd_args = dict(num_batches=kpd_num_batches, batch_size=kpd_batch_size, seed=seed)
-    out.update(_efp_distances(real.efp_d4, gen.efp_d4, halves, fpd_args, kpd_args))
+    out.update(_efp_distances(real.efp_d4, gen.efp_d4, (floor[0].efp_d4, floor[1].efp_d4), fpd_args, kpd_args))
+    if per_side is not None:
+        for key in [k[: -len("_floor")] for k in out if k.endswith("_floor") and k != "n_floor"]:
+            out[f"{key}_ratio"] = out[key] / out[f"{key}_floor"] if out[f"{key}_floor"] > 0 else float("inf")
     return out
 
 
@@ -550,17 +572,19 @@ class _JetFeatures:
         return _JetFeatures(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
 
 
-def _real_halves(n_real: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Two disjoint halves of the real set's indices, the floor's two samples."""
+def _real_parts(n_real: int, per_side: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The floor's two disjoint samples of the real set's indices: its two halves, or its first and second
+    ``per_side`` jets, in the order of ``default_rng(seed).permutation``."""
     perm = np.random.default_rng(seed).permutation(n_real)
-    half = n_real // 2
-    return perm[:half], perm[half:2 * half]
+    n = n_real // 2 if per_side is None else per_side
+    return perm[:n], perm[n:2 * n]
 
 
-def _w1_metrics(real: _JetFeatures, gen: _JetFeatures, halves: tuple[np.ndarray, np.ndarray],
+def _w1_metrics(real: _JetFeatures, gen: _JetFeatures, floor: tuple[_JetFeatures, _JetFeatures],
                 num_eval_samples: int, num_batches: int, seed: int) -> dict:
-    """W1m, W1p per feature and their mean, W1efp per EFP and their mean: values and floors."""
-    a, b = real.take(halves[0]), real.take(halves[1])
+    """W1m, W1p per feature and their mean, W1efp per EFP and their mean: values (``real`` against
+    ``gen``) and floors (between the two sets of ``floor``)."""
+    a, b = floor
 
     def w1(x: _JetFeatures, y: _JetFeatures, feature: str) -> np.ndarray:
         """(num_batches, F) W1 of one feature between x and y, drawn from a fresh ``default_rng(seed)``."""
@@ -584,10 +608,11 @@ def _w1_metrics(real: _JetFeatures, gen: _JetFeatures, halves: tuple[np.ndarray,
     return out
 
 
-def _efp_distances(real: np.ndarray, gen: np.ndarray, halves: tuple[np.ndarray, np.ndarray],
+def _efp_distances(real: np.ndarray, gen: np.ndarray, floor: tuple[np.ndarray, np.ndarray],
                    fpd_args: dict, kpd_args: dict) -> dict:
-    """FPD and KPD on the d ≤ 4 EFPs (real, gen: (N, 36)), each with its real-half floor."""
-    a, b = real[halves[0]], real[halves[1]]
+    """FPD and KPD on the d ≤ 4 EFPs (real, gen: (N, 36)), each with its floor between the two real sets
+    of ``floor``."""
+    a, b = floor
     out: dict = {}
     out["fpd"], out["fpd_err"] = fpd(real, gen, **fpd_args)
     out["fpd_floor"], out["fpd_floor_err"] = fpd(a, b, **fpd_args)

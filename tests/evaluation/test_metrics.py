@@ -197,3 +197,39 @@ def test_evaluate_generation_broken_generator(real_jets, toy_jets):
         # KPD's spread is large for heavy-tailed features (quartic kernel): 2 "sigma" is plenty here
         assert out[m] > out[f"{m}_floor"] + 2 * (out[f"{m}_err"] + out[f"{m}_floor_err"]), m
 
+
+
+def test_same_n_compares_n_generated_with_n_real_and_floors_at_that_n(real_jets, toy_jets):
+    """``per_side`` = N: the value is N generated against N real jets and the floor those N against N
+    other real jets (the first and second N of the seed's permutation); ratios are value / floor."""
+    x, mask = real_jets
+    y, ymask = toy_jets(500, 11)
+    n = 300
+    out = metrics.evaluate_generation(x, mask, y, ymask, seed=0, per_side=n, **SMALL)
+    perm = np.random.default_rng(0).permutation(len(x))
+    a, b = perm[:n], perm[n:2 * n]
+    value = metrics.evaluate_generation(x[a], mask[a], y[:n], ymask[:n], seed=0, **SMALL)
+    floor = metrics.evaluate_generation(x[a], mask[a], x[b], mask[b], seed=0, **SMALL)
+    assert (out["n_per_side"], out["n_floor"], out["n_real"], out["n_gen"]) == (n, n, 1000, 500)
+    for m in (*METRICS, "w1p_ptrel", "w1efp_3"):
+        assert out[m] == pytest.approx(value[m], rel=1e-9), m
+        assert out[f"{m}_floor"] == pytest.approx(floor[m], rel=1e-9), m
+        assert out[f"{m}_ratio"] == pytest.approx(out[m] / out[f"{m}_floor"]), m
+    whole = metrics.evaluate_generation(x, mask, y, ymask, seed=0, **SMALL)
+    assert whole["n_per_side"] == 0 and not any(k.endswith("_ratio") for k in whole)
+
+
+def test_same_n_ratios_near_one_for_real_jets_and_far_for_a_broken_generator(real_jets, toy_jets):
+    x, mask = real_jets
+    good = metrics.evaluate_generation(x, mask, *toy_jets(500, 11), seed=0, per_side=500, **SMALL)
+    bad = metrics.evaluate_generation(x, mask, *toy_jets(500, 12, eta_scale=3.0), seed=0, per_side=500, **SMALL)
+    for m in ("w1m", "w1p_mean", "fpd"):
+        assert good[f"{m}_ratio"] < 3, (m, good[f"{m}_ratio"])
+        assert bad[f"{m}_ratio"] > 5, (m, bad[f"{m}_ratio"])
+
+
+@pytest.mark.parametrize("per_side", [501, 1])
+def test_same_n_needs_twice_n_real_and_n_generated_jets(real_jets, toy_jets, per_side):
+    x, mask = real_jets
+    with pytest.raises(ValueError, match="jets per side needs at least"):
+        metrics.evaluate_generation(x, mask, *toy_jets(600, 11), seed=0, per_side=per_side, **SMALL)
