@@ -6,15 +6,22 @@
         process's GPU memory (nvidia-smi, CUDA context included)
   cpu   8 configs of sweeps/quickstart.yaml (K = 8 KL caps): 8 Trainer epochs one after another against one
         population epoch of the 8, in this process, alternating, repeated
+  phases  where a population's epoch goes, as a sweep's executor runs it (engine.PopulationRuns, each
+        member with its own last/, best/ and TensorBoard run): the step, each member's validation,
+        generation score and record (checkpoints, scalars, figures), summed over --epochs epochs after
+        one warm-up epoch, for each K of --phase-ks at the seed setting (batch 8 x 4) on --jets jets
 Synthetic jets (10-30 particles) unless --data. Prints Markdown tables; --out writes results.json/.md.
 
   python benchmarks/bench_population.py gpu --out benchmarks/results/population-<date>-<gpu>
   python benchmarks/bench_population.py cpu --out benchmarks/results/population-<date>-cpu
+  python benchmarks/bench_population.py phases --data JETS --jets 250 --device cuda
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import time
 
 import harness
@@ -160,9 +167,78 @@ def cpu(a) -> dict:
     return results
 
 
+@contextlib.contextmanager
+def _timing(owner, name: str, into: dict, key: str, dev):
+    """Replace ``owner.name`` by a wrapper that adds each call's seconds (device synchronised) to
+    ``into[key]``, for the block's duration."""
+    inner = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        harness.sync(dev)
+        t = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            harness.sync(dev)
+            into[key] = into.get(key, 0.0) + time.perf_counter() - t
+    setattr(owner, name, timed)
+    try:
+        yield
+    finally:
+        setattr(owner, name, inner)
+
+
+def phases_child(k: int, jets: int, epochs: int, data: str | None, device: str) -> dict:
+    """A population of K seed-setting members as the executor trains it; seconds per epoch in each part."""
+    from hvae_ray.engine import PopulationRuns, population as pop_module, trainer as trainer_module
+    from hvae_ray.evaluation.scorer import GenerationScorer
+
+    dev = torch.device(device)
+    cfgs = [c.with_overrides({"epochs": 300, "patience": 20, "data.val_fraction": 0.15, "data.test_fraction": 0.15})
+            for c in _configs(k, 8, 4, device)]  # the seed sweep's split
+    runs = PopulationRuns(cfgs[0], harness.load_sample(data, jets), k, dev)
+    tmp = tempfile.mkdtemp(prefix="bench-phases-")
+    for i, cfg in enumerate(cfgs):
+        runs.join(cfg, f"{tmp}/{i}/engine", f"{tmp}/{i}/tensorboard")
+    runs.train_epoch()  # warm-up: capture, first-step costs
+    parts: dict[str, float] = {}
+    with contextlib.ExitStack() as stack:
+        for owner, name, key in ((runs.population, "_train", "step"),
+                                 (runs.population.step, "validation_batches", "validation"),
+                                 (pop_module, "validation_metrics", "validation"),
+                                 (GenerationScorer, "score", "score"),
+                                 (trainer_module, "save_epoch", "checkpoints"),
+                                 (trainer_module.RunLog, "_figures", "figures"),
+                                 (trainer_module.RunLog, "record", "record")):
+            stack.enter_context(_timing(owner, name, parts, key, dev))
+        harness.sync(dev)
+        t0 = time.perf_counter()
+        for _ in range(epochs):
+            runs.train_epoch()
+        harness.sync(dev)
+        wall = time.perf_counter() - t0
+    out = {f"{key}_s": v / epochs for key, v in parts.items()}
+    out["record_s"] = out.get("record_s", 0.0) - out.get("checkpoints_s", 0.0) - out.get("figures_s", 0.0)
+    return {"members": k, "epoch_s": wall / epochs, **out, "n_train": len(runs.population.splits.train)}
+
+
+def phases(a) -> dict:
+    rows = []
+    for k in (int(x) for x in a.phase_ks.split(",")):
+        r = harness.Child(phases_child, {"k": k, "jets": a.jets, "epochs": a.epochs, "data": a.data,
+                                         "device": a.device}, timeout=600).result()
+        harness.say(f"phases K={k}: {r}")
+        rows.append(r)
+    results = {"host": harness.host(), "jets": a.jets, "epochs": a.epochs, "rows": rows}
+    harness.save(a, results, harness.table(rows, "members epoch_s step_s validation_s score_s checkpoints_s "
+                                                 "figures_s record_s",
+                                           f"Seconds per population epoch by part ({a.jets} jets, {a.device})"))
+    return results
+
+
 if __name__ == "__main__":
     p = harness.parser(__doc__, "data", "out", jets=4000, seconds=15.0, repeats=3, seed_ks="1,16,24,32,48",
-                       b32_ks="1,16,64", procs="1,4", bf16_ks="16,32")
-    p.add_argument("part", choices=("gpu", "cpu"))
+                       b32_ks="1,16,64", procs="1,4", bf16_ks="16,32", phase_ks="1,16", epochs=6, device="cuda")
+    p.add_argument("part", choices=("gpu", "cpu", "phases"))
     args = p.parse_args()
-    {"gpu": gpu, "cpu": cpu}[args.part](args)
+    {"gpu": gpu, "cpu": cpu, "phases": phases}[args.part](args)

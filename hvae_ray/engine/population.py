@@ -31,8 +31,8 @@ import torch
 
 from hvae_ray.config import COMPONENTS, Config
 from hvae_ray.data.dense import DenseFeaturizer, device_jets
-from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, split_seed, step_layout
-from hvae_ray.engine.paths import dense_val_batches, validation_metrics
+from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, split_seed, step_layout, validation_batch_size
+from hvae_ray.engine.paths import validation_metrics
 from hvae_ray.engine.runtime import Precision, resolve_device
 from hvae_ray.engine.steps import STAT_KEYS, PopulationStep, scheduled_lr
 from hvae_ray.engine.trainer import check_divergence, generation_scorer, node_stats
@@ -234,6 +234,10 @@ class Population:
         per_batch = rows.view(self.slots, -1, len(STAT_KEYS))[:, :n_batches]  # (K, batches, 8)
         sums, finite = per_batch.sum(dim=1).tolist(), torch.isfinite(per_batch[..., -1]).all(dim=1).tolist()
         train_time = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        val = self.step.validation_batches([s for s in live if finite[s]], self.val_jets,
+                                           validation_batch_size(self.shape))
+        val_time = (time.perf_counter() - t0) / max(1, len(val))
         reports = []
         for slot in live:
             member = self.members[slot]
@@ -243,11 +247,11 @@ class Population:
                 reports.append(self._diverged(slot, epoch, f"epoch {epoch}: training loss is not finite"))
                 continue
             try:
-                metrics = self._epoch_metrics(member, epoch, sums[slot], n_batches)
+                metrics = self._epoch_metrics(member, epoch, sums[slot], n_batches, val[slot])
             except TrainingDiverged as e:
                 reports.append(self._diverged(slot, epoch, str(e)))
                 continue
-            metrics["epoch_time_s"] = train_time / len(live) + metrics.pop("_eval_s")
+            metrics["epoch_time_s"] = (train_time / len(live) + val_time) + metrics.pop("_eval_s")
             reports.append(MemberReport(slot, epoch, metrics))
         return reports
 
@@ -256,16 +260,16 @@ class Population:
         self.step.active[slot] = False
         return MemberReport(slot, epoch, None, why)
 
-    def _epoch_metrics(self, member: Member, epoch: int, sums: list[float], n_batches: int) -> dict[str, Any]:
+    def _epoch_metrics(self, member: Member, epoch: int, sums: list[float], n_batches: int,
+                       val_batches: list) -> dict[str, Any]:
         cfg = member.cfg
         t0 = time.perf_counter()
         mean = {k: v / max(n_batches, 1) for k, v in zip(STAT_KEYS, sums)}
         metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": scheduled_lr(epoch, cfg),
                    **{f"train_{c}": mean[c] for c in COMPONENTS}, "train_kl": mean["kl"],
                    "train_total": mean["total"]}
+        metrics |= validation_metrics(val_batches, kl_weight(epoch, cfg), cfg, self.device, contextlib.nullcontext())
         model = self.load_member(member.slot).eval()
-        metrics |= validation_metrics(dense_val_batches(model, cfg, self.featurize, self.val_jets, self.node_stats),
-                                      kl_weight(epoch, cfg), cfg, self.device, self.precision.autocast())
         if member.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1:
             member.generation = self._scorer(cfg).score(
                 model, self.normaliser, cfg, self.splits.sample.subset(self.splits.train[: cfg.generation_jets]),

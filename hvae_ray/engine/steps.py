@@ -9,7 +9,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -322,6 +322,39 @@ class PopulationStep:
             rows.append(row)
         self._adamw(grads)
         return torch.stack(rows, dim=1)
+
+    @torch.no_grad()
+    def validation_batches(self, slots: Sequence[int], val_jets: tuple[torch.Tensor, torch.Tensor], size: int
+                           ) -> dict[int, list[tuple[int, dict[str, torch.Tensor], torch.Tensor]]]:
+        """Each of ``slots``' (jets, terms, KL) over ``val_jets`` in batches of ``size``, as
+        :func:`~hvae_ray.engine.paths.dense_val_batches` yields them for one model (eval mode, the member's
+        averaged weights, the config's autocast), for all the members at once: each batch is featurised
+        once and every slot's forward pass runs in one ``vmap`` over the weights. Every slot runs, idle
+        or not, as in the step: the kernels' shapes, and so a member's numbers to the last bit, do not
+        depend on which other slots are occupied."""
+        from torch.func import functional_call, vmap
+
+        params = self.average
+        parts, mask = val_jets
+        out: dict[int, list] = {s: [] for s in slots}
+
+        def member(p, batch):
+            o = functional_call(self.model, p, (batch,))
+            terms = dense_reconstruction_terms(o.decoded, batch, self.node_stats, self.shape.particle_loss)
+            return terms, kl_divergence(o.mu, o.logvar)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for s in range(0, parts.shape[0], size):
+                batch = self.featurize(parts[s : s + size], mask[s : s + size])
+                with self._attention(), self.precision.autocast():
+                    terms, kl = vmap(member, in_dims=(0, None))(params, batch)
+                for slot in slots:
+                    out[slot].append((batch.num_graphs, {c: t[slot] for c, t in terms.items()}, kl[slot]))
+        finally:
+            self.model.train(was_training)
+        return out
 
     def _precision(self):
         """The config's autocast when ``mixed``; else none (fp32)."""
