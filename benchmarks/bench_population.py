@@ -8,7 +8,8 @@
         population epoch of the 8, in this process, alternating, repeated
   phases  where a population's epoch goes, as a sweep's executor runs it (engine.PopulationRuns, each
         member with its own last/, best/ and TensorBoard run): the step, each member's validation,
-        generation score and record (checkpoints, scalars, figures), summed over --epochs epochs after
+        generation score (its decoding, EFPs, FPD) and record (state, checkpoints, TensorBoard, figures, the
+        rest), summed over --epochs epochs after
         one warm-up epoch, for each K of --phase-ks at the seed setting (batch 8 x 4) on --jets jets
 Synthetic jets (10-30 particles) unless --data. Prints Markdown tables; --out writes results.json/.md.
 
@@ -191,7 +192,9 @@ def _timing(owner, name: str, into: dict, key: str, dev):
 def phases_child(k: int, jets: int, epochs: int, data: str | None, device: str) -> dict:
     """A population of K seed-setting members as the executor trains it; seconds per epoch in each part."""
     from hvae_ray.engine import PopulationRuns, population as pop_module, trainer as trainer_module
+    from hvae_ray.evaluation import scorer as scorer_module
     from hvae_ray.evaluation.scorer import GenerationScorer
+    from hvae_ray.tracking import TensorBoardLogger
 
     dev = torch.device(device)
     cfgs = [c.with_overrides({"epochs": 300, "patience": 20, "data.val_fraction": 0.15, "data.test_fraction": 0.15})
@@ -207,6 +210,11 @@ def phases_child(k: int, jets: int, epochs: int, data: str | None, device: str) 
                                  (runs.population.step, "validation_batches", "validation"),
                                  (pop_module, "validation_metrics", "validation"),
                                  (GenerationScorer, "score", "score"),
+                                 (GenerationScorer, "generated", "score_decode"),
+                                 (GenerationScorer, "_efps", "score_efps"),
+                                 (scorer_module, "fpd", "score_fpd"),
+                                 (pop_module.Population, "state", "state"),
+                                 (TensorBoardLogger, "log_epoch", "tensorboard"),
                                  (trainer_module, "save_epoch", "checkpoints"),
                                  (trainer_module.RunLog, "_figures", "figures"),
                                  (trainer_module.RunLog, "record", "record")):
@@ -218,7 +226,8 @@ def phases_child(k: int, jets: int, epochs: int, data: str | None, device: str) 
         harness.sync(dev)
         wall = time.perf_counter() - t0
     out = {f"{key}_s": v / epochs for key, v in parts.items()}
-    out["record_s"] = out.get("record_s", 0.0) - out.get("checkpoints_s", 0.0) - out.get("figures_s", 0.0)
+    out["record_s"] = out.get("record_s", 0.0) - sum(out.get(f"{k}_s", 0.0) for k in ("checkpoints", "figures",
+                                                                                      "state", "tensorboard"))
     return {"members": k, "epoch_s": wall / epochs, **out, "n_train": len(runs.population.splits.train)}
 
 
@@ -230,7 +239,8 @@ def phases(a) -> dict:
         harness.say(f"phases K={k}: {r}")
         rows.append(r)
     results = {"host": harness.host(), "jets": a.jets, "epochs": a.epochs, "rows": rows}
-    harness.save(a, results, harness.table(rows, "members epoch_s step_s validation_s score_s checkpoints_s "
+    harness.save(a, results, harness.table(rows, "members epoch_s step_s validation_s score_s score_decode_s "
+                                                 "score_efps_s score_fpd_s checkpoints_s state_s tensorboard_s "
                                                  "figures_s record_s",
                                            f"Seconds per population epoch by part ({a.jets} jets, {a.device})"))
     return results

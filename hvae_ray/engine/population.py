@@ -199,24 +199,35 @@ class Population:
 
     def state(self, slot: int, epoch: int) -> dict[str, Any]:
         """Member ``slot``'s checkpoint after ``epoch``: the same dict as :meth:`Trainer.state`, with a
-        ``torch.optim.AdamW`` state dict, so every single-model tool reads it."""
+        ``torch.optim.AdamW`` state dict, so every single-model tool reads it. Each of the slot's stacks
+        (averaged weights, weights, moments) comes to the CPU in one copy."""
         member = self.member(slot)
-        model = copy.deepcopy(self.load_member(slot)).cpu()  # no new model: the global RNG is left alone
-        opt = torch.optim.AdamW(model.parameters(), lr=member.cfg.learning_rate,
-                                weight_decay=member.cfg.weight_decay)
-        if member.cfg.ema_decay > 0:
-            state_train = {n: self.step.params[n][slot].detach().cpu().clone() for n, _ in model.named_parameters()}
+        model = self._host(self.step.average, slot)
+        for name, b in self.model.named_buffers():
+            model[name] = b.detach().cpu().clone()
+        weights = [model[name] for name, _ in self.model.named_parameters()]
+        opt = torch.optim.AdamW(weights, lr=member.cfg.learning_rate, weight_decay=member.cfg.weight_decay)
         steps = float(self.step.hyper["steps"][slot])
         if steps > 0:
-            for name, p in model.named_parameters():
-                opt.state[p] = {"step": torch.tensor(steps), "exp_avg": self.step.exp_avg[name][slot].cpu().clone(),
-                                "exp_avg_sq": self.step.exp_avg_sq[name][slot].cpu().clone()}
-        extra = {"train_model": state_train} if member.cfg.ema_decay > 0 else {}
-        return {**extra, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            m, v = self._host(self.step.exp_avg, slot), self._host(self.step.exp_avg_sq, slot)
+            for (name, _), p in zip(self.model.named_parameters(), weights):
+                opt.state[p] = {"step": torch.tensor(steps), "exp_avg": m[name], "exp_avg_sq": v[name]}
+        extra = {"train_model": self._host(self.step.params, slot)} if member.cfg.ema_decay > 0 else {}
+        state_dict_order = {k: model[k] for k in self.model.state_dict()}
+        return {**extra, "model": state_dict_order, "optimizer": opt.state_dict(),
                 "scaler": self.precision.scaler.state_dict(), "epoch": epoch, "best": member.best,
                 "best_epoch": member.best_epoch, "generation": member.generation,
                 "config": member.cfg.to_dict(), "normaliser": self.normaliser.state_dict(),
                 "test_indices": torch.from_numpy(self.splits.test), "rng_cpu": torch.get_rng_state()}
+
+    @staticmethod
+    @torch.no_grad()
+    def _host(stack: dict[str, torch.Tensor], slot: int) -> dict[str, torch.Tensor]:
+        """Slot ``slot`` of each stacked tensor, on the CPU, by one device-to-host copy of them all."""
+        parts = [t[slot] for t in stack.values()]
+        flat = torch.cat([p.reshape(-1) for p in parts]).cpu()
+        return {name: chunk.view(p.shape).clone()
+                for (name, p), chunk in zip(zip(stack, parts), flat.split([p.numel() for p in parts]))}
 
     # ---------------------------------------------------------------------------------------------
     # Training
