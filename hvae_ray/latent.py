@@ -16,6 +16,7 @@ metrics bound what any prior can reach.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from hvae_ray.data.dense import DenseFeaturizer, FeatureNormaliser
 from hvae_ray.errors import DataError
 
 __all__ = ["PRIOR_FILE", "PRIOR_KINDS", "FlowPrior", "GaussianMixture", "encode", "decode", "posterior_codes",
-           "save_prior", "load_prior"]
+           "save_prior", "load_prior", "decoded_jets"]
 
 #: The fitted prior's file, beside ``checkpoint.pt`` in a checkpoint folder.
 PRIOR_FILE = "prior.pt"
@@ -71,23 +72,46 @@ def decode(model, normaliser: FeatureNormaliser, z: np.ndarray | torch.Tensor, d
     parts, masks = [], []
     for s in range(0, len(z), batch_size):
         dec = model.decode(z[s:s + batch_size].to(device), with_edges=False)
-        logits = dec.exist_logits.float()
-        mask = logits > 0
-        mask[torch.arange(len(logits)), logits.argmax(dim=1)] = True
-        parts.append((normaliser.inverse_particles(dec.particles.float()) * mask[..., None]).cpu())
+        p, mask = decoded_jets(dec.particles, dec.exist_logits, normaliser)
+        parts.append(p.cpu())
         masks.append(mask.cpu())
     model.train(was_training)
     return torch.cat(parts).numpy(), torch.cat(masks).numpy()
 
 
+def decoded_jets(particles: torch.Tensor, exist_logits: torch.Tensor, normaliser: FeatureNormaliser
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The jets of a decoder's output, normalised particles (N, P, 3) and existence logits (N, P): physical
+    particles (padding zeroed) and mask, a slot existing where its logit is positive (the most likely slot
+    at least, so no jet is empty)."""
+    logits = exist_logits.float()
+    mask = logits > 0
+    mask[torch.arange(len(logits)), logits.argmax(dim=1)] = True
+    return normaliser.inverse_particles(particles.float()) * mask[..., None], mask
+
+
 def _log_joint(x: torch.Tensor, x2: torch.Tensor, weights: torch.Tensor, means: torch.Tensor,
                variances: torch.Tensor) -> torch.Tensor:
-    """log w_k + log N(x | μ_k, diag σ²_k) for every point and component: (N, K), from x (N, Z) and x²."""
+    """log w_k + log N(x | μ_k, diag σ²_k) for every point and component: (..., N, K), from x (..., N, Z)
+    and x², weights (..., K), means and variances (..., K, Z); ``...``: mixtures fitted side by side."""
     # Σ_z (x − μ)²/σ² expanded into matrix products: no (N, K, Z) temporary.
-    prec = 1.0 / variances  # (K, Z)
-    quad = x2 @ prec.T - 2.0 * x @ (means * prec).T + (means**2 * prec).sum(dim=1)[None]
-    log_norm = -0.5 * torch.log(2 * math.pi * variances).sum(dim=1)
-    return torch.log(weights)[None] + log_norm[None] - 0.5 * quad.clamp(min=0.0)
+    prec = 1.0 / variances  # (..., K, Z)
+    quad = (x2 @ prec.transpose(-1, -2) - 2.0 * x @ (means * prec).transpose(-1, -2)
+            + (means**2 * prec).sum(dim=-1)[..., None, :])
+    log_norm = -0.5 * torch.log(2 * math.pi * variances).sum(dim=-1)
+    return (torch.log(weights) + log_norm)[..., None, :] - 0.5 * quad.clamp(min=0.0)
+
+
+def _kmeans_pp(x: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k seeded k-means++ centres of x (N, Z): far points are more likely centres."""
+    rng = np.random.default_rng(seed)
+    centres = [x[rng.integers(len(x))]]
+    d2 = ((x - centres[0]) ** 2).sum(axis=1)
+    for _ in range(1, k):
+        total = d2.sum()
+        centres.append(x[rng.choice(len(x), p=d2 / total)] if total > 0 else x[rng.integers(len(x))])
+        d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(axis=1))
+    return np.array(centres)
 
 
 @dataclass
@@ -111,37 +135,45 @@ class GaussianMixture:
         run in float64 on ``device`` (None: the CPU): a few dozen small matrix products per step, so
         on a GPU a fit of 20 components to 5,000 codes takes milliseconds.
         """
-        x = np.asarray(x, dtype=np.float64)
-        if x.ndim != 2 or len(x) < 1:
-            raise ValueError(f"need codes of shape (N, Z) with N ≥ 1, got {x.shape}")
-        rng = np.random.default_rng(seed)
-        k = int(min(components, len(x)))
-        centres = [x[rng.integers(len(x))]]
-        d2 = ((x - centres[0]) ** 2).sum(axis=1)
-        for _ in range(1, k):  # k-means++: far points are more likely centres
-            total = d2.sum()
-            centres.append(x[rng.choice(len(x), p=d2 / total)] if total > 0 else x[rng.integers(len(x))])
-            d2 = np.minimum(d2, ((x - centres[-1]) ** 2).sum(axis=1))
+        return cls.fit_many([x], components, [seed], iterations, tol, min_variance, device)[0]
+
+    @classmethod
+    def fit_many(cls, xs: Sequence[np.ndarray], components: int = 20, seeds: Sequence[int] = (0,),
+                 iterations: int = 200, tol: float = 1e-6, min_variance: float = 1e-6,
+                 device: torch.device | str | None = None) -> list[GaussianMixture]:
+        """:meth:`fit` of each set of codes of ``xs`` (all (N, Z), one N) with its seed of ``seeds``, as one
+        batched EM: each iteration is a few batched matrix products for all the sets, and a set whose
+        log-likelihood has settled keeps its mixture while the others go on, so each gets the mixture
+        its own fit would."""
+        x = np.stack([np.asarray(a, dtype=np.float64) for a in xs]) if len(xs) else np.zeros((0, 0, 0))
+        if x.ndim != 3 or x.shape[1] < 1:
+            raise ValueError(f"need codes of shape (N, Z) with N ≥ 1, got {x.shape[1:]}")
+        k = int(min(components, x.shape[1]))
         dev = torch.device(device) if device is not None else torch.device("cpu")
-        xt = torch.from_numpy(x).to(dev)
+        xt = torch.from_numpy(x).to(dev)  # (M, N, Z)
         x2 = xt**2
-        weights = torch.full((k,), 1.0 / k, dtype=torch.float64, device=dev)
-        means = torch.from_numpy(np.array(centres)).to(dev)
-        variances = xt.var(dim=0, unbiased=False).clamp(min=min_variance).expand(k, -1).clone()
-        previous = -math.inf
+        weights = torch.full((len(x), k), 1.0 / k, dtype=torch.float64, device=dev)
+        means = torch.from_numpy(np.stack([_kmeans_pp(a, k, seed) for a, seed in zip(x, seeds)])).to(dev)
+        variances = xt.var(dim=1, unbiased=False).clamp(min=min_variance)[:, None].expand(-1, k, -1).clone()
+        previous = torch.full((len(x),), -math.inf, dtype=torch.float64, device=dev)
+        going = torch.ones(len(x), dtype=torch.bool, device=dev)
         for _ in range(iterations):
-            log_r = _log_joint(xt, x2, weights, means, variances)  # (N, K)
-            norm = torch.logsumexp(log_r, dim=1, keepdim=True)
+            log_r = _log_joint(xt, x2, weights, means, variances)  # (M, N, K)
+            norm = torch.logsumexp(log_r, dim=2, keepdim=True)
             resp = torch.exp(log_r - norm)
-            nk = resp.sum(dim=0) + 1e-12
-            weights = nk / nk.sum()
-            means = (resp.T @ xt) / nk[:, None]
-            variances = ((resp.T @ x2) / nk[:, None] - means**2).clamp(min=min_variance)
-            ll = float(norm.mean())
-            if ll - previous < tol:
-                break
+            nk = resp.sum(dim=1) + 1e-12  # (M, K)
+            on = going[:, None]
+            weights = torch.where(on, nk / nk.sum(dim=1, keepdim=True), weights)
+            new_means = (resp.transpose(1, 2) @ xt) / nk[..., None]
+            new_vars = ((resp.transpose(1, 2) @ x2) / nk[..., None] - new_means**2).clamp(min=min_variance)
+            means = torch.where(on[..., None], new_means, means)
+            variances = torch.where(on[..., None], new_vars, variances)
+            ll = norm[..., 0].mean(dim=1)
+            going = going & (ll - previous >= tol)
             previous = ll
-        return cls(*(t.cpu().numpy() for t in (weights, means, variances)))
+            if not bool(going.any()):
+                break
+        return [cls(*(t.cpu().numpy() for t in parts)) for parts in zip(weights, means, variances)]
 
     def log_prob(self, x: np.ndarray) -> np.ndarray:
         """log density of each point (N,)."""

@@ -169,3 +169,16 @@ def test_prior_fit_then_sample_fitted_and_posterior(run, tmp_path, capsys):
     assert fa.shape == (40, 30, 4) and np.isfinite(fa).all()
     np.testing.assert_array_equal(fa, np.load(flow_b)["particle_features"])
     assert not np.array_equal(fa, np.load(tmp_path / "fitted_a.npz")["particle_features"])
+
+
+def test_mixtures_fitted_side_by_side_are_each_ones_own_fit():
+    """fit_many: one batched EM for several sets of codes (each its own seed, settling after its own number
+    of iterations) gives each set the mixture fit gives it alone."""
+    rng = np.random.default_rng(4)
+    sets = [rng.normal(size=(300, 3)) * (1 + i) + i for i in range(3)] + [two_blobs(300, 5)]
+    seeds = [3, 4, 5, 6]
+    together = latent.GaussianMixture.fit_many(sets, components=5, seeds=seeds, iterations=100, tol=1e-4)
+    for x, seed, mixture in zip(sets, seeds, together):
+        alone = latent.GaussianMixture.fit(x, components=5, seed=seed, iterations=100, tol=1e-4)
+        for field in ("weights", "means", "variances"):
+            np.testing.assert_allclose(getattr(mixture, field), getattr(alone, field), rtol=1e-12, atol=1e-12)

@@ -4,6 +4,7 @@ boundaries, and a member's checkpoint is an ordinary one."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -158,3 +159,24 @@ def test_a_config_of_another_shape_is_refused_in_one_line(jets):
     pop.add(config(seed=9))
     with pytest.raises(ConfigError, match="all 2 slots are taken"):
         pop.add(config(seed=10))
+
+
+def test_members_generation_scores_are_each_ones_scored_alone(jets):
+    """The scores computed for all members together (vmapped encoding and decoding, mixtures fitted side
+    by side, one EFP call) equal GenerationScorer.score of each member's model alone: fitted and standard
+    priors, and a member with a larger reference of training jets."""
+    from hvae_ray.engine.trainer import generation_scorer
+    from hvae_ray.evaluation.scorer import GENERATION_KEYS
+
+    members = [*MEMBERS, {"seed": 4, "generation_prior": "standard"}, {"seed": 5, "generation_jets": 200}]
+    pop = population(jets, members)
+    reports = pop.train_epoch()  # epoch 0: every member is scored
+    assert [r.slot for r in reports] == [0, 1, 2, 3, 4]
+    for rep, m in zip(reports, members):
+        cfg = config(**m)
+        train = pop.splits.sample.subset(pop.splits.train[: cfg.generation_jets])
+        alone = generation_scorer(cfg, pop.splits, pop.device).score(pop.load_member(rep.slot).eval(), pop.normaliser,
+                                                                    cfg, train, pop.precision.autocast())
+        for key in GENERATION_KEYS:
+            assert np.isfinite(alone[key]), (rep.slot, key)
+            assert rep.metrics[key] == pytest.approx(alone[key], rel=1e-5), (rep.slot, key)

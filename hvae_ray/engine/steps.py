@@ -343,18 +343,63 @@ class PopulationStep:
             terms = dense_reconstruction_terms(o.decoded, batch, self.node_stats, self.shape.particle_loss)
             return terms, kl_divergence(o.mu, o.logvar)
 
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with self._eval():
             for s in range(0, parts.shape[0], size):
                 batch = self.featurize(parts[s : s + size], mask[s : s + size])
                 with self._attention(), self.precision.autocast():
                     terms, kl = vmap(member, in_dims=(0, None))(params, batch)
                 for slot in slots:
                     out[slot].append((batch.num_graphs, {c: t[slot] for c, t in terms.items()}, kl[slot]))
+        return out
+
+    @torch.no_grad()
+    def encode(self, jets: tuple[torch.Tensor, torch.Tensor], size: int) -> torch.Tensor:
+        """Every slot's posterior means (K, N, Z) of ``jets`` (N of them) in batches of ``size``, as
+        :func:`~hvae_ray.latent.encode` computes them for one model (eval mode, averaged weights, the config's
+        autocast): each batch featurised once, the encoders in one ``vmap``."""
+        from torch.func import functional_call, vmap
+
+        params = _prefixed(self.average, "encoder.")
+        parts, mask = jets
+        means = []
+        with self._eval():
+            for s in range(0, parts.shape[0], size):
+                batch = self.featurize(parts[s : s + size], mask[s : s + size])
+                with self._attention(), self.precision.autocast():
+                    mu = vmap(lambda p, b: functional_call(self.model.encoder, p, (b,))[0], in_dims=(0, None))(
+                        params, batch)
+                means.append(mu.float())
+        return torch.cat(means, dim=1)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every slot's decoding of its own codes ``z`` (K, N, Z) in batches of ``size``: normalised particles
+        (K, N, P, 3) and existence logits (K, N, P), float32, as ``HyperVAE.decode(z, with_edges=False)``
+        gives them for one model (eval mode, averaged weights)."""
+        from torch.func import functional_call, vmap
+
+        params = _prefixed(self.average, "decoder.")
+        parts, logits = [], []
+
+        def member(p, codes):
+            dec = functional_call(self.model.decoder, p, (codes, False))
+            return dec.particles.float(), dec.exist_logits.float()
+
+        with self._eval(), self._attention():
+            for s in range(0, z.shape[1], size):
+                x, e = vmap(member)(params, z[:, s : s + size])
+                parts.append(x)
+                logits.append(e)
+        return torch.cat(parts, dim=1), torch.cat(logits, dim=1)
+
+    @contextlib.contextmanager
+    def _eval(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
         finally:
             self.model.train(was_training)
-        return out
 
     def _precision(self):
         """The config's autocast when ``mixed``; else none (fp32)."""
@@ -420,3 +465,6 @@ class PopulationStep:
         self._graph = graph
 
 
+def _prefixed(params: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The entries of ``params`` under ``prefix``, named without it: a submodule's parameters."""
+    return {n[len(prefix):]: t for n, t in params.items() if n.startswith(prefix)}

@@ -9,6 +9,7 @@ member of a population share one scorer per split.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -39,10 +40,15 @@ def generate(model, normaliser: FeatureNormaliser, n_jets: int, seed: int = 0,
     from hvae_ray.latent import decode
 
     model = getattr(model, "module", model)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.cat([torch.randn(min(batch_size, n_jets - s), model.cfg.latent_dim, generator=gen)
-                   for s in range(0, n_jets, batch_size)])  # the same draws as batch by batch
+    z = standard_codes(n_jets, model.cfg.latent_dim, seed, batch_size)
     return decode(model, normaliser, z, device=device, batch_size=batch_size)
+
+
+def standard_codes(n_jets: int, latent_dim: int, seed: int = 0, batch_size: int = 512) -> torch.Tensor:
+    """n_jets seeded N(0, 1) codes (n_jets, latent_dim), drawn ``batch_size`` at a time."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.cat([torch.randn(min(batch_size, n_jets - s), latent_dim, generator=gen)
+                      for s in range(0, n_jets, batch_size)])
 
 
 @dataclass(frozen=True)
@@ -90,35 +96,75 @@ class GenerationScorer:
         ``train`` at this epoch (a cheap stand-in for the 100-component mixture ``prior fit`` fits after
         training; N(0, 1) samples rank models poorly when the KL weight is small), or ``standard``, N(0, 1).
         (None, None) if the posterior means are not finite. ``model`` is a dense :class:`HyperVAE`."""
-        from hvae_ray.latent import GaussianMixture, decode, encode
+        from hvae_ray.latent import decode, encode
+
+        mu = None
+        if cfg.generation_prior == "fitted":
+            with autocast or nullcontext():
+                mu, _ = encode(model, normaliser, cfg, *self.encoded(train), self.device, self.batch)
+        z = self.codes([mu], [cfg], getattr(model, "module", model).cfg.latent_dim)[0]
+        if z is None:
+            return None, None
+        return decode(model, normaliser, z, self.device, self.batch if mu is not None else 512)
+
+    def encoded(self, train: JetSample) -> tuple[np.ndarray, np.ndarray]:
+        """The training jets whose posterior means a fitted prior is fitted to: (particles, mask)."""
+        n = len(self.reference_jets)
+        return train.particles[:n], train.mask[:n]
+
+    def codes(self, mus: Sequence[np.ndarray | None], cfgs: Sequence[Config], latent_dim: int
+              ) -> list[np.ndarray | None]:
+        """The codes each model decodes (see :meth:`generated`), from its posterior means (None for a
+        ``standard`` prior) and config: the ``fitted`` ones' mixtures fitted side by side; None where the
+        means are not finite."""
+        from hvae_ray.latent import GaussianMixture
 
         n = len(self.reference_jets)
-        if cfg.generation_prior != "fitted":
-            return generate(model, normaliser, n, seed=cfg.seed, device=self.device)
-        with autocast or nullcontext():
-            mu, _ = encode(model, normaliser, cfg, train.particles[:n], train.mask[:n], self.device, self.batch)
-        if not np.isfinite(mu).all():
-            return None, None
-        gmm = GaussianMixture.fit(mu, components=20, seed=cfg.seed, iterations=100, tol=1e-4, device=self.device)
-        return decode(model, normaliser, gmm.sample(n, seed=cfg.seed), self.device, self.batch)
+        out: list[np.ndarray | None] = [None] * len(cfgs)
+        fitted = [i for i, c in enumerate(cfgs) if c.generation_prior == "fitted" and np.isfinite(mus[i]).all()]
+        mixtures = GaussianMixture.fit_many([mus[i] for i in fitted], components=20,
+                                            seeds=[cfgs[i].seed for i in fitted], iterations=100, tol=1e-4,
+                                            device=self.device) if fitted else []
+        for i, gmm in zip(fitted, mixtures):
+            out[i] = gmm.sample(n, seed=cfgs[i].seed)
+        for i, c in enumerate(cfgs):
+            if c.generation_prior != "fitted":
+                out[i] = standard_codes(n, latent_dim, c.seed)
+        return out
 
     def score(self, model, normaliser: FeatureNormaliser, cfg: Config, train: JetSample,
               autocast: AbstractContextManager | None = None) -> dict[str, float]:
         """The generation metrics of ``model`` (see the class)."""
+        return self.compare([self.generated(model, normaliser, cfg, train, autocast)], [cfg.seed])[0]
+
+    def compare(self, generated: Sequence[tuple[np.ndarray | None, np.ndarray | None]], seeds: Sequence[int]
+                ) -> list[dict[str, float]]:
+        """The generation metrics of each set of generated jets (particles, mask), as many as the reference,
+        with its FPD seed of ``seeds``; a set that is None or not finite scores inf. The EFPs of all the
+        sets are computed in one call."""
         ref = self.reference()
         n = len(ref.mass)
-        gen_p, gen_m = self.generated(model, normaliser, cfg, train, autocast)
-        if gen_p is None or not np.isfinite(gen_p).all():
-            return {k: math.inf for k in GENERATION_KEYS}
+        good = [i for i, (p, _) in enumerate(generated) if p is not None and np.isfinite(p).all()]
+        out: list[dict[str, float]] = [{k: math.inf for k in GENERATION_KEYS} for _ in generated]
+        if not good:
+            return out
+        all_efps = self._efps(np.concatenate([generated[i][0] for i in good]),
+                              np.concatenate([generated[i][1] for i in good]))
+        for j, i in enumerate(good):
+            out[i] = self._metrics(*generated[i], all_efps[j * n:(j + 1) * n], seeds[i])
+        return out
+
+    def _metrics(self, gen_p: np.ndarray, gen_m: np.ndarray, gen_efps: np.ndarray, seed: int) -> dict[str, float]:
+        ref = self.reference()
+        n = len(ref.mass)
         gen_mass = torch.as_tensor(jet_mass(gen_p, gen_m), device=self.device)
         gen_parts = torch.as_tensor(gen_p[gen_m], device=self.device)
         out = {"val_w1m": wasserstein_1d(ref.mass, gen_mass),
                "val_w1p": float(np.mean([wasserstein_1d(ref.particles[:, f], gen_parts[:, f])
                                          for f in range(gen_p.shape[-1])]))}
-        gen_efps = self._efps(gen_p, gen_m)
         if np.isfinite(gen_efps).all() and n >= 4:
             out["val_fpd"] = float(fpd(ref.efps, gen_efps, min_samples=max(2, n // 2), max_samples=n,
-                                       num_batches=4, num_points=4, seed=cfg.seed)[0])
+                                       num_batches=4, num_points=4, seed=seed)[0])
         else:
             out["val_fpd"] = math.inf
         out["val_generation"] = float(np.mean([out[k] / t for k, t in GENERATION_TARGETS.items()]))
