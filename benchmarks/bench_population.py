@@ -36,7 +36,6 @@ def cases(a) -> tuple[list, list]:
     the seed setting (batch 8 × 4) and batch 32 × 1, plus one model at 16 × 8 = 128 jets a step."""
     ks = [int(k) for k in a.seed_ks.split(",")]
     pops = [("seed", 8, 4, k) for k in ks] + [("b32", 32, 1, int(k)) for k in a.b32_ks.split(",")]
-    pops += [("seed bf16", 8, 4, int(k)) for k in a.bf16_ks.split(",") if k]
     procs = [("seed", 8, 4, int(p)) for p in a.procs.split(",")] + [("one model, batch 128", 128, 4, 1)]
     return pops, procs
 
@@ -78,15 +77,13 @@ def trial_child(batch: int, accum: int, jets: int, seconds: float, data: str | N
             "step_mode": tr.step_mode, "n_train": tr.n_train}
 
 
-def population_child(batch: int, accum: int, k: int, jets: int, seconds: float, data: str | None,
-                     mixed: bool = False) -> dict:
-    """K members in one process (engine.Population), in fp32 or (``mixed``) under the config's bf16 autocast."""
+def population_child(batch: int, accum: int, k: int, jets: int, seconds: float, data: str | None) -> dict:
+    """K members in one process (engine.Population, fp32)."""
     dev = torch.device("cuda")
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(1)
     cfgs = _configs(k, batch, accum, "cuda")
-    pop = engine.Population(cfgs[0], engine.prepare(cfgs[0], harness.load_sample(data, jets), device=dev), k, dev,
-                            mixed=mixed)
+    pop = engine.Population(cfgs[0], engine.prepare(cfgs[0], harness.load_sample(data, jets), device=dev), k, dev)
     for cfg in cfgs:
         pop.add(cfg)
     torch.cuda.reset_peak_memory_stats()
@@ -119,11 +116,11 @@ def gpu(a) -> dict:
         rows.append(row)
     for label, batch, accum, k in populations:
         r = harness.Child(population_child, {"batch": batch, "accum": accum, "k": k, "jets": a.jets,
-                                             "seconds": a.seconds, "data": a.data, "mixed": "bf16" in label},
+                                             "seconds": a.seconds, "data": a.data},
                           timeout=300).result()
         harness.say(f"population {label} K={k}: {r.get('jets_per_s', r.get('error'))}")
         results.setdefault("populations", []).append({"label": label, "k": k, **r})
-        rows.append({"case": "population" + (" (bf16)" if "bf16" in label else ""), "setting": f"{batch} × {accum}",
+        rows.append({"case": "population", "setting": f"{batch} × {accum}",
                      "members": k,
                      "jets_per_s": r.get("jets_per_s"), "peak_allocated_mib": r.get("peak_allocated_mib"),
                      "process_mib": r.get("process_mib")})
@@ -248,7 +245,7 @@ def phases(a) -> dict:
 
 if __name__ == "__main__":
     p = harness.parser(__doc__, "data", "out", jets=4000, seconds=15.0, repeats=3, seed_ks="1,16,24,32,48",
-                       b32_ks="1,16,64", procs="1,4", bf16_ks="16,32", phase_ks="1,16", epochs=6, device="cuda")
+                       b32_ks="1,16,64", procs="1,4", phase_ks="1,16", epochs=6, device="cuda")
     p.add_argument("part", choices=("gpu", "cpu", "phases"))
     args = p.parse_args()
     {"gpu": gpu, "cpu": cpu, "phases": phases}[args.part](args)

@@ -120,11 +120,13 @@ class Population:
     returns the slot; ``remove(slot)`` frees it; ``train_epoch()`` trains every active member one epoch
     (each at its own epoch and KL weight), validates and scores it, and returns a
     :class:`MemberReport` per member; ``state(slot, epoch)`` is a member's checkpoint. The step trains in
-    fp32 unless ``mixed``: then under the config's autocast (bf16 on CUDA).
+    fp32: under bf16 autocast on CUDA the backward of ``vmap``'s batched attention fails (the math kernel
+    mixes bf16 inputs with fp32 gradients; the fused kernels have no batching rule that runs), so it is
+    not offered.
     """
 
     def __init__(self, shape: Config, splits: Splits, slots: int, device: torch.device | str | None = None,
-                 cuda_graphs: bool | None = None, mixed: bool = False):
+                 cuda_graphs: bool | None = None):
         if shape.engine != "dense":
             raise ConfigError("population: members train on the dense engine only (engine: pyg given)")
         if slots < 1:
@@ -145,7 +147,7 @@ class Population:
         self.node_stats = node_stats(self.normaliser, self.device)
         self.step = PopulationStep(shape, self.model, slots, self.featurize,
                                    device_jets(splits.sample, splits.train, self.device), self.node_stats,
-                                   self.precision, self.graphed, mixed)
+                                   self.precision, self.graphed)
         self._scorers: dict[int, GenerationScorer] = {}
 
     # ---------------------------------------------------------------------------------------------

@@ -238,13 +238,11 @@ class PopulationStep:
     """
 
     def __init__(self, shape: Config, model: torch.nn.Module, slots: int, featurize: DenseFeaturizer,
-                 jets: tuple[torch.Tensor, torch.Tensor], node_stats, precision: Precision, graphed: bool,
-                 mixed: bool = False):
+                 jets: tuple[torch.Tensor, torch.Tensor], node_stats, precision: Precision, graphed: bool):
         from torch.func import vmap
 
         self.shape, self.model, self.featurize, self.jets = shape, model, featurize, jets
         self.node_stats, self.precision, self.graphed = node_stats, precision, graphed
-        self.mixed = mixed  # the loss under the config's autocast (bf16); else fp32
         dev, k = jets[0].device, slots
         self.params = {n: torch.zeros(k, *p.shape, device=dev) for n, p in model.named_parameters()}
         self.exp_avg = {n: torch.zeros_like(p) for n, p in self.params.items()}
@@ -313,7 +311,7 @@ class PopulationStep:
             batch = self.featurize(parts[flat], mask[flat], valid[:, a].reshape(-1).float())  # (K·B, ...)
             fields = [t.view(k, b, *t.shape[1:]) for t in (batch.x, batch.mask, batch.edges, batch.pair_mask,
                                                            batch.hyperedges, batch.incidence, batch.weight)]
-            with self._attention(), torch.enable_grad(), self._precision():
+            with self._attention(), torch.enable_grad():
                 leaves = {n: p.detach().requires_grad_() for n, p in self.params.items()}
                 loss, row = self._losses(leaves, *fields, eps[:, a], self.beta, self.free_bits, self.weights)
                 # Members share no op, so the gradient of the sum is each member's gradient of its own loss
@@ -400,10 +398,6 @@ class PopulationStep:
             yield
         finally:
             self.model.train(was_training)
-
-    def _precision(self):
-        """The config's autocast when ``mixed``; else none (fp32)."""
-        return self.precision.autocast() if self.mixed else contextlib.nullcontext()
 
     def _attention(self):
         """The math kernel of scaled-dot-product attention: plain batched matrix products, which ``vmap``
