@@ -140,6 +140,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                           log_dir=a.log_dir, overwrite=a.force, **sizes)
     if a.json:
         print(json.dumps(result, indent=2))
+        _say_where_plots_went(a)
         return 0
     r, same_n = result, result["n_per_side"] > 0
     print(f"{'metric':<14}{'generated':>22}{'real-vs-real floor':>24}" + (f"{'ratio':>9}" if same_n else ""))
@@ -163,7 +164,19 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     if r["small_sample"]:
         print("note: fewer jets than the largest subsample (jetnet recommends 50,000): every value and "
               "floor carries the sets' finite-sample effect; compare a value with its floor")
+    _say_where_plots_went(a)
     return 0
+
+
+def _say_where_plots_went(a: argparse.Namespace) -> None:
+    """evaluate's figures: where they were written (stderr, so that --json stays one document)."""
+    from hvae_ray.evaluation.plots import FIGURE_KEYS
+
+    if a.plots is not None:
+        print(f"plots: {len(FIGURE_KEYS)} real-vs-generated figures in {a.plots}", file=sys.stderr)
+    if a.log_dir is not None:
+        print(f"plots: in TensorBoard under {a.log_dir} (tensorboard --logdir {a.log_dir}, group Evaluate)",
+              file=sys.stderr)
 
 
 def _sweep_console(a: argparse.Namespace) -> None:
