@@ -5,6 +5,8 @@ bound   each --variant NAME:KEY=VALUE,... (over --set) trains in its own process
         evaluated (KPD on one batch). Writes OUT/fidelity_bound.json. HELDOUT's seed must differ from TRAIN's.
 priors  one checkpoint sampled from fitted flows and mixtures (KIND[COMPONENTS]:TEMPERATURE), N(0, 1) and q(z|x),
         evaluated in parallel at jetnet's default sizes. Writes OUT/prior_compare.json.
+seeds   one recipe trained with several seeds as one population for at most --minutes; each seed's best/
+        gets a fitted 100-Gaussian prior. Writes OUT/seedS/{last,best} and OUT/seeds.json.
 
   python benchmarks/fidelity.py bound --train Q.parquet --heldout H.parquet --minutes 5 --out OUT \
       --variant slot: --variant sinkhorn+jet:particle_loss=sinkhorn,loss_weights.jet_features=1
@@ -88,6 +90,38 @@ def priors(a, out: Path) -> tuple[dict, list[dict]]:
             [{"codes": k, **m} for k, m in metrics.items()])
 
 
+def seeds(a, out: Path) -> tuple[dict, list[dict]]:
+    """--config (over --set) with each seed of --seeds, trained as one population (PopulationRuns: every
+    seed its own run folder OUT/seedS with last/ and best/) for at most --minutes on TRAIN; then each
+    seed's best/ gets the 100-Gaussian prior (``prior fit``). Sampling and evaluation against held-out jets
+    follow with the CLI (the README's fidelity section)."""
+    from hvae_ray.engine import PopulationRuns
+
+    sets = harness.parse_sets(a.set)
+    cfgs = [load_config(a.config, {**sets, "seed": int(s), "data.split_seed": a.split_seed})
+            for s in a.seeds.split(",")]
+    sample, t0 = load_jets(a.train), time.time()
+    runs = PopulationRuns(cfgs[0], sample, len(cfgs), a.device)
+    for cfg in cfgs:
+        runs.join(cfg, out / f"seed{cfg.seed}", out / "tb" / f"seed{cfg.seed}")
+    going, end, epochs = set(range(len(cfgs))), time.monotonic() + 60 * a.minutes, 0
+    while going and time.monotonic() < end:
+        for ep in runs.train_epoch(sorted(going)):
+            if ep.done:
+                going.discard(ep.slot)
+        epochs += 1
+        if epochs % 10 == 0:
+            harness.say(f"epoch {epochs}, {time.time() - t0:.0f} s")
+    summaries = [runs.leave(slot) for slot in range(len(cfgs))]
+    t_train = time.time() - t0
+    for cfg in cfgs:
+        api.fit_prior(out / f"seed{cfg.seed}" / "best", a.train, components=100, device=a.device)
+    harness.say(f"trained {epochs} epochs in {t_train:.0f} s; priors fitted")
+    return ({"config": a.config, "sets": sets, "seeds": a.seeds, "epochs": epochs, "train_s": t_train,
+             "total_s": time.time() - t0, "members": summaries},
+            [{"seed": c.seed, **{k: v for k, v in m.items() if k != "save_dir"}} for c, m in zip(cfgs, summaries)])
+
+
 def main() -> None:
     p = harness.parser(__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -100,6 +134,10 @@ def main() -> None:
                    priors=("flow:1,flow:0.9,flow:0.8,gmm20:1,gmm20:0.9,gmm100:1",
                            "KIND[COMPONENTS]:TEMPERATURE,... (kinds flow, gmm)"), device="auto",
                    out="prior_compare").set_defaults(run=priors, report="prior_compare.json", cols=["codes"])
+    harness.parser(sub.add_parser("seeds", help="one recipe, several seeds as one population"), train=...,
+                   config=..., set=([], "overrides (KEY=VALUE)"), seeds="1,2,3", split_seed=0,
+                   minutes=(5.0, "training time at most"), device="auto",
+                   out=...).set_defaults(run=seeds, report="seeds.json", cols=["seed", "epochs_run", "best_epoch"])
     a = p.parse_args()
     (out := Path(a.out)).mkdir(parents=True, exist_ok=True)
     report, rows = a.run(a, out)
