@@ -48,7 +48,8 @@ def train(config: Config | str | Path | None = None, data_path: str | Path | Non
           save_dir: str | Path = "runs/train", log_dir: str | Path | None = None, resume: bool = False,
           save_test_indices: bool = False, overrides: dict[str, Any] | None = None,
           progress: bool = True, callbacks=()) -> dict[str, Any]:
-    """Train a HyperVAE from a config (object, YAML path or None for defaults) on a data file.
+    """Train a HyperVAE from a config (object, YAML path or None for defaults) on a data file: ``data_path``,
+    else the config's ``data.path``, else the default generated sample.
 
     Checkpoints go to ``save_dir/{last,best}``, TensorBoard files to ``log_dir`` (default
     ``save_dir/tb``). Refuses to start over an existing run in ``save_dir`` unless ``resume``.
@@ -76,7 +77,7 @@ def train(config: Config | str | Path | None = None, data_path: str | Path | Non
     # One run per save folder: a second run on it (or one resuming it) is refused while this one lives.
     with hold(save_dir, "save folder"):
         previous_run()  # a run that took the folder while this one started
-        sample = load_jets(resolve_data(data_path, progress))
+        sample = load_jets(resolve_data(data_path if data_path is not None else (cfg.data.path or None), progress))
         log_dir = Path(log_dir) if log_dir is not None else save_dir / "tb"
         return fit(cfg, sample, save_dir=save_dir, log_dir=log_dir, resume=resume, progress=progress,
                    save_test_indices=save_test_indices, callbacks=callbacks)

@@ -41,6 +41,9 @@ class DataConfig:
     knn: int = 3
     max_jets: int = 0
     split_seed: int = -1
+    # The jets file ``train`` reads when none is passed (``--data-path``); "" then means the default
+    # generated sample. ``trials --best`` writes the sweep's file here.
+    path: str = ""
 
 
 @dataclass

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pytest
+import yaml
 import torch
 
 from hvae_ray.cli import main
@@ -600,3 +601,14 @@ def test_evaluate_sizes_beyond_memory_are_refused_with_the_estimate(flag, data_f
         argv += ["--fpd-min-samples", "2"]
     line = one_line_error(capsys, main(argv))
     assert flag in line and "16 TB of memory" in line, line
+
+
+def test_train_reads_the_configs_data_path_when_no_data_path_is_given(tmp_path, capsys):
+    """`data.path` in a config (as `trials --best` writes it) is the file `train` reads, not the default
+    sample: a missing one is named in one line, exit 2, before anything trains."""
+    cfg = tmp_path / "best.yaml"
+    missing = tmp_path / "sweep_jets.parquet"
+    cfg.write_text(yaml.safe_dump({"epochs": 1, "device": "cpu", "data": {"path": str(missing)}}))
+    line = one_line_error(capsys, main(["train", "--config", str(cfg), "--save-dir", str(tmp_path / "run")]))
+    assert str(missing) in line, line
+    assert not (tmp_path / "run" / "last").exists()

@@ -274,9 +274,10 @@ def best_config_yaml(table: pa.Table, experiment_dir: str | Path, metric: str | 
     state = read_sweep_state(Path(experiment_dir).resolve())
     spec = state.spec
     params = json.loads(TrialPaths(Path(best["trial_dir"])).params.read_text())
-    cfg = spec.trial_config(params)
+    cfg = spec.trial_config(params).with_overrides({"data.path": str(state.data_path)})
     header = (f"# best trial {best['trial_id']} of {Path(experiment_dir).name}: "
-              f"{column} = {best[column]:.6g} after {best['epochs']} epochs\n")
+              f"{column} = {best[column]:.6g} after {best['epochs']} epochs\n"
+              f"# data.path: the jets the sweep trained on; `train --config` reads them unless --data-path is given\n")
     return header + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 

@@ -299,6 +299,10 @@ def test_cli_best_config_is_the_best_trials(asha8):
     for key in SEARCHED:
         assert cfg.flat()[key] == best[f"param.{key}"]
     assert cfg.model.hidden_dim == 16 and cfg.epochs == MAX_T
+    from hvae_ray.data.generate import default_sample
+
+    # the YAML carries the sweep's jets (here its generated sample), which `train --config` then reads
+    assert Path(cfg.data.path).samefile(default_sample("q", 60, 0))  # conftest's TINY_DATA
 
 
 def test_cli_sort_and_top(asha8, capsys):

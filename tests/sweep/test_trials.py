@@ -15,7 +15,7 @@ from hvae_ray.cli import main as cli_main
 from hvae_ray.config import from_dict
 from hvae_ray.errors import ConfigError, DataError
 from hvae_ray.sweep import trials
-from hvae_ray.sweep.layout import SWEEP_FILE
+from hvae_ray.sweep.layout import SWEEP_FILE, read_sweep_state
 from hvae_ray.sweep.spec import from_raw
 from hvae_ray.sweep.tune import _prepare
 
@@ -222,6 +222,7 @@ def test_best_config(exp, with_tune_state):
     cfg = from_dict(yaml.safe_load(text), "best")
     assert cfg.kl_max_weight == 1e-4 and cfg.batch_size == 16
     assert cfg.model.hidden_dim == 16 and cfg.epochs == MAX_T
+    assert cfg.data.path == str(read_sweep_state(exp).data_path) != ""  # the sweep's jets, not the default
 
 
 def test_best_config_needs_a_reported_metric(tmp_path):
