@@ -533,14 +533,7 @@ def evaluate_generation(
     out: dict = _sample_sizes(len(xr), len(xg), per_side, num_eval_samples, num_batches, fpd_min_samples,
                               fpd_max_samples, fpd_num_batches, fpd_num_points, kpd_num_batches,
                               kpd_batch_size)
-    a, b = _real_parts(len(xr), per_side, seed)
-    if per_side is None:
-        real, gen = _JetFeatures.of(xr, mr), _JetFeatures.of(xg, mg)
-        floor = (real.take(a), real.take(b))
-    else:
-        both = _JetFeatures.of(xr[np.concatenate([a, b])], mr[np.concatenate([a, b])])
-        floor = (both.take(np.arange(per_side)), both.take(np.arange(per_side, 2 * per_side)))
-        real, gen = floor[0], _JetFeatures.of(xg[:per_side], mg[:per_side])
+    real, gen, floor = _compared_sets(xr, mr, xg, mg, per_side, seed)
     out.update(_w1_metrics(real, gen, floor, num_eval_samples, num_batches, seed))
     fpd_args = dict(min_samples=fpd_min_samples, max_samples=fpd_max_samples,
                     num_batches=fpd_num_batches, num_points=fpd_num_points, seed=seed)
@@ -570,6 +563,19 @@ class _JetFeatures:
 
     def take(self, index: np.ndarray) -> _JetFeatures:
         return _JetFeatures(*(getattr(self, f.name)[index] for f in dataclasses.fields(self)))
+
+
+def _compared_sets(xr: np.ndarray, mr: np.ndarray, xg: np.ndarray, mg: np.ndarray, per_side: int | None,
+                   seed: int) -> tuple[_JetFeatures, _JetFeatures, tuple[_JetFeatures, _JetFeatures]]:
+    """The real and generated sets a value compares, and the floor's two real sets: all jets and two
+    halves of the real ones, or (``per_side`` = N) N generated, N real and N other real jets."""
+    a, b = _real_parts(len(xr), per_side, seed)
+    if per_side is None:
+        real = _JetFeatures.of(xr, mr)
+        return real, _JetFeatures.of(xg, mg), (real.take(a), real.take(b))
+    both = _JetFeatures.of(xr[np.concatenate([a, b])], mr[np.concatenate([a, b])])
+    floor = (both.take(np.arange(per_side)), both.take(np.arange(per_side, 2 * per_side)))
+    return floor[0], _JetFeatures.of(xg[:per_side], mg[:per_side]), floor
 
 
 def _real_parts(n_real: int, per_side: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
