@@ -284,16 +284,35 @@ class RunLog:
 
     def record(self, trainer, epoch: int, metrics: dict[str, Any]) -> EpochReport:
         """Update ``trainer.best``/``best_epoch`` from ``metrics``, write what is due, return the report."""
+        report, write = self.prepare(trainer, epoch, metrics)
+        write()
+        self.figures(trainer, report)
+        return report
+
+    def prepare(self, trainer, epoch: int, metrics: dict[str, Any]) -> tuple[EpochReport, Callable[[], None]]:
+        """Update ``trainer.best``/``best_epoch`` from ``metrics`` and take the checkpoint's state; returns the
+        report and the writes it needs (``last/``, ``best/`` at a new best, the TensorBoard scalars), which
+        may run in another thread: the report's ``last`` holds its checkpoint once they have run."""
         is_best = metrics[self.key] < trainer.best
         if is_best:
             trainer.best, trainer.best_epoch = metrics[self.key], epoch
         metrics[f"best_{self.key}"] = trainer.best
-        last = save_epoch(trainer.state(epoch), self.save_dir, is_best) if self.save_dir is not None else None
-        if self.logger is not None:
-            self.logger.log_epoch(epoch, metrics)
-            if is_best and epoch - self.last_figures >= max(1, self.cfg.epochs // 10):
-                self._figures(trainer, epoch)
-        return EpochReport(epoch, metrics, last, is_best)
+        state = trainer.state(epoch) if self.save_dir is not None else None
+
+        def write() -> None:
+            if state is not None:
+                save_epoch(state, self.save_dir, is_best)
+            if self.logger is not None:
+                self.logger.log_epoch(epoch, metrics)
+
+        last = self.save_dir / "last" if self.save_dir is not None else None
+        return EpochReport(epoch, metrics, last, is_best), write
+
+    def figures(self, trainer, report: EpochReport) -> None:
+        """Real-vs-generated figures at a new best epoch, at most every tenth of the run."""
+        if self.logger is not None and report.is_best and \
+                report.epoch - self.last_figures >= max(1, self.cfg.epochs // 10):
+            self._figures(trainer, report.epoch)
 
     def close(self, trainer, epoch: int | None) -> None:
         if self.logger is not None and epoch is not None and self.last_figures != epoch:

@@ -9,7 +9,9 @@ member of a population share one scorer per split.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -150,8 +152,17 @@ class GenerationScorer:
             return out
         all_efps = self._efps(np.concatenate([generated[i][0] for i in good]),
                               np.concatenate([generated[i][1] for i in good]))
-        for j, i in enumerate(good):
-            out[i] = self._metrics(*generated[i], all_efps[j * n:(j + 1) * n], seeds[i])
+
+        def metrics(j: int) -> dict[str, float]:
+            i = good[j]
+            return self._metrics(*generated[i], all_efps[j * n:(j + 1) * n], seeds[i])
+
+        if len(good) == 1:
+            out[good[0]] = metrics(0)
+            return out
+        with ThreadPoolExecutor(max_workers=min(len(good), os.cpu_count() or 1)) as pool:  # FPD's LAPACK
+            for i, result in zip(good, pool.map(metrics, range(len(good)))):  # calls run side by side
+                out[i] = result
         return out
 
     def _metrics(self, gen_p: np.ndarray, gen_m: np.ndarray, gen_efps: np.ndarray, seed: int) -> dict[str, float]:
