@@ -188,7 +188,9 @@ def _timing(owner, name: str, into: dict, key: str, dev):
 
 def phases_child(k: int, jets: int, epochs: int, data: str | None, device: str) -> dict:
     """A population of K seed-setting members as the executor trains it; seconds per epoch in each part."""
-    from hvae_ray.engine import PopulationRuns, population as pop_module, trainer as trainer_module
+    from hvae_ray.engine import PopulationRuns
+    from hvae_ray.engine import population as pop_module
+    from hvae_ray.engine import trainer as trainer_module
     from hvae_ray.evaluation import scorer as scorer_module
     from hvae_ray.evaluation.scorer import GenerationScorer
     from hvae_ray.tracking import TensorBoardLogger

@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 
 from hvae_ray.cli import main
 from hvae_ray.data.io import save_parquet

@@ -30,6 +30,21 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random number generators' states a checkpoint keeps: ``rng_cpu``, and ``rng_cuda`` on a GPU."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """Set the generators back to a checkpoint's :func:`rng_state` (the CUDA one where both have a GPU)."""
+    torch.set_rng_state(state["rng_cpu"])
+    if "rng_cuda" in state and device.type == "cuda":
+        torch.cuda.set_rng_state(state["rng_cuda"], device)
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint file or directory safely (``weights_only=True``: no code can run)."""
     path = Path(path)

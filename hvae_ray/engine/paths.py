@@ -12,12 +12,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from hvae_ray.config import COMPONENTS, OBJECTIVE_COMPONENTS, Config
 from hvae_ray.data.dense import DenseFeaturizer
 from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, step_layout, train_loader, validation_batch_size
-from hvae_ray.engine.runtime import Precision, rank_world
+from hvae_ray.engine.runtime import Precision, all_mean, rank_world
 from hvae_ray.engine.steps import STAT_KEYS, DenseStep, loss_weights, update_average
+from hvae_ray.errors import TrainingDiverged
 from hvae_ray.model.losses import (
     dense_reconstruction_terms,
     kl_divergence,
@@ -38,6 +40,22 @@ class EpochSums:
     sums: torch.Tensor
     first_bad: torch.Tensor
     n_batches: int
+
+
+def epoch_means(done: EpochSums, epoch: int, world: int, device: torch.device) -> dict[str, float]:
+    """An epoch's training metrics (means over its batches, and over the ranks of a ``world`` > 1) from its
+    sums; a non-finite loss on any rank raises :class:`TrainingDiverged` on every rank together (or the
+    others would wait in the next collective)."""
+    first_bad = done.first_bad
+    if world > 1:
+        dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
+    if (bad := int(first_bad.item())) >= 0:
+        raise TrainingDiverged(f"epoch {epoch}, batch {bad}: loss is not finite; stopped, the last good "
+                               "checkpoint is kept")
+    totals = dict(zip(STAT_KEYS, done.sums.tolist()))
+    mean = (all_mean(totals, done.n_batches, device) if world > 1
+            else {k: v / max(done.n_batches, 1) for k, v in totals.items()})
+    return {f"train_{c}": mean[c] for c in COMPONENTS} | {"train_kl": mean["kl"], "train_total": mean["total"]}
 
 
 def progress_bar(cfg: Config, epoch: int, total: int, progress: bool):

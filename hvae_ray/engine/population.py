@@ -20,7 +20,6 @@ changes no other member's numbers.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 from collections.abc import Sequence

@@ -27,15 +27,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
-from hvae_ray.config import COMPONENTS, OBJECTIVE_METRICS, Config, warmup_warning
+from hvae_ray.config import OBJECTIVE_METRICS, Config, warmup_warning
 from hvae_ray.data.dense import DenseFeaturizer, FeatureNormaliser, device_jets
 from hvae_ray.data.jets import JetSample
 from hvae_ray.engine.batches import Splits, prepare, validation_batch_size
-from hvae_ray.engine.checkpoint import resume_state, save_epoch, write_run_files
-from hvae_ray.engine.paths import DensePath, EpochSums, PygPath, validation_metrics
-from hvae_ray.engine.runtime import Precision, all_mean, limit_threads, rank_world, resolve_device
+from hvae_ray.engine.checkpoint import restore_rng, resume_state, rng_state, save_epoch, write_run_files
+from hvae_ray.engine.paths import DensePath, PygPath, epoch_means, validation_metrics
+from hvae_ray.engine.runtime import Precision, limit_threads, rank_world, resolve_device
 from hvae_ray.engine.steps import STAT_KEYS, DenseStep, holding, scheduled_lr, set_learning_rate, step_mode
 from hvae_ray.errors import DataError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer, generate
@@ -97,17 +96,7 @@ class Trainer:
         self.cfg, self.splits, self.device, self.normaliser = cfg, splits, device, splits.normaliser
         self.rank, self.world = rank_world()
         self.dense = cfg.engine == "dense"
-        torch.manual_seed(cfg.seed)
-        if self.dense:
-            self.model = HyperVAE(cfg.model).to(device)
-        else:
-            from hvae_ray.model.pyg import PygHyperVAE
-
-            self.model = PygHyperVAE(cfg.model).to(device)
-        self.net = self.model
-        if self.world > 1:
-            ids = [device.index] if device.type == "cuda" else None
-            self.net = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.model, self.net = build_model(cfg, device, self.world)
         self.precision = Precision(cfg, device)
         self.step_mode = step_mode(device, self.world, self.precision, cuda_graphs) if self.dense \
             else "eager: engine pyg"
@@ -118,18 +107,20 @@ class Trainer:
         self.average = [p.detach().clone() for p in self.model.parameters()] if cfg.ema_decay > 0 else None
         self.start_epoch, self.best, self.best_epoch = 0, math.inf, -1
         self.generation: dict[str, float] | None = None  # the last generation metrics (generation_every)
-        stats = node_stats(self.normaliser, device)
-        if self.dense:
-            featurize = DenseFeaturizer(self.normaliser, cfg.data.knn, device)
-            compiled = cfg.compile if compile_model is None else compile_model
-            step = DenseStep(cfg, self.model, self.net, self.opt, self.precision, featurize,
-                             device_jets(splits.sample, splits.train, device), stats, graphed, compiled, self.average)
-            self.path = DensePath(cfg, splits, self.model, step, featurize,
-                                  device_jets(splits.sample, splits.val, device), stats, self.rank, self.world)
-        else:
-            self.path = PygPath(cfg, splits, self.model, self.net, self.opt, self.precision, stats, device,
-                                self.average)
+        self.path = self._data_path(graphed, cfg.compile if compile_model is None else compile_model)
         self.scorer = generation_scorer(cfg, splits, device)
+
+    def _data_path(self, graphed: bool, compiled: bool) -> DensePath | PygPath:
+        """The engine's path through the data: its training step and validation batches."""
+        cfg, splits, device = self.cfg, self.splits, self.device
+        stats = node_stats(self.normaliser, device)
+        if not self.dense:
+            return PygPath(cfg, splits, self.model, self.net, self.opt, self.precision, stats, device, self.average)
+        featurize = DenseFeaturizer(self.normaliser, cfg.data.knn, device)
+        step = DenseStep(cfg, self.model, self.net, self.opt, self.precision, featurize,
+                         device_jets(splits.sample, splits.train, device), stats, graphed, compiled, self.average)
+        return DensePath(cfg, splits, self.model, step, featurize, device_jets(splits.sample, splits.val, device),
+                         stats, self.rank, self.world)
 
     @property
     def n_train(self) -> int:
@@ -148,24 +139,13 @@ class Trainer:
         statistics stay on the device; the host reads them once at the end, where a non-finite loss
         raises :class:`TrainingDiverged`."""
         set_learning_rate(self.opt, scheduled_lr(epoch, self.cfg))
-        return self._finish_epoch(epoch, self.path.train_epoch(epoch, kl_weight(epoch, self.cfg), progress))
+        return epoch_means(self.path.train_epoch(epoch, kl_weight(epoch, self.cfg), progress), epoch, self.world,
+                           self.device)
 
     def averaged(self):
         """A context in which the model holds the weights' moving average (its own weights without one):
         what is validated, scored, sampled and saved as ``model``."""
         return holding(self.model, self.average)
-
-    def _finish_epoch(self, epoch: int, done: EpochSums) -> dict[str, float]:
-        first_bad = done.first_bad
-        if self.world > 1:  # every rank must stop together, or the others wait in the next collective
-            dist.all_reduce(first_bad, op=dist.ReduceOp.MAX)
-        if (bad := int(first_bad.item())) >= 0:
-            raise TrainingDiverged(f"epoch {epoch}, batch {bad}: loss is not finite; stopped, the last good "
-                                   "checkpoint is kept")
-        totals = dict(zip(STAT_KEYS, done.sums.tolist()))
-        mean = (all_mean(totals, done.n_batches, self.device) if self.world > 1
-                else {k: v / max(done.n_batches, 1) for k, v in totals.items()})
-        return {f"train_{c}": mean[c] for c in COMPONENTS} | {"train_kl": mean["kl"], "train_total": mean["total"]}
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         """Validation metrics on the full validation split (eval mode, posterior mean) at the KL weight of
@@ -193,13 +173,11 @@ class Trainer:
                  "scaler": self.precision.scaler.state_dict(), "epoch": epoch, "best": self.best,
                  "best_epoch": self.best_epoch, "generation": self.generation, "config": self.cfg.to_dict(),
                  "normaliser": self.normaliser.state_dict(), "test_indices": torch.from_numpy(self.splits.test),
-                 "rng_cpu": torch.get_rng_state()}
+                 **rng_state(self.device)}
         with self.averaged() as model:
             state["model"] = {k: v.clone() for k, v in model.state_dict().items()}
         if self.average is not None:
             state["train_model"] = self.model.state_dict()
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
@@ -217,11 +195,25 @@ class Trainer:
         self.start_epoch = int(state["epoch"]) + 1
         self.best, self.best_epoch = float(state["best"]), int(state["best_epoch"])
         self.generation = state.get("generation")
-        torch.set_rng_state(state["rng_cpu"])
-        if "rng_cuda" in state and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["rng_cuda"], self.device)
+        restore_rng(state, self.device)
         if self.dense:
             self.path.step.reset()  # the optimiser's state tensors are new: capture again
+
+
+def build_model(cfg: Config, device: torch.device, world: int) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The run's model (dense, or the PyG reference) seeded by ``cfg.seed``, and what trains it: the model
+    itself, or its DDP wrapper across ``world`` processes."""
+    torch.manual_seed(cfg.seed)
+    if cfg.engine == "dense":
+        model = HyperVAE(cfg.model).to(device)
+    else:
+        from hvae_ray.model.pyg import PygHyperVAE
+
+        model = PygHyperVAE(cfg.model).to(device)
+    if world == 1:
+        return model, model
+    ids = [device.index] if device.type == "cuda" else None
+    return model, torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
 
 def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,

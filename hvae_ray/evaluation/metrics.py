@@ -539,10 +539,13 @@ def evaluate_generation(
                     num_batches=fpd_num_batches, num_points=fpd_num_points, seed=seed)
     kpd_args = dict(num_batches=kpd_num_batches, batch_size=kpd_batch_size, seed=seed)
     out.update(_efp_distances(real.efp_d4, gen.efp_d4, (floor[0].efp_d4, floor[1].efp_d4), fpd_args, kpd_args))
-    if per_side is not None:
-        for key in [k[: -len("_floor")] for k in out if k.endswith("_floor") and k != "n_floor"]:
-            out[f"{key}_ratio"] = out[key] / out[f"{key}_floor"] if out[f"{key}_floor"] > 0 else float("inf")
-    return out
+    return out | (_ratios(out) if per_side is not None else {})
+
+
+def _ratios(out: dict) -> dict:
+    """Each metric's value over its floor (``M_ratio``; inf over a zero floor)."""
+    keys = [k[: -len("_floor")] for k in out if k.endswith("_floor") and k != "n_floor"]
+    return {f"{k}_ratio": out[k] / out[f"{k}_floor"] if out[f"{k}_floor"] > 0 else float("inf") for k in keys}
 
 
 @dataclass(frozen=True)
