@@ -392,11 +392,15 @@ class PopulationStep:
 
     @contextlib.contextmanager
     def _eval(self):
-        was_training = self.model.training
+        """Eval mode, without the transformer layers' fused inference kernel, which ``vmap`` cannot batch
+        (it would loop over the members, with a warning): the layers' plain ops batch."""
+        was_training, fast = self.model.training, torch.backends.mha.get_fastpath_enabled()
         self.model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
         try:
             yield
         finally:
+            torch.backends.mha.set_fastpath_enabled(fast)
             self.model.train(was_training)
 
     def _attention(self):
