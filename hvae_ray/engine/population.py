@@ -34,7 +34,7 @@ from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, split_seed
 from hvae_ray.engine.paths import validation_metrics
 from hvae_ray.engine.runtime import Precision, resolve_device
 from hvae_ray.engine.steps import STAT_KEYS, PopulationStep, scheduled_lr
-from hvae_ray.engine.trainer import check_divergence, generation_scorer, node_stats
+from hvae_ray.engine.trainer import check_divergence, generation_due, generation_scorer, node_stats
 from hvae_ray.errors import ConfigError, TrainingDiverged
 from hvae_ray.evaluation.scorer import GenerationScorer
 from hvae_ray.model.hypervae import HyperVAE
@@ -249,7 +249,9 @@ class Population:
         t0 = time.perf_counter()
         val = self.step.validation_batches([s for s in live if finite[s]], self.val_jets,
                                            validation_batch_size(self.shape))
-        for slot, scores in self._generation_scores([s for s in live if finite[s] and self._score_due(s)]).items():
+        due = [s for s in live if finite[s] and generation_due(self.members[s].generation, self.members[s].epoch,
+                                                                  self.members[s].cfg)]
+        for slot, scores in self._generation_scores(due).items():
             self.members[slot].generation = scores
         val_time = (time.perf_counter() - t0) / max(1, len(val))
         reports = []
@@ -286,12 +288,6 @@ class Population:
         metrics |= member.generation
         check_divergence(metrics, epoch, cfg)
         return metrics | {"_eval_s": time.perf_counter() - t0}
-
-    def _score_due(self, slot: int) -> bool:
-        """Whether member ``slot``'s epoch about to be reported gets a generation score (as a run alone's)."""
-        member = self.members[slot]
-        epoch, cfg = member.epoch, member.cfg
-        return member.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1
 
     def _generation_scores(self, slots: list[int]) -> dict[int, dict[str, float]]:
         """The generation metrics of members ``slots``, as :meth:`GenerationScorer.score` gives each alone,

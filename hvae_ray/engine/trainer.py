@@ -378,6 +378,12 @@ def _open_outputs(trainer: Trainer, save_dir: Path | None, log_dir: str | Path |
     return TensorBoardLogger(log_dir)
 
 
+def generation_due(last: dict[str, float] | None, epoch: int, cfg: Config) -> bool:
+    """Whether ``epoch`` gets a generation score: the first scored epoch (no ``last`` score yet), every
+    ``generation_every``-th, and the run's last; the others carry ``last`` over."""
+    return last is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1
+
+
 def epoch_metrics(trainer, epoch: int, progress: bool) -> dict[str, Any]:
     """Train one epoch, validate, score generation when due; raise :class:`TrainingDiverged` on divergence."""
     cfg = trainer.cfg
@@ -387,7 +393,7 @@ def epoch_metrics(trainer, epoch: int, progress: bool) -> dict[str, Any]:
         train["first_step_at"] = trainer.first_step_at
     metrics = {"epoch": epoch, "kl_weight": kl_weight(epoch, cfg), "lr": scheduled_lr(epoch, cfg),
                **train, **trainer.evaluate(epoch)}
-    if trainer.generation is None or epoch % cfg.generation_every == 0 or epoch == cfg.epochs - 1:
+    if generation_due(trainer.generation, epoch, cfg):
         trainer.generation = trainer.generation_metrics()  # carried over the epochs in between
     metrics |= trainer.generation
     metrics["epoch_time_s"] = time.perf_counter() - t0
