@@ -28,6 +28,15 @@ from hvae_ray.errors import DataError
 
 #: Threads that write members' checkpoints and TensorBoard scalars side by side.
 WRITER_THREADS = 8
+_writers: ThreadPoolExecutor | None = None
+
+
+def _member_files() -> ThreadPoolExecutor:
+    """The one pool (made on first use, shared by every population in the process) that writes members' files."""
+    global _writers
+    if _writers is None:
+        _writers = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="member-files")
+    return _writers
 
 
 @dataclass
@@ -49,7 +58,6 @@ class PopulationRuns:
         dev = torch.device(device) if device is not None else resolve_device(shape.device)
         self.population = Population(shape, prepare(shape, sample, device=dev), slots, dev, cuda_graphs)
         self._runs: dict[int, RunLog] = {}
-        self._writer = ThreadPoolExecutor(max_workers=min(slots, WRITER_THREADS), thread_name_prefix="member-files")
 
     @property
     def free(self) -> int:
@@ -88,7 +96,7 @@ class PopulationRuns:
                 out.append(MemberEpoch(rep.slot, None, rep.diverged, True))
                 continue
             report, write = run.prepare(member, rep.epoch, rep.metrics)
-            writes.append(self._writer.submit(write))
+            writes.append(_member_files().submit(write))
             run.figures(member, report)
             done = rep.epoch + 1 >= member.cfg.epochs or patience_ran_out(member.cfg, member.best_epoch,
                                                                           rep.epoch, False)
