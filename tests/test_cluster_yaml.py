@@ -17,7 +17,10 @@ import click
 import jsonschema
 import pytest
 import yaml
-from ray.autoscaler._private.util import prepare_config, validate_config
+
+from hvae_ray.sweep.ray_internals import cluster_config_checks
+
+prepare_config, validate_config = cluster_config_checks()
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO_ROOT / "cluster.yaml"

@@ -1,23 +1,39 @@
-"""The three places where hvae-ray reaches into Ray below its public API, each behind one function, so
-that a Ray upgrade that moves one breaks here, loudly (``tests/sweep/test_ray_internals.py`` checks
-each against the installed Ray), and nowhere else.
+"""The places where hvae-ray reaches into Ray below its public API, each behind one function, so that a
+Ray upgrade that moves one breaks here, loudly (``tests/sweep/test_ray_internals.py`` checks each against
+the installed Ray), and nowhere else. Ray's internal modules are named once, in :data:`INTERNAL_MODULES`,
+and imported only through :func:`internal_module`.
 
 - :func:`loopback_only`: Ray's single-machine switch, so that a local instance listens on 127.0.0.1 only.
 - :func:`filter_driver_messages`: the function through which Ray prints its processes' messages on the
   driver, wrapped to drop the ones a sweep's user cannot act on.
 - :func:`run_config_of`: the run config a restored ``Tuner`` keeps, to set a resumed sweep's console.
+- :func:`cluster_config_checks`: the functions ``ray up`` fills in and validates a cluster file with (tests
+  check the shipped cluster files with them).
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
-#: Ray's single-machine switch: read into ``ray._private.ray_constants.ENABLE_RAY_CLUSTER`` when Ray is
+#: Ray's internal modules used here, by a short name; nothing else in the package or its tests names one.
+INTERNAL_MODULES = {
+    "constants": "ray._private.ray_constants",
+    "worker": "ray._private.worker",
+    "autoscaler_util": "ray.autoscaler._private.util",
+}
+
+#: Ray's single-machine switch: read into the constants module's ``ENABLE_RAY_CLUSTER`` when Ray is
 #: imported; "0" keeps a node's IP at 127.0.0.1.
 SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def internal_module(name: str):
+    """The Ray-internal module ``INTERNAL_MODULES[name]``, imported (a KeyError names an unknown one)."""
+    return importlib.import_module(INTERNAL_MODULES[name])
 
 
 @contextmanager
@@ -31,8 +47,7 @@ def loopback_only():
     processes it spawns inherit the environment variable) and restored after it: a later connection to
     a cluster in this process must advertise the host's address again.
     """
-    import ray._private.ray_constants as constants
-
+    constants = internal_module("constants")
     saved_flag, saved_env = constants.ENABLE_RAY_CLUSTER, os.environ.get(SINGLE_MACHINE_ENV)
     constants.ENABLE_RAY_CLUSTER = False
     os.environ[SINGLE_MACHINE_ENV] = "0"
@@ -48,9 +63,9 @@ def loopback_only():
 
 def filter_driver_messages(drop: Callable[[dict[str, Any]], bool]) -> None:
     """Drop the messages of Ray's processes for which ``drop(message)`` is true before the driver prints
-    them (Ray hands each batch to ``ray._private.worker.print_to_stdstream`` as a dict with ``pid`` and
+    them (Ray hands each batch to its worker module's ``print_to_stdstream`` as a dict with ``pid`` and
     ``lines``); every other message passes. Applied once per process."""
-    import ray._private.worker as worker
+    worker = internal_module("worker")
 
     printer = worker.print_to_stdstream
     if getattr(printer, "_hvae_filtered", False):
@@ -71,3 +86,10 @@ def run_config_of(tuner) -> Any | None:
     Client, which keeps its own."""
     local = getattr(tuner, "_local_tuner", None)
     return local.get_run_config() if local is not None else None
+
+
+def cluster_config_checks() -> tuple[Callable[[dict], dict], Callable[[dict], None]]:
+    """``(prepare_config, validate_config)``: how ``ray up`` fills a cluster file's defaults in and checks it
+    against Ray's schema (Ray exposes no public call for either)."""
+    util = internal_module("autoscaler_util")
+    return util.prepare_config, util.validate_config

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from hvae_ray.sweep import trials
+from hvae_ray.sweep import ray_internals, trials
 from hvae_ray.sweep.console import (
     TUNE_OUTPUT_ENV,
     VERBOSE_ENV,
@@ -198,8 +198,7 @@ def test_rays_restore_hint_is_dropped(spec, tmp_path, monkeypatch):
 
 
 def test_the_raylets_start_up_notice_is_dropped_and_nothing_else(spec, tmp_path, monkeypatch):
-    import ray._private.worker as worker
-
+    worker = ray_internals.internal_module("worker")
     monkeypatch.setattr(worker, "print_to_stdstream", worker.print_to_stdstream)  # put back afterwards
     monkeypatch.delenv(VERBOSE_ENV, raising=False)
     monkeypatch.setattr(sys, "stdout", Screen(False))

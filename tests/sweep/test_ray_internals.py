@@ -13,7 +13,7 @@ from hvae_ray.sweep import ray_internals
 
 
 def test_the_single_machine_switch_is_where_loopback_only_sets_it():
-    import ray._private.ray_constants as constants
+    constants = ray_internals.internal_module("constants")
 
     assert isinstance(constants.ENABLE_RAY_CLUSTER, bool), "Ray moved ENABLE_RAY_CLUSTER"
     before = (constants.ENABLE_RAY_CLUSTER, os.environ.get(ray_internals.SINGLE_MACHINE_ENV))
@@ -27,7 +27,7 @@ def test_the_single_machine_switch_is_where_loopback_only_sets_it():
 
 
 def test_driver_messages_pass_through_the_filtered_printer(monkeypatch):
-    import ray._private.worker as worker
+    worker = ray_internals.internal_module("worker")
 
     ray_printer = getattr(worker.print_to_stdstream, "__wrapped__", worker.print_to_stdstream)
     params = list(inspect.signature(ray_printer).parameters)
@@ -50,3 +50,20 @@ def test_a_tuners_run_config_is_reachable():
     run_config = ray_internals.run_config_of(tuner)
     assert run_config is not None, "Ray moved the Tuner's local tuner"
     assert run_config.name == "internals" and run_config.verbose == 0
+
+
+def test_every_internal_module_imports_and_the_cluster_checks_work():
+    for name in ray_internals.INTERNAL_MODULES:
+        assert inspect.ismodule(ray_internals.internal_module(name)), f"Ray moved {name}"
+    prepare, validate = ray_internals.cluster_config_checks()
+    config = prepare({"cluster_name": "x", "provider": {"type": "local", "head_ip": "10.0.0.1",
+                                                        "worker_ips": []},
+                      "auth": {"ssh_user": "u"}})
+    validate(config)  # a filled-in local cluster passes Ray's schema
+    config["max_workers"] = "many"
+    try:
+        validate(config)
+    except Exception as err:  # Ray raises jsonschema's error or a ValueError, by version
+        assert "max_workers" in str(err) or "many" in str(err)
+    else:
+        raise AssertionError("Ray's cluster schema accepted max_workers: 'many'")
