@@ -149,6 +149,34 @@ def test_members_come_and_go_and_a_restored_member_continues_exactly(jets):
     assert out[1].epoch == 0  # the newcomer starts at its own first epoch
 
 
+def test_a_population_resized_to_its_remaining_members_trains_them_on_as_before(jets):
+    """Members left in a population of 4 slots, moved into one of 2 (and one back into 5), train their next
+    epochs to the numbers of the population that kept its slots; too few slots are refused."""
+    cfgs = MEMBERS + [{"seed": 4, "kl_max_weight": 3e-3}]
+    steady, shrunk = population(jets, cfgs), population(jets, cfgs)
+    for pop in (steady, shrunk):
+        pop.train_epoch()
+        pop.remove(0)
+        pop.remove(3)
+    with pytest.raises(ConfigError, match="2 members do not fit 1 slots"):
+        shrunk.resized(1)
+    shrunk, moved = shrunk.resized(2)
+    assert moved == {1: 0, 2: 1} and shrunk.slots == 2
+    grown, moved_back = shrunk.resized(5)
+    assert moved_back == {0: 0, 1: 1} and len(grown.occupied) == 2 and grown.slots == 5
+    for _ in range(2):
+        ref = {r.slot: r for r in steady.train_epoch()}
+        for pop in (shrunk, grown):
+            out = {r.slot: r for r in pop.train_epoch()}
+            for old, new in moved.items():
+                assert out[new].epoch == ref[old].epoch
+                for k in KEYS:
+                    assert out[new].metrics[k] == pytest.approx(ref[old].metrics[k], rel=1e-5, abs=1e-6), k
+    for old, new in moved.items():
+        assert_weights_close(shrunk.state(new, 2)["model"], steady.state(old, 2)["model"])
+        assert shrunk.member(new).start_epoch == 0
+
+
 def test_a_config_of_another_shape_is_refused_in_one_line(jets):
     pop = population(jets, MEMBERS[:1], slots=2)
     with pytest.raises(ConfigError, match="'model' is") as err:

@@ -185,6 +185,27 @@ class Population:
         self.members[slot] = None
         self.step.active[slot] = False
 
+    def resized(self, slots: int) -> tuple[Population, dict[int, int]]:
+        """This population's members in a new one of ``slots`` slots (at least as many as it has members),
+        each moved through its checkpoint state as a resumed member is; returns it and the slot map
+        old → new. Every slot of a population is computed whether a member holds it or not, so a
+        population that most of its members have left trains faster resized to those that remain.
+        Members continue exactly as they would have, save for dropout's masks (all members draw them
+        from one stream, whose draws depend on the slot count)."""
+        occupied = self.occupied
+        if slots < len(occupied):
+            raise ConfigError(f"population: {len(occupied)} members do not fit {slots} slots")
+        new = Population(self.shape, self.splits, slots, self.device, self.graphed)
+        new._scorers = self._scorers  # the reference sets depend on the split and the device alone
+        moved = {}
+        for slot in occupied:
+            old = self.members[slot]
+            moved[slot] = new.add(old.cfg, self.state(slot, old.epoch - 1))
+            member = new.members[moved[slot]]
+            member.start_epoch, member.active = old.start_epoch, old.active
+            new.step.active[moved[slot]] = old.active
+        return new, moved
+
     def member(self, slot: int) -> Member:
         member = self.members[slot]
         if member is None:

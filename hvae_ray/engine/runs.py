@@ -63,6 +63,17 @@ class PopulationRuns:
     def free(self) -> int:
         return self.population.slots - len(self.population.occupied)
 
+    @property
+    def slots(self) -> int:
+        return self.population.slots
+
+    def resize(self, slots: int) -> dict[int, int]:
+        """Move the members to a population of ``slots`` slots (:meth:`Population.resized`), their runs
+        with them; returns the slot map old → new."""
+        self.population, moved = self.population.resized(slots)
+        self._runs = {moved[slot]: run for slot, run in self._runs.items()}
+        return moved
+
     def join(self, cfg: Config, save_dir: str | Path | None = None, log_dir: str | Path | None = None,
              resume: str | Path | None = None) -> int:
         """Add ``cfg`` as a member: new, or continuing from the checkpoint (file or folder) ``resume``.

@@ -64,6 +64,9 @@ CPU_SLOTS = 32
 #: state once a trial has made two since the last save, which at a checkpoint per epoch of every member
 #: took most of the time between a population's epochs.
 CHECKPOINT_EVERY = 10
+#: A population trains every slot, held or not; once at most half are held and no trial has joined for this
+#: long, it is resized to its members (a join grows it back).
+SHRINK_AFTER_S = 10.0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -263,7 +266,8 @@ class PopulationExecutor:
     :meth:`leave` from their own processes."""
 
     def __init__(self, shape: dict[str, Any], data_path: str, slots: int, card_bytes: float | None = None,
-                 context_bytes: float | None = None, threads: int | None = None, max_wait_s: float = 2.0):
+                 context_bytes: float | None = None, threads: int | None = None, max_wait_s: float = 2.0,
+                 shrink_after_s: float = SHRINK_AFTER_S):
         import psutil
         import ray
         import torch
@@ -286,7 +290,10 @@ class PopulationExecutor:
                 torch.cuda.set_per_process_memory_fraction(
                     allocator_fraction(1.0, card_bytes, total, context_bytes or CUDA_CONTEXT), device)
         self.runs = PopulationRuns(cfg, load_jets(data_path), slots, device)
-        self.slots, self.max_wait_s = slots, max_wait_s
+        self.slots, self.max_wait_s, self.shrink_after_s = slots, max_wait_s, shrink_after_s
+        self._joined_at = time.monotonic()  # the last join, for shrinking
+        self._peak = 0  # the most members held since the last resize
+        self.resizes: list[tuple[int, int]] = []
         self.node_id = ray.get_runtime_context().get_node_id()
         self.started_at = psutil.Process().create_time()
         self._cond = threading.Condition()
@@ -304,7 +311,7 @@ class PopulationExecutor:
         epoch boundary; returns the membership's token, or None at once when every slot is taken."""
         with self._cond:
             held = 1 if trial_id in self._members else 0
-            if self.runs.free + held + len(self._leaves) - len(self._joins) <= 0:
+            if self.slots - len(self._members) + held + len(self._leaves) - len(self._joins) <= 0:
                 return None
             j = _Join(trial_id, config, work_dir, tb_dir, resume, loop_started_at or time.time())
             self._joins.append(j)
@@ -338,7 +345,8 @@ class PopulationExecutor:
     def info(self) -> dict[str, Any]:
         with self._cond:
             return {"slots": self.slots, "members": sorted(self._members), "epochs": self._epochs,
-                    "device": str(self.runs.population.device), "node_id": self.node_id}
+                    "device": str(self.runs.population.device), "node_id": self.node_id,
+                    "trained_slots": self.runs.slots, "resizes": list(self.resizes)}
 
     # The training thread -------------------------------------------------------------------------------
 
@@ -367,6 +375,7 @@ class PopulationExecutor:
         while True:
             self._apply_leaves()
             self._admit()
+            self._shrink()
             asked = [m for m in self._members.values() if m.wants]
             waited = time.monotonic() - min((m.asked_at for m in asked), default=time.monotonic())
             if asked and (len(asked) == len(self._members) or waited >= self.max_wait_s):
@@ -393,9 +402,13 @@ class PopulationExecutor:
             j = self._joins[0]
             if j.trial_id in self._members:
                 self._remove(self._members[j.trial_id])  # its earlier attempt
+            if not self.runs.free and self.runs.slots < self.slots:
+                self._resize(min(self.slots, len(self._members) + len(self._joins)))
             if not self.runs.free:
                 return
             self._joins.pop(0)
+            self._joined_at = time.monotonic()
+            self._peak = max(self._peak, len(self._members) + 1)
             try:
                 slot = self.runs.join(from_dict(j.config, f"trial {j.trial_id}"), j.work_dir, j.tb_dir, j.resume)
             except Exception as e:  # noqa: BLE001 - the trial's join fails with it; the population goes on
@@ -405,6 +418,25 @@ class PopulationExecutor:
                 self._members[j.trial_id] = _Member(j.trial_id, j.token, slot, Path(j.work_dir) / METRICS_LOG,
                                                     j.loop_started_at)
             self._cond.notify_all()
+
+    def _shrink(self) -> None:
+        """Every slot is computed, held or not: once members have left and at most half the trained slots
+        are held, with no trial joining for ``shrink_after_s``, train the members alone (a trial that joins
+        later grows the population back, up to its ``slots``). Slots not yet filled (trials still
+        starting) never shrink it."""
+        held = len(self._members)
+        if (held and held <= self.runs.slots // 2 and self._peak > held and not self._joins
+                and time.monotonic() - self._joined_at >= self.shrink_after_s):
+            self._resize(held)
+
+    def _resize(self, slots: int) -> None:
+        before = self.runs.slots
+        moved = self.runs.resize(slots)
+        for m in self._members.values():
+            m.slot = moved[m.slot]
+        self.resizes.append((before, slots))
+        self._peak = len(self._members)
+        print(f"population: {before} slots -> {slots} for {len(self._members)} members", file=sys.stderr)
 
     def _train(self, batch: list[_Member]) -> dict[int, dict[str, Any]]:
         """One epoch of ``batch``'s members; each one's outcome: its report ``row`` (already in its epoch
