@@ -98,9 +98,14 @@ def seeds(a, out: Path) -> tuple[dict, list[dict]]:
     from hvae_ray.engine import PopulationRuns
 
     sets = harness.parse_sets(a.set)
+    sample, t0 = load_jets(a.train), time.time()
+    if a.fit_epochs:
+        probe_cfg = load_config(a.config, {**sets, "data.split_seed": a.split_seed})
+        epochs = _epochs_that_fit(probe_cfg, sample, len(a.seeds.split(",")), a.device, 60 * a.minutes)
+        sets["epochs"] = epochs
+        harness.say(f"{epochs} epochs fit the remaining time")
     cfgs = [load_config(a.config, {**sets, "seed": int(s), "data.split_seed": a.split_seed})
             for s in a.seeds.split(",")]
-    sample, t0 = load_jets(a.train), time.time()
     runs = PopulationRuns(cfgs[0], sample, len(cfgs), a.device)
     for cfg in cfgs:
         runs.join(cfg, out / f"seed{cfg.seed}", out / "tb" / f"seed{cfg.seed}")
@@ -116,10 +121,47 @@ def seeds(a, out: Path) -> tuple[dict, list[dict]]:
     t_train = time.time() - t0
     for cfg in cfgs:
         api.fit_prior(out / f"seed{cfg.seed}" / "best", a.train, components=100, device=a.device)
+        if a.slim:
+            _slim(out / f"seed{cfg.seed}" / "best")
     harness.say(f"trained {epochs} epochs in {t_train:.0f} s; priors fitted")
     return ({"config": a.config, "sets": sets, "seeds": a.seeds, "epochs": epochs, "train_s": t_train,
              "total_s": time.time() - t0, "members": summaries},
             [{"seed": c.seed, **{k: v for k, v in m.items() if k != "save_dir"}} for c, m in zip(cfgs, summaries)])
+
+
+#: What only resuming training needs: the trained (not averaged) weights, AdamW's moments, the loss scaler.
+RESUME_ONLY = ("train_model", "optimizer", "scaler")
+
+
+def _slim(best: Path) -> None:
+    """Rewrite ``best/checkpoint.pt`` without :data:`RESUME_ONLY` (a quarter of the size: enough to sample,
+    evaluate and fit priors from, not to resume training)."""
+    from hvae_ray.engine import load_checkpoint
+    from hvae_ray.engine.checkpoint import save_checkpoint
+
+    state = load_checkpoint(best)
+    save_checkpoint(best / "checkpoint.pt", {k: v for k, v in state.items() if k not in RESUME_ONLY})
+
+
+def _epochs_that_fit(cfg, sample, members: int, device, seconds: float, probe: int = 6) -> int:
+    """How many epochs of a population of ``members`` copies of ``cfg`` fit what is left of ``seconds``
+    after this probe: ``probe`` epochs of a throwaway population (no run folders) are timed, the first,
+    which warms up, left out, so the learning-rate schedule is set for the run that fits (5 % kept spare)."""
+    from hvae_ray.engine import PopulationRuns
+
+    t0 = time.monotonic()
+    runs = PopulationRuns(cfg, sample, members, device)
+    for i in range(members):
+        runs.join(cfg.with_overrides({"seed": 1000 + i}, "probe"))
+    runs.train_epoch()
+    t1 = time.monotonic()
+    for _ in range(probe - 1):
+        runs.train_epoch()
+    per_epoch = (time.monotonic() - t1) / (probe - 1)
+    del runs
+    left = seconds - (time.monotonic() - t0)
+    harness.say(f"probe: {per_epoch:.2f} s per epoch of {members} members")
+    return max(1, min(cfg.epochs, int(0.95 * left / per_epoch)))
 
 
 def main() -> None:
@@ -136,6 +178,8 @@ def main() -> None:
                    out="prior_compare").set_defaults(run=priors, report="prior_compare.json", cols=["codes"])
     harness.parser(sub.add_parser("seeds", help="one recipe, several seeds as one population"), train=...,
                    config=..., set=([], "overrides (KEY=VALUE)"), seeds="1,2,3", split_seed=0,
+                   slim=(False, "keep in each best/ only what sampling needs (no optimiser state)"),
+                   fit_epochs=(False, "set epochs (and so the schedule) to what fits --minutes, from a short probe"),
                    minutes=(5.0, "training time at most"), device="auto",
                    out=...).set_defaults(run=seeds, report="seeds.json", cols=["seed", "epochs_run", "best_epoch"])
     a = p.parse_args()

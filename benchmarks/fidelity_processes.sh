@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The fidelity recipe for each flavour and seed as its own `hvae-ray train` process (bf16, CUDA graph),
+# all at once on one GPU under CUDA MPS, each stopped by Ctrl+C (SIGINT: its last/ and best/ stay whole)
+# after SECONDS at most; then each best/ gets a fitted 100-Gaussian prior and is slimmed (no optimiser
+# state). Into $OUT per flavour: FLAVOUR.tar (each seed's best/, config.yaml, log), FLAVOUR-tb.tar (TensorBoard runs).
+# Reads data/fid/FLAVOUR_train30k.parquet (hvae-ray data generate --flavor F --n-jets 30000 --seed S).
+#   usage: benchmarks/fidelity_processes.sh [SECONDS (420)] [FLAVOURS (q,g,t)] [SEEDS (1,2,3)] [--set KEY=VALUE ...]
+set -uo pipefail
+SECONDS_MAX=${1:-420} FLAVOURS=${2:-q,g,t} SEEDS=${3:-1,2,3}
+shift $(( $# < 3 ? $# : 3 ))
+export PYTHONPATH=$PWD OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+mkdir -p "$OUT" /tmp/fid
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-cuda-mps-control -d && echo "MPS on"
+RECIPE=(--config benchmarks/results/fidelity-2026-12-02-h200/best/config.yaml --set lr_schedule=cosine
+        --set ema_decay=0.999 --set data.split_seed=0)
+for f in ${FLAVOURS//,/ }; do for s in ${SEEDS//,/ }; do
+  d=/tmp/fid/$f/seed$s; mkdir -p "$d"
+  echo "hvae-ray train --data-path data/fid/${f}_train30k.parquet ${RECIPE[*]} $* --set seed=$s --save-dir $f/seed$s --quiet" > "$d/train.log"
+  timeout --signal=INT "$SECONDS_MAX" python3 -m hvae_ray train --data-path "data/fid/${f}_train30k.parquet" \
+    "${RECIPE[@]}" "$@" --set seed="$s" --save-dir "$d" --quiet >> "$d/train.log" 2>&1 &
+done; done
+while sleep 60; do jobs -r | grep -q . || break; echo "heartbeat $(date +%T): $(tail -qn1 /tmp/fid/*/seed*/train.log | cut -c1-60 | tr '\n' '|')"; done
+wait
+echo quit | nvidia-cuda-mps-control
+python3 - "$FLAVOURS" "$SEEDS" <<'PY'
+import sys
+from pathlib import Path
+from hvae_ray import api
+from hvae_ray.engine import load_checkpoint
+from hvae_ray.engine.checkpoint import save_checkpoint
+for f in sys.argv[1].split(","):
+    for s in sys.argv[2].split(","):
+        best = Path(f"/tmp/fid/{f}/seed{s}/best")
+        state = load_checkpoint(best)
+        print(f, s, "best epoch", state["epoch"], "of", state["config"]["epochs"], flush=True)
+        api.fit_prior(best, f"data/fid/{f}_train30k.parquet", components=100, device="cuda")
+        save_checkpoint(best / "checkpoint.pt", {k: v for k, v in state.items()
+                                                 if k not in ("train_model", "optimizer", "scaler")})
+PY
+for f in ${FLAVOURS//,/ }; do
+  tar -C /tmp/fid -cf "$OUT/$f.tar" --exclude=last --exclude=tb "$f"
+  tar -C /tmp/fid -cf "$OUT/$f-tb.tar" $(cd /tmp/fid && ls -d "$f"/seed*/tb)
+done
+ls -la "$OUT"
