@@ -514,9 +514,10 @@ def test_evaluate_plots_are_not_replaced_unless_forced(data_file, tmp_path, caps
     plots = tmp_path / "plots"
     args = ["evaluate", "--real", str(data_file), "--generated", str(data_file), "--plots", str(plots), *QUICK]
     assert main(args) == 0
-    assert f"plots: 6 real-vs-generated figures in {plots}" in capsys.readouterr().err.splitlines()
+    assert f"plots: 7 real-vs-generated figures in {plots}" in capsys.readouterr().err.splitlines()
     before = {p.name: p.read_bytes() for p in plots.iterdir()}
-    assert set(before) == {"mass.png", "ptrel.png", "etarel.png", "phirel.png", "multiplicity.png", "efp.png"}
+    assert set(before) == {"mass.png", "ptrel.png", "etarel.png", "phirel.png", "multiplicity.png", "efp.png",
+                           "ptrel_sum.png"}
     rc = main(args)
     line = one_line_error(capsys, rc)
     assert "already exists" in line and "--force" in line
