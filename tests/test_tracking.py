@@ -53,7 +53,7 @@ def test_non_finite_and_non_numeric_values_are_skipped(tmp_path):
     logger.log_epoch(1, {"train_total": 1.5, "train_kl": math.nan})
     logger.close()
     acc = read(tmp_path)
-    assert set(acc.Tags()["scalars"]) == {"Loss/train_kl", "KL/weight", "Loss/train_total"}  # no Best/*: no val
+    assert set(acc.Tags()["scalars"]) == {"Loss/train_kl", "KL/weight", "Loss/train_total"}  # no Lowest/*: no val
     assert [(e.step, e.value) for e in acc.Scalars("Loss/train_kl")] == [(0, 2.5)]
     assert [(e.step, e.value) for e in acc.Scalars("Loss/train_total")] == [(1, 1.5)]
     assert acc.Scalars("KL/weight")[0].value == pytest.approx(1e-5)
@@ -128,11 +128,11 @@ def test_best_so_far_scalars_and_the_kl_at_the_best_epoch(tmp_path):
         logger.log_epoch(epoch, {"val_objective": objective[epoch], "val_kl": kl[epoch], "val_w1m": 0.1 * epoch})
     logger.close()
     acc = read(tmp_path)
-    best = [e.value for e in sorted(acc.Scalars("Best/val_objective"), key=lambda e: e.step)]
+    best = [e.value for e in sorted(acc.Scalars("Lowest/val_objective"), key=lambda e: e.step)]
     assert best == pytest.approx([5.0, 3.0, 3.0, 2.5, 2.5])
     at_best = [e.value for e in sorted(acc.Scalars(KL_AT_BEST_TAG), key=lambda e: e.step)]
     assert at_best == pytest.approx([1.0, 8.0, 8.0, 6.0, 6.0])  # not the lowest KL (0.5)
-    assert [e.value for e in acc.Scalars("Best/val_w1m")] == pytest.approx([0.0] * 5)
+    assert [e.value for e in acc.Scalars("Lowest/val_w1m")] == pytest.approx([0.0] * 5)
 
 
 @pytest.mark.parametrize("outcome, status", [("early_stopped", api_pb2.STATUS_UNKNOWN),
@@ -190,3 +190,9 @@ def test_a_session_can_be_named(tmp_path):
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     assert start.session_start_info.group_name == "ef772_00000"
     assert start.session_start_info.hparams["lr"].number_value == pytest.approx(1e-3)
+
+
+def test_tensorboard_lists_the_kl_and_loss_groups_first():
+    """TensorBoard orders scalar groups alphabetically: a run opens on KL and Loss, best-so-far after them."""
+    groups = sorted({t.split("/")[0] for t in [*TAGS.values(), *BEST_TAGS.values(), KL_AT_BEST_TAG, KL_SLOPE_TAG]})
+    assert groups[:3] == ["KL", "Loss", "Lowest"], groups

@@ -222,9 +222,9 @@ def test_tensorboard_tags_and_hparams(asha8):
         assert end.session_end_info.status == api_pb2.Status.Value(SESSION_STATUS[row["status"]])
         # best-so-far metrics beside the last ones
         experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
-        assert {"Best/val_objective", "Best/val_w1m", "Best/val_kl_at_best"} <= {m.name.tag for m in
+        assert {"Lowest/val_objective", "Lowest/val_w1m", "Lowest/val_kl_at_best"} <= {m.name.tag for m in
                                                                                experiment.metric_infos}
-        best = sorted(acc.Scalars("Best/val_objective"), key=lambda e: e.step)
+        best = sorted(acc.Scalars("Lowest/val_objective"), key=lambda e: e.step)
         last = sorted(acc.Scalars("Loss/val_objective"), key=lambda e: e.step)
         assert best[-1].value == pytest.approx(min(e.value for e in last), rel=1e-6)
         assert best[-1].value <= row["best_val_objective"] * (1 + 1e-6)
