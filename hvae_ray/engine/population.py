@@ -190,8 +190,9 @@ class Population:
         each moved through its checkpoint state as a resumed member is; returns it and the slot map
         old → new. Every slot of a population is computed whether a member holds it or not, so a
         population that most of its members have left trains faster resized to those that remain.
-        Members continue exactly as they would have, save for dropout's masks (all members draw them
-        from one stream, whose draws depend on the slot count)."""
+        Members continue as they would have to float rounding (the same arithmetic batched over another
+        number of slots), save for dropout's masks (all members draw them from one stream, whose draws
+        depend on the slot count)."""
         occupied = self.occupied
         if slots < len(occupied):
             raise ConfigError(f"population: {len(occupied)} members do not fit {slots} slots")

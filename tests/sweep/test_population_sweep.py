@@ -29,6 +29,9 @@ pytestmark = pytest.mark.slow
 MAX_T = 4
 RATES = [1.0e-2, 6.0e-3, 4.0e-3, 3.0e-3, 1.0e-4, 5.0e-5, 2.0e-5, 1.0e-5]
 SLOTS = 4
+# Once trials end, the executor may move the members left into a population of their own size; the same
+# arithmetic batched over fewer slots agrees to float rounding, not to the bit.
+RESIZE_ROUNDING = 1e-6
 
 
 def _sweep(sweep_file, path: Path) -> Path:
@@ -166,7 +169,8 @@ def test_a_killed_trial_continues_and_leaves_the_others_undisturbed(reference, r
         ref = {r["epoch"]: r["val_objective"] for r in reference.trials[rate].log}
         common = [r for r in t.log if r["epoch"] in ref]
         assert common, rate
-        assert [r["val_objective"] for r in common] == [ref[r["epoch"]] for r in common], rate
+        assert [r["val_objective"] for r in common] == pytest.approx([ref[r["epoch"]] for r in common],
+                                                                     rel=RESIZE_ROUNDING), rate
 
 
 def test_ctrl_c_then_resume_trains_nothing_twice(reference, ray_local, tmp_path, sweep_file):
@@ -201,7 +205,7 @@ def test_ctrl_c_then_resume_trains_nothing_twice(reference, ray_local, tmp_path,
         assert epochs[:len(before.get(rate, []))] == before.get(rate, [])
         ref = {r["epoch"]: r["val_objective"] for r in reference.trials[rate].log}
         assert [r["val_objective"] for r in t.log if r["epoch"] in ref] == \
-            [ref[r["epoch"]] for r in t.log if r["epoch"] in ref], rate
+            pytest.approx([ref[r["epoch"]] for r in t.log if r["epoch"] in ref], rel=RESIZE_ROUNDING), rate
 
 
 def test_an_interrupted_sweep_from_python_says_how_to_resume(reference, capsys):
