@@ -26,17 +26,17 @@ echo quit | nvidia-cuda-mps-control
 python3 - "$FLAVOURS" "$SEEDS" <<'PY'
 import sys
 from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from fidelity import _slim
 from hvae_ray import api
 from hvae_ray.engine import load_checkpoint
-from hvae_ray.engine.checkpoint import save_checkpoint
 for f in sys.argv[1].split(","):
     for s in sys.argv[2].split(","):
         best = Path(f"/tmp/fid/{f}/seed{s}/best")
         state = load_checkpoint(best)
         print(f, s, "best epoch", state["epoch"], "of", state["config"]["epochs"], flush=True)
         api.fit_prior(best, f"data/fid/{f}_train30k.parquet", components=100, device="cuda")
-        save_checkpoint(best / "checkpoint.pt", {k: v for k, v in state.items()
-                                                 if k not in ("train_model", "optimizer", "scaler")})
+        _slim(best)
 PY
 for f in ${FLAVOURS//,/ }; do
   tar -C /tmp/fid -cf "$OUT/$f.tar" --exclude=last --exclude=tb "$f"
