@@ -509,6 +509,24 @@ def test_the_cosine_schedule_runs_from_the_learning_rate_to_its_floor():
     assert scheduled_lr(7, small_config()) == small_config().learning_rate  # constant by default
 
 
+def test_the_moving_average_warms_up_so_it_forgets_the_random_start():
+    """The average's decay after t steps is min(decay, (1 + t) / (10 + t)): a run much shorter than
+    1 / (1 - decay) steps still averages its trained weights, not its initial ones."""
+    from hvae_ray.engine.steps import average_decay, update_average
+
+    steps = torch.tensor([1.0, 10.0, 100.0, 10_000.0])
+    assert average_decay(0.999, steps).tolist() == pytest.approx([2 / 11, 11 / 20, 101 / 110, 0.999])
+    assert average_decay(torch.tensor([0.5, 0.0]), torch.tensor([100.0, 100.0])).tolist() == [0.5, 0.0]
+    start, trained = torch.zeros(3), torch.ones(3)
+    average = [start.clone()]
+    for t in range(1, 301):  # 300 steps at the trained weights
+        update_average(average, [trained], 0.999, torch.tensor(float(t)))
+    # without the warm-up 0.999**300 = 74 % of the start would remain; with it, the product of the decays
+    expected = math.prod(average_decay(0.999, torch.arange(1.0, 301)).tolist())
+    assert 0.999 ** 300 > 0.7 and expected < 1e-12
+    assert float(1 - average[0][0]) < 1e-6  # float32 rounding of the average
+
+
 def test_a_moving_average_of_the_weights_is_validated_saved_and_resumed_exactly(few_jets, tmp_path):
     """With ema_decay the checkpoint's model is the average (validated, sampled), train_model the trained
     weights; three epochs straight, and two (stopped by a callback) then a resume, end at the same bits, metrics

@@ -18,7 +18,7 @@ from hvae_ray.config import COMPONENTS, OBJECTIVE_COMPONENTS, Config
 from hvae_ray.data.dense import DenseFeaturizer
 from hvae_ray.engine.batches import Splits, epoch_noise, epoch_order, step_layout, train_loader, validation_batch_size
 from hvae_ray.engine.runtime import Precision, all_mean, rank_world
-from hvae_ray.engine.steps import STAT_KEYS, DenseStep, loss_weights, update_average
+from hvae_ray.engine.steps import STAT_KEYS, DenseStep, loss_weights, optimizer_steps, update_average
 from hvae_ray.errors import TrainingDiverged
 from hvae_ray.model.losses import (
     dense_reconstruction_terms,
@@ -163,7 +163,7 @@ class PygPath:
                 scaler.step(self.opt)
                 scaler.update()
                 self.opt.zero_grad(set_to_none=True)
-                update_average(self.average, self.model.parameters(), cfg.ema_decay)
+                update_average(self.average, self.model.parameters(), cfg.ema_decay, optimizer_steps(self.opt))
             if self.first_step_at is None:
                 self.first_step_at = time.time()
             sums += torch.stack([*(terms[c] for c in COMPONENTS), kl, loss]).detach().double()

@@ -58,12 +58,35 @@ def set_learning_rate(opt: torch.optim.Optimizer, lr: float) -> None:
             group["lr"] = lr
 
 
-def update_average(average: list[torch.Tensor] | None, params, decay: float) -> None:
-    """The exponential moving average of the weights, after a step: a ← a + (1 − decay)(p − a)."""
-    if average is not None:
-        with torch.no_grad():
-            for a, p in zip(average, params):
-                a.lerp_(p.detach(), 1 - decay)
+EMA_WARMUP = 10.0  # the average's decay after t steps is min(decay, (1 + t) / (EMA_WARMUP + t))
+
+
+def average_decay(decay: torch.Tensor | float, steps: torch.Tensor) -> torch.Tensor:
+    """The moving average's decay after ``steps`` optimiser steps (float64): ``min(decay, (1 + t) / (10 + t))``.
+    Early steps weigh more, so the average forgets its random start: without the warm-up an average at
+    0.999 still holds 0.999^t of the initial weights (6 % after 2,800 steps), and its validation loss trails
+    the trained weights' for hundreds of epochs. The warm-up is TensorFlow's ``ExponentialMovingAverage``
+    ``num_updates`` rule; the average is Polyak & Juditsky's (SIAM J. Control Optim. 30, 1992)."""
+    t = steps.double()
+    warm = (1 + t) / (EMA_WARMUP + t)
+    return torch.minimum(warm, decay.double()) if torch.is_tensor(decay) else warm.clamp(max=decay)  # no host copy
+
+
+def optimizer_steps(opt: torch.optim.Optimizer) -> torch.Tensor:
+    """The steps the optimiser has taken (AdamW's ``step`` state: on the device when it is capturable)."""
+    return opt.state[opt.param_groups[0]["params"][0]]["step"]
+
+
+def update_average(average: list[torch.Tensor] | None, params, decay: float, steps: torch.Tensor) -> None:
+    """The exponential moving average of the weights after a step: a ← a + (1 − d)(p − a), with d the
+    warmed-up :func:`average_decay` after ``steps`` optimiser steps."""
+    if average is None:
+        return
+    weight = 1 - average_decay(decay, steps)
+    with torch.no_grad():
+        for a, p in zip(average, params):
+            w = weight.float().to(a.device) if weight.device == a.device else float(weight)
+            a.lerp_(p.detach(), w)
 
 
 @contextlib.contextmanager
@@ -149,7 +172,7 @@ class DenseStep:
         scaler.step(self.opt)
         scaler.update()
         self.opt.zero_grad(set_to_none=True)
-        update_average(self.average, self.model.parameters(), self.cfg.ema_decay)
+        update_average(self.average, self.model.parameters(), self.cfg.ema_decay, optimizer_steps(self.opt))
         return torch.stack(rows)
 
     def _micro_loss(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor
@@ -424,6 +447,7 @@ class PopulationStep:
         h["steps"] += active.double()
         steps = h["steps"].clamp(min=1)
         decay = (1 - h["lr"] * h["weight_decay"]).float()
+        average_weight = (1 - average_decay(self.ema_decay, h["steps"])).float()  # as update_average's
         step_size = (h["lr"] / (1 - BETAS[0] ** steps)).float()
         bc2_sqrt = (1 - BETAS[1] ** steps).sqrt().float()
         for name, p in self.params.items():
@@ -437,8 +461,8 @@ class PopulationStep:
             p.copy_(torch.where(on, new, p))
             self.exp_avg[name].copy_(torch.where(on, m, self.exp_avg[name]))
             self.exp_avg_sq[name].copy_(torch.where(on, v, self.exp_avg_sq[name]))
-            a = self.average[name]  # a + (1 - decay)(p - a): exactly p at decay 0
-            a.copy_(torch.where(on, torch.lerp(a, p, (1 - self.ema_decay).float().view(shape)), a))
+            a = self.average[name]  # a + (1 - d)(p - a): exactly p at decay 0
+            a.copy_(torch.where(on, torch.lerp(a, p, average_weight.view(shape)), a))
 
     def _capture(self, pos: torch.Tensor, valid: torch.Tensor, eps: torch.Tensor) -> None:
         """Capture :meth:`_step` in a CUDA graph after two warm-up steps on a side stream, which are undone."""
