@@ -13,7 +13,7 @@ mkdir -p "$OUT" /tmp/fid
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 nvidia-cuda-mps-control -d && echo "MPS on"
 RECIPE=(--config benchmarks/results/fidelity-2026-12-02-h200/best/config.yaml --set lr_schedule=cosine
-        --set ema_decay=0.999 --set data.split_seed=0)
+        --set ema_decay=0.999 --set data.split_seed=0 --set patience=0)
 for f in ${FLAVOURS//,/ }; do for s in ${SEEDS//,/ }; do
   d=/tmp/fid/$f/seed$s; mkdir -p "$d"
   echo "hvae-ray train --data-path data/fid/${f}_train30k.parquet ${RECIPE[*]} $* --set seed=$s --save-dir $f/seed$s --quiet" > "$d/train.log"

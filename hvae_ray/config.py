@@ -86,7 +86,7 @@ class Config:
     generation_prior: str = "fitted"
     max_kl: float = 1000.0
     epochs: int = 300
-    patience: int = 0
+    patience: int = 20  # benchmarks/results/patience-2026-12-07-cpu
     batch_size: int = 8
     gradient_accumulation_steps: int = 4
     learning_rate: float = 1.0e-3

@@ -359,7 +359,7 @@ def run_estimate(cfg: Config, jets: int, device: torch.device, start_epoch: int,
     where = "cpu" if device.type == "cpu" else "the GPU" if device.type == "cuda" else device.type
     total = first_epoch_s * (cfg.epochs - start_epoch)
     stop = f", less if {cfg.patience} epochs without a better {OBJECTIVE_METRICS[cfg.objective]} stop it" \
-        if cfg.patience > 0 else ""
+        if patience_can_stop(cfg) else ""
     return (f"training {jets} jets, {epochs} on {where}: about {duration(total)} in all "
             f"(first epoch {first_epoch_s:.1f} s){stop}")
 
@@ -410,11 +410,20 @@ def check_divergence(metrics: dict[str, Any], epoch: int, cfg: Config) -> None:
                                f"exceeds max_kl={cfg.max_kl:g} (KL runaway)")
 
 
+def first_judged_epoch(cfg: Config) -> int:
+    """The first epoch (0-based) at the KL cap: patience counts from here at the earliest."""
+    return cfg.kl_warmup_epochs if cfg.kl_schedule == "linear" else 0
+
+
+def patience_can_stop(cfg: Config) -> bool:
+    """Whether ``patience`` can end the run before its last epoch."""
+    return cfg.patience > 0 and first_judged_epoch(cfg) + cfg.patience < cfg.epochs - 1
+
+
 def patience_ran_out(cfg: Config, best_epoch: int, epoch: int, say: bool) -> bool:
     """True once ``patience`` epochs (when > 0) have passed since the best one and since the end of a linear
     KL warm-up: while β still rises the run is not judged (the model it is trained for is not there yet)."""
-    capped = cfg.kl_warmup_epochs if cfg.kl_schedule == "linear" else 0  # first epoch at the cap
-    if cfg.patience <= 0 or epoch - max(best_epoch, capped) < cfg.patience:
+    if cfg.patience <= 0 or epoch - max(best_epoch, first_judged_epoch(cfg)) < cfg.patience:
         return False
     line = (f"early stop after epoch {epoch + 1}: no better {OBJECTIVE_METRICS[cfg.objective]} "
             f"for {cfg.patience} epochs (best epoch {best_epoch + 1})")

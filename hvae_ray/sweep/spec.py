@@ -27,6 +27,7 @@ from hvae_ray.data.generate import FLAVORS
 from hvae_ray.errors import ConfigError
 from hvae_ray.tracking import RANKABLE_METRICS
 
+SWEEP_PATIENCE = 0  # `train` stops at its own patience; in a sweep ASHA stops trials, unless the file asks
 DISTRIBUTIONS = ("loguniform", "uniform", "choice", "grid", "randint")
 TOP_KEYS = {"name", "description", "base_config", "config", "search_space", "scheduler", "num_samples",
             "max_concurrent_trials", "standby_trials", "resources", "data", "storage", "seed", "max_failures"}
@@ -246,14 +247,15 @@ MAX_TRIALS = 10_000
 
 
 def _base_config(raw: dict[str, Any], where: str, base_dir: Path | None) -> Config:
-    """The base training config: ``base_config`` (a file) with the inline ``config`` keys applied."""
+    """The base training config: ``base_config`` (a file) with the inline ``config`` keys applied. A
+    sweep's trials are stopped by ASHA: ``patience`` is off (``SWEEP_PATIENCE``) unless the sweep sets it."""
     base_raw: dict[str, Any] = {}
     if raw.get("base_config"):
         path = Path(raw["base_config"])
         if not path.is_absolute() and base_dir is not None:
             path = base_dir / path
         base_raw = read_yaml(path)
-    base = from_dict(base_raw, str(raw.get("base_config") or where))
+    base = from_dict({"patience": SWEEP_PATIENCE, **base_raw}, str(raw.get("base_config") or where))
     inline = raw.get("config") or {}
     if not isinstance(inline, dict):
         raise ConfigError(f"{where}: 'config' must be a mapping of config keys")

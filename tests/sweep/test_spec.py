@@ -63,6 +63,15 @@ def test_sweep_overrides_apply_to_the_sweep_file():
         load_sweep(REPO / "sweeps" / "quickstart.yaml", {"num_sample": 2})
 
 
+def test_asha_stops_a_sweeps_trials_so_their_patience_is_off_unless_the_sweep_sets_it(tmp_path, sweep_file):
+    from hvae_ray.config import Config
+
+    assert Config().patience == 20  # `train` alone stops at its patience
+    assert load_sweep(sweep_file(tmp_path / "a.yaml")).base.patience == 0
+    assert load_sweep(sweep_file(tmp_path / "b.yaml", config={"patience": 7})).base.patience == 7
+    assert load_sweep(REPO / "sweeps" / "seed_250_jets.yaml").base.patience == 20  # set in the file
+
+
 def test_a_sweep_file_may_use_the_old_name_of_the_kl_floor(tmp_path, sweep_file):
     path = sweep_file(tmp_path / "old.yaml", config={"kl_divergence": 2.0e-6},
                       search_space={"kl_divergence": {"loguniform": [1.0e-7, 1.0e-5]}})
