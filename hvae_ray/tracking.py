@@ -4,6 +4,7 @@ terminal show) and the TensorBoard writer."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,10 @@ HPARAM_METRICS = ("Loss/val_objective", BEST_TAGS["val_objective"], "Loss/val_re
                   "Metrics/val_fpd", BEST_TAGS["val_fpd"], "Metrics/val_generation", BEST_TAGS["val_generation"],
                   KL_SLOPE_TAG)
 
-# Session statuses of the HParams tab, by how a run ended (its ``outcome`` hparam says it in words).
+# Session statuses of the HParams tab, by how a run ended (in the trial table's words); a run still going
+# has no session end, and shows as running.
 SESSION_STATUS = {"completed": "STATUS_SUCCESS", "early_stopped": "STATUS_UNKNOWN",
-                  "diverged": "STATUS_FAILURE", "error": "STATUS_FAILURE", "running": "STATUS_RUNNING"}
+                  "diverged": "STATUS_FAILURE", "error": "STATUS_FAILURE"}
 
 # Metrics a sweep may rank its trials on (``scheduler.metric``).
 RANKABLE_METRICS = ("val_objective", "val_recon", "val_w1m", "val_total", "val_generation", "val_fpd")
@@ -146,19 +148,19 @@ class TensorBoardLogger:
             self.writer.add_figure(f"{prefix}/{name}", fig, step, close=False)
         self.writer.flush()
 
-    def log_hparams(self, hparams: dict[str, Any], metrics: dict[str, float], outcome: str = "completed",
-                    group_name: str = "") -> None:
-        """HParams summary in this run's own directory, so `tensorboard --logdir EXPERIMENT` lists every
-        run in the HParams tab. ``metrics`` names the scalar tags shown as metric columns. ``outcome``
-        (a key of ``SESSION_STATUS``) sets the session's status; ``running`` writes no session end.
-        ``group_name`` is the session's name in the HParams tab (its "Trial ID"; default: the run's
-        folder). TensorBoard keeps the first summary of each HParams tag in a run: write a session once."""
-        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
-        from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
+    def log_hparams_start(self, hparams: dict[str, Any], metrics: Iterable[str] = HPARAM_METRICS,
+                          group_name: str = "") -> None:
+        """The start of this run's HParams session, in the run's own directory (so `tensorboard --logdir
+        EXPERIMENT` lists every run in the HParams tab): the experiment summary (``hparams``' keys and the
+        scalar tags ``metrics`` as the tab's columns) and the session's values. ``group_name`` is the
+        session's name in the tab (its "Trial ID"; default: the run's folder). The metric columns are read
+        from the run's scalars, so they follow the run as it writes them. TensorBoard keeps the first
+        summary of each tag in a run: write a run's start once."""
+        from tensorboard.plugins.hparams import plugin_data_pb2
         from torch.utils.tensorboard.summary import hparams as hparams_summary
 
         clean = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
-        exp, ssi, _ = hparams_summary(clean, dict(metrics))
+        exp, ssi, _ = hparams_summary(clean, dict.fromkeys(metrics, 0.0))
         if group_name:
             meta = ssi.value[0].metadata.plugin_data
             start = plugin_data_pb2.HParamsPluginData.FromString(meta.content)
@@ -167,13 +169,24 @@ class TensorBoardLogger:
         fw = self.writer.file_writer  # SummaryWriter's event file writer (public attribute while open)
         for s in (exp, ssi):
             fw.add_summary(s)
-        if outcome != "running":
-            end = plugin_data_pb2.HParamsPluginData(
-                session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(SESSION_STATUS[outcome])),
-                version=0)
-            meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="hparams",
-                                                                          content=end.SerializeToString()))
-            fw.add_summary(Summary(value=[Summary.Value(tag="_hparams_/session_end_info", metadata=meta)]))
+        self.writer.flush()
+
+    def log_hparams_end(self, outcome: str) -> None:
+        """The end of this run's HParams session: its status for ``outcome``, a key of ``SESSION_STATUS``.
+        A session without an end shows as running. TensorBoard keeps the first end of a run: write it once,
+        when the run has ended."""
+        from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+        if outcome not in SESSION_STATUS:
+            raise ValueError(f"unknown outcome {outcome!r}: one of {', '.join(SESSION_STATUS)}")
+        end = plugin_data_pb2.HParamsPluginData(
+            session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.Status.Value(SESSION_STATUS[outcome])),
+            version=0)
+        meta = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME,
+                                                                      content=end.SerializeToString()))
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
+                                                                         metadata=meta)]))
         self.writer.flush()
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # noqa: E402
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2  # noqa: E402
 
 from hvae_ray.tracking import (  # noqa: E402
@@ -66,26 +67,26 @@ def test_int_metric_values_are_logged(tmp_path):
     assert [(e.step, e.value) for e in read(tmp_path).Scalars("Train/epoch_time_s")] == [(4, 3.0)]
 
 
-def test_log_hparams_writes_a_readable_hparams_summary(tmp_path):
+def test_log_hparams_start_writes_a_readable_session_start(tmp_path):
     logger = TensorBoardLogger(tmp_path)
     hparams = {"learning_rate": 1e-3, "model.hidden_dim": 32, "kl_schedule": "cyclical",
                "loss_weights": {"topology": 0.1}}
-    logger.log_hparams(hparams, dict.fromkeys(HPARAM_METRICS, 0.0))
+    logger.log_hparams_start(hparams, HPARAM_METRICS)
     logger.close()
     # One event file, in the run's own directory (TensorBoard lists runs by directory).
     assert len(list(tmp_path.glob("events.out.tfevents.*"))) == 1
 
     content = read(tmp_path).PluginTagToContent("hparams")
-    assert {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"} <= set(content)
-    end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
-    assert end.session_end_info.status == api_pb2.STATUS_SUCCESS  # the default outcome: completed
+    # a session without an end: TensorBoard shows it as running
+    assert set(content) == {"_hparams_/experiment", "_hparams_/session_start_info"}
 
     exp = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
-    assert {h.name for h in exp.hparam_infos} == set(hparams)
+    assert {h.name for h in exp.hparam_infos} == set(hparams)  # no outcome column: the trial table has it
     assert [m.name.tag for m in exp.metric_infos] == list(HPARAM_METRICS)
 
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     values = start.session_start_info.hparams
+    assert set(values) == set(hparams)
     assert values["learning_rate"].number_value == pytest.approx(1e-3)
     assert values["model.hidden_dim"].number_value == 32
     assert values["kl_schedule"].string_value == "cyclical"
@@ -95,12 +96,13 @@ def test_log_hparams_writes_a_readable_hparams_summary(tmp_path):
 
 def test_hparams_and_scalars_share_the_run(tmp_path):
     logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams_start({"seed": 1}, ["Loss/val_objective"])
     logger.log_epoch(0, {"val_objective": 3.0})
-    logger.log_hparams({"seed": 1}, {"Loss/val_objective": 0.0})
     logger.close()
     acc = read(tmp_path)
     assert acc.Scalars("Loss/val_objective")[0].value == 3.0
-    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    exp = plugin_data_pb2.HParamsPluginData.FromString(acc.PluginTagToContent("hparams")["_hparams_/experiment"])
+    assert [m.name.tag for m in exp.experiment.metric_infos] == ["Loss/val_objective"]
 
 
 def test_log_figures_writes_images_under_the_prefix(tmp_path):
@@ -137,24 +139,37 @@ def test_best_so_far_scalars_and_the_kl_at_the_best_epoch(tmp_path):
 
 @pytest.mark.parametrize("outcome, status", [("early_stopped", api_pb2.STATUS_UNKNOWN),
                                              ("diverged", api_pb2.STATUS_FAILURE),
+                                             ("error", api_pb2.STATUS_FAILURE),
                                              ("completed", api_pb2.STATUS_SUCCESS)])
-def test_the_session_states_how_the_run_ended(tmp_path, outcome, status):
+def test_log_hparams_end_states_how_the_run_ended(tmp_path, outcome, status):
+    """The end is a summary of its own, written later than the start (here by another writer, as the
+    sweep's driver writes it when the trial ends), and only the end: the start stays as it was."""
     logger = TensorBoardLogger(tmp_path)
-    logger.log_hparams({"lr": 1e-3, "outcome": outcome}, dict.fromkeys(HPARAM_METRICS, 0.0), outcome=outcome)
+    logger.log_hparams_start({"lr": 1e-3}, HPARAM_METRICS, group_name="t0")
+    logger.log_epoch(0, {"val_objective": 3.0})
+    logger.close()
+    assert "_hparams_/session_end_info" not in read(tmp_path).PluginTagToContent("hparams")
+    logger = TensorBoardLogger(tmp_path)
+    logger.log_hparams_end(outcome)
     logger.close()
     content = read(tmp_path).PluginTagToContent("hparams")
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-    assert start.session_start_info.hparams["outcome"].string_value == outcome
     end = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_end_info"])
     assert end.session_end_info.status == status
+    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+    assert start.session_start_info.group_name == "t0" and set(start.session_start_info.hparams) == {"lr"}
+    written = [v.tag for f in tmp_path.glob("events.out.tfevents.*") for e in EventFileLoader(str(f)).Load()
+               for v in e.summary.value if v.tag.startswith("_hparams_/")]
+    assert sorted(written) == ["_hparams_/experiment", "_hparams_/session_end_info",
+                               "_hparams_/session_start_info"]  # one start, one end: nothing else
 
 
-def test_a_running_session_has_no_end(tmp_path):
+def test_log_hparams_end_refuses_an_unknown_outcome(tmp_path):
     logger = TensorBoardLogger(tmp_path)
-    logger.log_hparams({"lr": 1e-3}, dict.fromkeys(HPARAM_METRICS, 0.0), outcome="running")
+    with pytest.raises(ValueError, match="unknown outcome 'running'"):
+        logger.log_hparams_end("running")  # a running session has no end
     logger.close()
-    content = read(tmp_path).PluginTagToContent("hparams")
-    assert "_hparams_/session_start_info" in content and "_hparams_/session_end_info" not in content
+    with pytest.raises(KeyError, match="hparams"):  # no HParams summary at all
+        read(tmp_path).PluginTagToContent("hparams")
 
 
 def test_kl_slope_is_the_least_squares_slope_of_the_last_20_epochs_across_a_resume(tmp_path):
@@ -184,7 +199,7 @@ def test_kl_slope_is_the_least_squares_slope_of_the_last_20_epochs_across_a_resu
 def test_a_session_can_be_named(tmp_path):
     """group_name is the session's name in the HParams tab (its Trial ID column)."""
     logger = TensorBoardLogger(tmp_path)
-    logger.log_hparams({"lr": 1e-3}, dict.fromkeys(HPARAM_METRICS, 0.0), group_name="ef772_00000")
+    logger.log_hparams_start({"lr": 1e-3}, HPARAM_METRICS, group_name="ef772_00000")
     logger.close()
     content = read(tmp_path).PluginTagToContent("hparams")
     start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])

@@ -325,7 +325,7 @@ def test_sweep_trial_keeps_one_rank_zero_checkpoint_per_epoch(ray_local, tmp_pat
     reported_last = engine.load_checkpoint(reported[-1])["model"]
     assert all(torch.equal(last["model"][k], reported_last[k]) for k in reported_last)
     assert engine.load_checkpoint(work / "best")["epoch"] == best_two[0]
-    # TensorBoard files: the HParams file the sweep's driver (this process) wrote when the trial ended,
+    # TensorBoard files: the HParams session files the sweep's driver (this process) wrote at the trial's start and end,
     # and one training process's (rank 0) events
     writers = {p.name.split(".")[-2] for p in trial_dir.glob("events.out.tfevents.*")}
     assert str(os.getpid()) in writers and len(writers) == 2

@@ -187,6 +187,9 @@ def test_each_trial_worker_held_a_quarter_gpu(asha8, ray_local):
 def test_tensorboard_tags_and_hparams(asha8):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    from hvae_ray.sweep.layout import read_sweep_state
+
+    spec = read_sweep_state(asha8.exp).spec
     event_dirs = {p.parent for p in asha8.exp.rglob("events.out.tfevents.*")}
     assert event_dirs == {Path(r["trial_dir"]) for r in asha8.table.to_pylist()}  # one run each, named trial_<id>
     for row in asha8.table.to_pylist():
@@ -206,20 +209,32 @@ def test_tensorboard_tags_and_hparams(asha8):
         assert steps == list(range(len(steps)))
         assert row["epochs"] <= len(steps) <= MAX_T
         hparams = acc.PluginTagToContent("hparams")
-        assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= set(hparams)
+        assert set(hparams) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
         from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
+        from hvae_ray.sweep.hparams import shown_hparams, trial_hparams
         from hvae_ray.tracking import SESSION_STATUS
 
+        # the session, written when Tune started the trial: named by the trial id, the trial's values
         start = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_start_info"])
-        logged = {k: v.number_value for k, v in start.session_start_info.hparams.items()}
-        for key in SEARCHED:
-            assert logged[key] == pytest.approx(row[f"param.{key}"])
-        # the session says how the trial ended, in the table's words and as the session's status
-        assert start.session_start_info.hparams["outcome"].string_value == row["status"]
+        assert start.session_start_info.group_name == row["trial_id"]
+        sampled = {key: row[f"param.{key}"] for key in SEARCHED}
+        expected = shown_hparams(spec, trial_hparams(spec, sampled))
+        logged = start.session_start_info.hparams
+        assert set(logged) == set(expected)  # no outcome: the trial table's status column says it
+        for key, value in expected.items():
+            if isinstance(value, str):
+                assert logged[key].string_value == value, key
+            else:
+                assert logged[key].number_value == pytest.approx(value), key
+        # its end, written when Tune ended the trial: the status for the table's outcome
         assert row["status"] in ("completed", "early_stopped")
         end = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/session_end_info"])
         assert end.session_end_info.status == api_pb2.Status.Value(SESSION_STATUS[row["status"]])
+        # one start and one end, each in the driver's file of its own, around the training's files
+        names = sorted(p.name for p in tb_dir.glob("*tfevents*"))
+        assert names[0].endswith(".hparams_start") and names[-1].endswith(".hparams_end"), names
+        assert sum(n.endswith((".hparams_start", ".hparams_end")) for n in names) == 2, names
         # best-so-far metrics beside the last ones
         experiment = plugin_data_pb2.HParamsPluginData.FromString(hparams["_hparams_/experiment"]).experiment
         assert {"Lowest/val_objective", "Lowest/val_w1m", "Lowest/val_kl_at_best"} <= {m.name.tag for m in

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -321,41 +323,195 @@ def test_kl_slope_column(exp, with_tune_state):
     assert rows["t_stop"]["val_kl_slope_last20"] is None and rows["t_wait"]["val_kl_slope_last20"] is None
 
 
-def test_tensorboard_runs_and_hparams_sessions_are_named_by_trial_id(exp):
-    """As TensorBoard itself reads the experiment folder: one run per trial named trial_<id> (not
-    .../tensorboard), its HParams session named by the table's trial id, an integer setting written as
-    an integer, and a log-scale setting also as log10(<key>)."""
-    from types import SimpleNamespace
+START, END = "_hparams_/session_start_info", "_hparams_/session_end_info"
 
-    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+
+def _hparams_summaries(tb_dir: Path) -> list[str]:
+    """Every HParams summary in a run's event files (TensorBoard's own reader), in TensorBoard's order."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    return [v.tag for f in sorted(tb_dir.glob("*tfevents*")) for e in EventFileLoader(str(f)).Load()
+            for v in e.summary.value if v.metadata.plugin_data.plugin_name == "hparams"]
+
+
+def _session(content: dict[str, bytes]):
+    """(start, end) of a run's HParams session from its PluginTagToContent("hparams"); end None if none."""
     from tensorboard.plugins.hparams import plugin_data_pb2
 
+    def part(tag):
+        return plugin_data_pb2.HParamsPluginData.FromString(content[tag]) if tag in content else None
+
+    end = part(END)
+    return part(START).session_start_info, end.session_end_info if end else None
+
+
+def _fresh(tb_dir: Path):
+    """A run as a TensorBoard started now reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def _callback(exp: Path):
     from hvae_ray.sweep.hparams import TrialOutcomeCallback
-    from hvae_ray.sweep.layout import TrialPaths
-    from hvae_ray.tracking import TensorBoardLogger
 
-    tb = TensorBoardLogger(TrialPaths.of(exp, "t_done").tensorboard)  # what the trial's engine writes
-    for epoch in range(3):
-        tb.log_epoch(epoch, {"val_kl": 0.5 + epoch, "val_objective": 3.0})
-    tb.close()
-    trial = SimpleNamespace(trial_id="t_done", config={"kl_max_weight": 1e-4, "batch_size": 16},
-                            last_result={"epochs_done": MAX_T, "diverged": 0.0})
-    callback = TrialOutcomeCallback(from_raw(RAW, "fake.yaml"), exp)
-    callback.on_trial_complete(0, [], trial)
-    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t_wait", config={}, last_result=None))
+    return TrialOutcomeCallback(from_raw(RAW, "fake.yaml"), exp)
 
-    mux = EventMultiplexer().AddRunsFromDirectory(str(exp))
-    mux.Reload()
-    assert set(mux.Runs()) == {"trial_t_done"}  # a trial that never started has no run
+
+def test_hparams_session_starts_with_the_trial_and_ends_with_it(exp, monkeypatch):
+    """As TensorBoard itself reads the experiment folder, and as a TensorBoard left open follows it (it
+    reads a run's event files in order of name, and follows only the last one for new events): the
+    trial's HParams session is there from Tune's start of the trial, named by the table's trial id, with
+    no end (running) while the trial trains and its scalars still coming in; a restarted trial gets no
+    second start; the end comes when Tune ends the trial. One run per trial, named trial_<id>."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
+    from tensorboard.plugins.hparams import api_pb2
     from tensorboard.util import tensor_util
 
-    slope = mux.Tensors("trial_t_done", "KL/slope_last20")[-1]
-    assert float(tensor_util.make_ndarray(slope.tensor_proto)) == pytest.approx(1.0)
-    content = mux.PluginRunToTagToContent("hparams")["trial_t_done"]
-    start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    from hvae_ray.sweep.layout import TrialPaths
+    from hvae_ray.tracking import HPARAM_METRICS, TensorBoardLogger
+
+    callback = _callback(exp)
+    trial = SimpleNamespace(trial_id="t_done", config={"kl_max_weight": 1e-4, "batch_size": 16}, last_result=None)
+    tb_dir = TrialPaths.of(exp, "t_done").tensorboard
+    started = int(time.time())
+    callback.on_trial_start(0, [], trial)
+    [start_file] = tb_dir.glob("*tfevents*")
+    # before any file a writer opens once the trial started (named events.out.tfevents.<time>.<host>...):
+    # TensorBoard follows a run's last file only, and would not follow the training's behind it
+    assert start_file.name < f"events.out.tfevents.{started:010d}."
+    live = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})  # a TensorBoard left open
+    live.Reload()
+    start, end = _session(live.PluginTagToContent("hparams"))
+    assert end is None  # running
     assert start.group_name == "t_done"
+    assert set(start.hparams) == {"kl_max_weight", "log10(kl_max_weight)", "batch_size"}  # no outcome
     assert start.hparams["batch_size"].string_value == "16"  # not the number 16, shown as 16.000
     assert start.hparams["kl_max_weight"].number_value == pytest.approx(1e-4)
     assert start.hparams["log10(kl_max_weight)"].number_value == pytest.approx(-4.0)
+
+    tb = TensorBoardLogger(tb_dir)  # the trial's training, in its run
+    for epoch in range(2):
+        tb.log_epoch(epoch, {"val_kl": 0.5 + epoch, "val_objective": 3.0 - epoch})
+    live.Reload()
+    assert [e.step for e in live.Scalars("Loss/val_objective")] == [0, 1]  # the metric columns follow
+    files = {f: f.read_bytes() for f in tb_dir.glob("*tfevents*")}
+    callback.on_trial_start(0, [], trial)  # Tune restarts it after a failure
+    with monkeypatch.context() as m:  # `sweep resume` continues it, in a new driver
+        m.setattr(os, "getpid", lambda: 4_000_000)
+        _callback(exp).on_trial_start(0, [], trial)
+    assert {f: f.read_bytes() for f in tb_dir.glob("*tfevents*")} == files  # nothing written, nothing changed
+    assert _hparams_summaries(tb_dir).count(START) == 1
+    tb.log_epoch(2, {"val_kl": 2.5, "val_objective": 1.0})
+    tb.close()
+    live.Reload()
+    assert END not in live.PluginTagToContent("hparams")
+
+    trial.last_result = {"epochs_done": MAX_T, "diverged": 0.0}
+    callback.on_trial_complete(0, [], trial)
+    live.Reload()
+    assert [e.step for e in live.Scalars("Loss/val_objective")] == [0, 1, 2]
+    start, end = _session(live.PluginTagToContent("hparams"))
+    assert end.status == api_pb2.STATUS_SUCCESS and start.group_name == "t_done"
+    assert sorted(_hparams_summaries(tb_dir)) == sorted(["_hparams_/experiment", START, END])  # each once
+    experiment = _fresh(tb_dir).PluginTagToContent("hparams")["_hparams_/experiment"]
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    metrics = plugin_data_pb2.HParamsPluginData.FromString(experiment).experiment.metric_infos
+    assert [m.name.tag for m in metrics] == list(HPARAM_METRICS)
+
+    callback.on_trial_complete(0, [], SimpleNamespace(trial_id="t_wait", config={}, last_result=None))
+    mux = EventMultiplexer().AddRunsFromDirectory(str(exp))
+    mux.Reload()
+    assert set(mux.Runs()) == {"trial_t_done"}  # a trial that never started has no run
+    slope = mux.Tensors("trial_t_done", "KL/slope_last20")[-1]
+    assert float(tensor_util.make_ndarray(slope.tensor_proto)) == pytest.approx(1.0)
+    start, end = _session(mux.PluginRunToTagToContent("hparams")["trial_t_done"])
+    assert start.group_name == "t_done" and end.status == api_pb2.STATUS_SUCCESS
     assert "log10(batch_size)" not in start.hparams  # searched on a list, not a log scale
-    assert start.hparams["outcome"].string_value == "completed"
+
+
+def test_a_failed_trial_that_runs_again_is_running_until_its_new_end(exp):
+    """`sweep resume` retries a failed trial: its session loses the failure, keeps its one start, and
+    ends as the new run ends."""
+    from types import SimpleNamespace
+
+    from tensorboard.plugins.hparams import api_pb2
+
+    from hvae_ray.sweep.layout import TrialPaths
+    from hvae_ray.tracking import TensorBoardLogger
+
+    callback = _callback(exp)
+    trial = SimpleNamespace(trial_id="t_err", config={"kl_max_weight": 2e-4, "batch_size": 8}, last_result=None)
+    tb_dir = TrialPaths.of(exp, "t_err").tensorboard
+    callback.on_trial_start(0, [], trial)
+    tb = TensorBoardLogger(tb_dir)
+    tb.log_epoch(0, {"val_objective": 4.2})
+    tb.close()
+    trial.last_result = {"epochs_done": 1, "diverged": 0.0}
+    callback.on_trial_error(0, [], trial)
+    assert _session(_fresh(tb_dir).PluginTagToContent("hparams"))[1].status == api_pb2.STATUS_FAILURE
+
+    callback.on_trial_start(0, [], trial)  # retried
+    start, end = _session(_fresh(tb_dir).PluginTagToContent("hparams"))
+    assert end is None and start.group_name == "t_err"
+    trial.last_result = {"epochs_done": MAX_T, "diverged": 0.0}
+    callback.on_trial_complete(0, [], trial)
+    start, end = _session(_fresh(tb_dir).PluginTagToContent("hparams"))
+    assert end.status == api_pb2.STATUS_SUCCESS
+    assert sorted(_hparams_summaries(tb_dir)) == sorted(["_hparams_/experiment", START, END])
+
+
+def test_a_trial_started_before_live_sessions_gets_its_whole_session_at_its_end(exp):
+    """A trial whose run has no session start when it ends (its sweep began with an older version, which
+    wrote sessions at the end) gets the start then, with the end; a TensorBoard left open reads both."""
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import api_pb2
+
+    from hvae_ray.sweep.layout import TrialPaths
+    from hvae_ray.tracking import TensorBoardLogger
+
+    tb_dir = TrialPaths.of(exp, "t_stop").tensorboard
+    tb = TensorBoardLogger(tb_dir)
+    tb.log_epoch(0, {"val_objective": 5.0})
+    tb.close()
+    [trained] = tb_dir.glob("*tfevents*")  # written on a node whose clock runs an hour ahead
+    trained.rename(tb_dir / f"events.out.tfevents.{int(time.time()) + 3600:010d}.node-b.4242.0")
+    live = EventAccumulator(str(tb_dir))
+    live.Reload()
+    trial = SimpleNamespace(trial_id="t_stop", config={"kl_max_weight": 1e-3, "batch_size": 8},
+                            last_result={"epochs_done": 1, "diverged": 0.0})
+    _callback(exp).on_trial_complete(0, [], trial)
+    live.Reload()
+    start, end = _session(live.PluginTagToContent("hparams"))
+    assert end.status == api_pb2.STATUS_UNKNOWN  # stopped early by ASHA
+    assert start.group_name == "t_stop" and start.hparams["batch_size"].string_value == "8"
+    assert sorted(_hparams_summaries(tb_dir)) == sorted(["_hparams_/experiment", START, END])
+    assert sorted(tb_dir.glob("*tfevents*"))[0].name.endswith(".node-b.4242.0")  # both after the training's
+
+
+def test_the_session_is_never_written_through_a_link(exp, tmp_path, capsys):
+    """A trial folder that is a link (to anywhere) gets no session, in one warning line; a missing one
+    is made."""
+    from types import SimpleNamespace
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (exp / "trial_t_link").symlink_to(elsewhere, target_is_directory=True)
+    callback = _callback(exp)
+    linked = SimpleNamespace(trial_id="t_link", config={"batch_size": 8}, last_result=None)
+    callback.on_trial_start(0, [], linked)
+    callback.on_trial_error(0, [], linked)
+    assert list(elsewhere.iterdir()) == []
+    err = capsys.readouterr().err
+    assert "trial_t_link: is a link or not a folder" in err and len(err.splitlines()) == 2, err
+
+    callback.on_trial_start(0, [], SimpleNamespace(trial_id="t_new", config={"batch_size": 8}, last_result=None))
+    assert _hparams_summaries(exp / "trial_t_new") == ["_hparams_/experiment", START]
