@@ -5,8 +5,9 @@ The sweep's driver (:class:`TrialOutcomeCallback`) writes each trial's session i
 TensorBoard run in two parts:
 
 - when Tune starts the trial, its start: the searched keys and every effective config key that differs
-  from the base config. The session shows in the HParams tab from then on, as running, and its metric
-  columns (the last and best values of the run's scalars) follow the trial's epochs as it reports them.
+  from the base config. The session shows in the HParams tab from then on, with no status yet (shown as
+  unknown), and its metric columns (the last and best values of the run's scalars) follow the trial's
+  epochs as it reports them.
   TensorBoard keeps the first start of a run, so it is written once: a trial that Tune restarts after a
   failure, or that ``sweep resume`` continues, keeps the start it has (the driver looks for it in the
   run's event files with TensorBoard's own reader, so a new driver finds it too);
