@@ -57,7 +57,7 @@ HPARAM_METRICS = ("Loss/val_objective", BEST_TAGS["val_objective"], "Loss/val_re
                   KL_SLOPE_TAG)
 
 # Session statuses of the HParams tab, by how a run ended (in the trial table's words); a run still going
-# has no session end, and shows as running.
+# has no session end, and so no status (the tab shows it as unknown).
 SESSION_STATUS = {"completed": "STATUS_SUCCESS", "early_stopped": "STATUS_UNKNOWN",
                   "diverged": "STATUS_FAILURE", "error": "STATUS_FAILURE"}
 
@@ -173,8 +173,8 @@ class TensorBoardLogger:
 
     def log_hparams_end(self, outcome: str) -> None:
         """The end of this run's HParams session: its status for ``outcome``, a key of ``SESSION_STATUS``.
-        A session without an end shows as running. TensorBoard keeps the first end of a run: write it once,
-        when the run has ended."""
+        A session without an end has no status (the tab shows unknown). TensorBoard keeps the first end of
+        a run: write it once, when the run has ended."""
         from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
         from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
 

@@ -82,10 +82,10 @@ def update_average(average: list[torch.Tensor] | None, params, decay: float, ste
     warmed-up :func:`average_decay` after ``steps`` optimiser steps."""
     if average is None:
         return
-    weight = 1 - average_decay(decay, steps)
+    weight = (1 - average_decay(decay, steps)).float()
+    w = weight if weight.device == average[0].device else float(weight)  # AdamW's CPU count: a host number
     with torch.no_grad():
         for a, p in zip(average, params):
-            w = weight.float().to(a.device) if weight.device == a.device else float(weight)
             a.lerp_(p.detach(), w)
 
 

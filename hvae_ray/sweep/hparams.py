@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from hvae_ray.io_safe import atomic_write_bytes
 from hvae_ray.sweep.layout import EPOCHS_DONE, TrialPaths, is_diverged
@@ -77,8 +78,8 @@ def shown_hparams(spec: SweepSpec, hparams: dict[str, Any]) -> dict[str, Any]:
 # named as TensorBoard's writers name theirs: ``events.out.tfevents.<time>.<host>.<pid>.<suffix>``.
 START_SUFFIX = "hparams_start"
 END_SUFFIX = "hparams_end"
-START_TAG = "_hparams_/session_start_info"  # tensorboard.plugins.hparams.metadata's tags
-END_TAG = "_hparams_/session_end_info"
+START_TAG = hparams_metadata.SESSION_START_INFO_TAG
+END_TAG = hparams_metadata.SESSION_END_INFO_TAG
 
 
 def _event_file_name(stamp: int, suffix: str) -> str:
@@ -116,10 +117,11 @@ def session_tags(tb_dir: str | Path) -> set[str]:
     found: set[str] = set()
     for path in event_files(tb_dir):
         for raw in RawEventFileLoader(str(path)).Load():
-            if b"_hparams_/session_" not in raw:  # a scalar, an image...: not parsed
+            if START_TAG.encode() not in raw and END_TAG.encode() not in raw:  # a scalar, an image...: not parsed
                 continue
             for value in Event.FromString(raw).summary.value:
-                if value.tag in (START_TAG, END_TAG) and value.metadata.plugin_data.plugin_name == "hparams":
+                if value.tag in (START_TAG, END_TAG) and \
+                        value.metadata.plugin_data.plugin_name == hparams_metadata.PLUGIN_NAME:
                     found.add(value.tag)
     return found
 
