@@ -3,7 +3,8 @@
 # all at once on one GPU under CUDA MPS, each stopped by Ctrl+C (SIGINT: its last/ and best/ stay whole)
 # after SECONDS at most; then each best/ gets a fitted 100-Gaussian prior and is slimmed (no optimiser
 # state). Into $OUT per flavour: FLAVOUR.tar (each seed's best/, config.yaml, log), FLAVOUR-tb.tar (TensorBoard runs).
-# Reads data/fid/FLAVOUR_train30k.parquet (hvae-ray data generate --flavor F --n-jets 30000 --seed S).
+# Seed k of a flavour trains on its own jets, data/fid/FLAVOUR_train30k_seedk.parquet (hvae-ray data generate
+# --flavor F --n-jets 30000 --seed D, with a data seed D of its own; benchmarks/fidelity_data.sh makes them).
 #   usage: benchmarks/fidelity_processes.sh [SECONDS (420)] [FLAVOURS (q,g,t)] [SEEDS (1,2,3)] [--set KEY=VALUE ...]
 set -uo pipefail
 SECONDS_MAX=${1:-420} FLAVOURS=${2:-q,g,t} SEEDS=${3:-1,2,3}
@@ -15,9 +16,10 @@ nvidia-cuda-mps-control -d && echo "MPS on"
 RECIPE=(--config benchmarks/results/fidelity-2026-12-02-h200/best/config.yaml --set lr_schedule=cosine
         --set ema_decay=0.999 --set data.split_seed=0 --set patience=0)
 for f in ${FLAVOURS//,/ }; do for s in ${SEEDS//,/ }; do
-  d=/tmp/fid/$f/seed$s; mkdir -p "$d"
-  echo "hvae-ray train --data-path data/fid/${f}_train30k.parquet ${RECIPE[*]} $* --set seed=$s --save-dir $f/seed$s --quiet" > "$d/train.log"
-  timeout --signal=INT "$SECONDS_MAX" python3 -m hvae_ray train --data-path "data/fid/${f}_train30k.parquet" \
+  d=/tmp/fid/$f/seed$s; data=data/fid/${f}_train30k_seed$s.parquet; mkdir -p "$d"
+  [ -f "$data" ] || { echo "missing $data" >&2; exit 2; }
+  echo "hvae-ray train --data-path $data ${RECIPE[*]} $* --set seed=$s --save-dir $f/seed$s --quiet" > "$d/train.log"
+  timeout --signal=INT "$SECONDS_MAX" python3 -m hvae_ray train --data-path "$data" \
     "${RECIPE[@]}" "$@" --set seed="$s" --save-dir "$d" --quiet >> "$d/train.log" 2>&1 &
 done; done
 while sleep 60; do jobs -r | grep -q . || break; echo "heartbeat $(date +%T): $(tail -qn1 /tmp/fid/*/seed*/train.log | cut -c1-60 | tr '\n' '|')"; done
@@ -35,7 +37,7 @@ for f in sys.argv[1].split(","):
         best = Path(f"/tmp/fid/{f}/seed{s}/best")
         state = load_checkpoint(best)
         print(f, s, "best epoch", state["epoch"], "of", state["config"]["epochs"], flush=True)
-        api.fit_prior(best, f"data/fid/{f}_train30k.parquet", components=100, device="cuda")
+        api.fit_prior(best, f"data/fid/{f}_train30k_seed{s}.parquet", components=100, device="cuda")
         _slim(best)
 PY
 for f in ${FLAVOURS//,/ }; do
