@@ -130,3 +130,24 @@ def test_a_parquet_training_run_does_not_import_torch_geometric(jets, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "PYG_IMPORTED False" in out.stdout
+
+
+@pytest.mark.parametrize("share, expected", [(0.0, "every best epoch"), (1e6, "first and last")])
+def test_figures_stay_within_their_share_of_the_run_time(jets, tmp_path, monkeypatch, share, expected):
+    """Real-vs-generated figures come at the first epoch, at new best epochs while drawing them stays
+    within 1/FIGURE_SHARE of the run's time, and at the end: with no limit at every new best epoch (4
+    epochs: at most every tenth of the run is every epoch); with one far past the run, only first and last."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from hvae_ray.engine import trainer
+
+    monkeypatch.setattr(trainer, "FIGURE_SHARE", share)
+    reports = []
+    engine.fit(config(epochs=4, learning_rate=3e-3), jets, log_dir=tmp_path / "tb", callbacks=[reports.append],
+               progress=False)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    steps = sorted({e.step for e in acc.Images("Distributions/mass")})
+    best = [r.epoch for r in reports if r.is_best]
+    assert best[0] == 0 and any(0 < b < 3 for b in best), best  # a best epoch between first and last
+    assert steps == (sorted(set(best) | {3}) if expected == "every best epoch" else [0, 3])

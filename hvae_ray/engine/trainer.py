@@ -263,15 +263,24 @@ def fit(cfg: Config, sample: JetSample, *, save_dir: str | Path | None = None,
             "save_dir": str(save_dir) if save_dir else None, "log_dir": str(log_dir) if log_dir else None}
 
 
+#: Real-vs-generated figures during a run take at most about 1/FIGURE_SHARE of its time: after figures that
+#: took s seconds, the next wait at least FIGURE_SHARE * s. Drawing them (matplotlib, one core) costs 1-4 s a
+#: set on a laptop CPU, more than an epoch of a small run; drawn at every new best epoch, they took most of a
+#: quickstart population's time, one member's set after another.
+FIGURE_SHARE = 20.0
+
+
 class RunLog:
     """What a run leaves after each epoch: the best score, ``last/`` and ``best/`` checkpoints, the
-    TensorBoard scalars and, at new best epochs at most every tenth of the run (so that a trial Tune
-    stops early has them too) and at the end, real-vs-generated figures."""
+    TensorBoard scalars and real-vs-generated figures: at the first epoch and at later new best epochs at
+    most every tenth of the run and at most every :data:`FIGURE_SHARE` times the last set's drawing time
+    (so that a trial Tune stops early has them too), and at the end."""
 
     def __init__(self, cfg: Config, logger, splits: Splits, save_dir: Path | None):
         self.cfg, self.logger, self.save_dir = cfg, logger, save_dir
         self.key = OBJECTIVE_METRICS[cfg.objective]
         self.last_figures = -cfg.epochs
+        self.next_figures_at = -math.inf  # time.monotonic() from which figures may be drawn again
         self.val = splits.sample.subset(splits.val) if logger is not None else None
 
     def record(self, trainer, epoch: int, metrics: dict[str, Any]) -> EpochReport:
@@ -301,8 +310,9 @@ class RunLog:
         return EpochReport(epoch, metrics, last, is_best), write
 
     def figures(self, trainer, report: EpochReport) -> None:
-        """Real-vs-generated figures at a new best epoch, at most every tenth of the run."""
-        if self.logger is not None and report.is_best and \
+        """Real-vs-generated figures at a new best epoch, at most every tenth of the run and within the
+        figures' share of the run's time."""
+        if self.logger is not None and report.is_best and time.monotonic() >= self.next_figures_at and \
                 report.epoch - self.last_figures >= max(1, self.cfg.epochs // 10):
             self._figures(trainer, report.epoch)
 
@@ -316,11 +326,14 @@ class RunLog:
         look worse than those metrics."""
         from hvae_ray.evaluation.plots import distribution_figures
 
+        started = time.monotonic()
         with trainer.averaged() as model:
             gen_p, gen_m = generate(model, trainer.normaliser, len(self.val), seed=trainer.cfg.seed + 1,
                                     device=trainer.device)
         self.logger.log_figures(distribution_figures(self.val.particles, self.val.mask, gen_p, gen_m), epoch)
         self.last_figures = epoch
+        done = time.monotonic()
+        self.next_figures_at = done + FIGURE_SHARE * (done - started)
 
 
 def _start(cfg: Config, sample: JetSample, device: torch.device,

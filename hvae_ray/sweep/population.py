@@ -65,7 +65,8 @@ CPU_SLOTS = 32
 #: took most of the time between a population's epochs.
 CHECKPOINT_EVERY = 10
 #: A population trains every slot, held or not; once at most half are held and no trial has joined for this
-#: long, it is resized to its members (a join grows it back).
+#: long, it is resized to its members (a join grows it back). Once the driver has said that every trial of
+#: the sweep has started (:meth:`PopulationExecutor.all_started`), no join is waited for.
 SHRINK_AFTER_S = 10.0
 
 
@@ -300,6 +301,7 @@ class PopulationExecutor:
         self._members: dict[str, _Member] = {}
         self._joins: list[_Join] = []
         self._leaves: list[tuple[str, str | None]] = []
+        self._all_started = False  # no trial of the sweep is left to start (a retried one may still join)
         self._epochs = 0
         threading.Thread(target=self._train_loop, name="population", daemon=True).start()
 
@@ -340,6 +342,13 @@ class PopulationExecutor:
         whatever membership it holds."""
         with self._cond:
             self._leaves.append((trial_id, token))
+            self._cond.notify_all()
+
+    def all_started(self) -> None:
+        """Every trial of the sweep has started: a population that members have left is resized to those
+        that remain at the next epoch boundary, without waiting ``shrink_after_s`` for a trial to join."""
+        with self._cond:
+            self._all_started = True
             self._cond.notify_all()
 
     def info(self) -> dict[str, Any]:
@@ -421,12 +430,12 @@ class PopulationExecutor:
 
     def _shrink(self) -> None:
         """Every slot is computed, held or not: once members have left and at most half the trained slots
-        are held, with no trial joining for ``shrink_after_s``, train the members alone (a trial that joins
-        later grows the population back, up to its ``slots``). Slots not yet filled (trials still
-        starting) never shrink it."""
+        are held, with no trial joining for ``shrink_after_s`` (or none left to start), train the members
+        alone (a trial that joins later grows the population back, up to its ``slots``). Slots not yet
+        filled (trials still starting) never shrink it."""
         held = len(self._members)
-        if (held and held <= self.runs.slots // 2 and self._peak > held and not self._joins
-                and time.monotonic() - self._joined_at >= self.shrink_after_s):
+        quiet = self._all_started or time.monotonic() - self._joined_at >= self.shrink_after_s
+        if held and held <= self.runs.slots // 2 and self._peak > held and not self._joins and quiet:
             self._resize(held)
 
     def _resize(self, slots: int) -> None:
@@ -567,13 +576,15 @@ def _catch_up(paths: TrialPaths, cfg, resume: str | None) -> tuple[str | None, b
 
     Only when the member's own ``last/`` is the newest logged epoch and every epoch after Tune's
     checkpoint is in the log; otherwise the member continues from Tune's checkpoint."""
+    last = paths.engine / "last"
+    if resume is None and not last.exists():
+        return None, False  # a new trial: nothing to catch up (and no need for torch in its process)
     import ray.tune
 
     from hvae_ray.engine import load_checkpoint
     from hvae_ray.engine.trainer import patience_ran_out
     from hvae_ray.errors import DataError
 
-    last = paths.engine / "last"
     try:
         start = int(load_checkpoint(resume)["epoch"]) if resume is not None else -1
         newest = load_checkpoint(last)
@@ -612,10 +623,21 @@ def _join(trial_id: str, config: dict[str, Any], paths: TrialPaths, resume: str 
 class MemberLeaves(Callback):
     """A Tune callback on the driver that tells the executors when a trial ends:
     stopped, finished, failed for good (whatever membership it holds leaves), or failed and about to be
-    retried (the membership of its last report leaves; the retry's own join replaces any other)."""
+    retried (the membership of its last report leaves; the retry's own join replaces any other); and,
+    once, when all ``expected`` trials of the sweep exist and none waits to start (no trial is left to
+    join, so a population that members leave shrinks at once)."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
+    def __init__(self, names: list[str], expected: int | None = None):
+        self.names, self.expected, self._said_all_started = names, expected, False
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if self._said_all_started or self.expected is None or len(trials) < self.expected:
+            return
+        if any(t.status == "PENDING" for t in trials):
+            return
+        self._said_all_started = True
+        for ex in _executors(self.names):
+            ex.all_started.remote()
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         self._leave(trial.trial_id, None)

@@ -273,7 +273,8 @@ def _tuner(spec: SweepSpec, state: SweepState):
 
         # A member's checkpoints are the trial's own (Tune keeps the latest and the 2 best by the sweep's
         # metric); a trial in its own process has its Ray Train run keep them (sweep.trainer).
-        leaves = [MemberLeaves(executor_names(state.experiment_dir, state.population_executors))]
+        leaves = [MemberLeaves(executor_names(state.experiment_dir, state.population_executors),
+                                expected=spec.expected_trials())]
         extra = {"checkpoint_config": ray.tune.CheckpointConfig(
             num_to_keep=2, checkpoint_score_attribute=sched.metric, checkpoint_score_order=sched.mode)}
     return ray.tune.Tuner(

@@ -80,3 +80,24 @@ def test_a_population_most_members_left_is_resized_and_grows_back(ray_local, tmp
     info = ex.info()
     assert info["resizes"][:2] == [(4, 2), (2, 3)]  # then t1 and t2 finish (3 epochs), and t5 trains alone
     assert all(third[s]["done"] for s in (1, 2)) and not third[5]["done"]
+
+
+def test_once_every_trial_started_a_population_shrinks_without_waiting_for_joins(ray_local, tmp_path):
+    """With a join still possible the executor waits ``shrink_after_s`` before resizing (here far longer
+    than the test); once the driver says every trial has started, the next boundary resizes at once."""
+    data = tmp_path / "jets.parquet"
+    save_parquet(generate_jets("q", 80, seed=4, workers=1, progress=False), data)
+    ex = PopulationExecutor(Config().with_overrides(SHAPE).to_dict(), str(data), slots=4, threads=1,
+                            max_wait_s=0.5, shrink_after_s=3600.0)
+    tokens = _join_all(ex, tmp_path, [1, 2, 3, 4])
+    _epochs(ex, tokens)
+    for seed in (3, 4):
+        ex.leave(f"t{seed}", tokens.pop(seed))
+    second = _epochs(ex, tokens)
+    assert {s: r["epoch"] for s, r in second.items()} == {1: 1, 2: 1}
+    assert ex.info()["trained_slots"] == 4 and ex.info()["resizes"] == []  # a trial may still join
+
+    ex.all_started()
+    third = _epochs(ex, tokens)  # their last epoch (3), trained as a population of two
+    assert {s: (r["epoch"], r["done"]) for s, r in third.items()} == {1: (2, True), 2: (2, True)}
+    assert ex.info()["resizes"] == [(4, 2)]
