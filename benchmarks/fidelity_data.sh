@@ -2,8 +2,8 @@
 # The fidelity study's jets, made by this project's generator: per flavour, three training sets of 30,000 jets
 # with data seeds of their own (seed k of the study trains on data/fid/F_train30k_seedk.parquet) and one
 # held-out set of 100,000 jets whose seed trains nothing (two disjoint 50,000-jet halves give the floor).
-# Training sets are rewritten with zstd and byte-stream-split floats (same values, about 70 % of the size),
-# so that nine of them fit a device run's carry in two parts. Existing files are kept.
+# Training sets are rewritten with zstd and byte-stream-split floats (the same values in about 70 % of the
+# size, for copying to the GPU machine). Existing files are kept.
 #   usage: benchmarks/fidelity_data.sh [FLAVOURS (q,g,t)]
 set -euo pipefail
 FLAVOURS=${1:-q,g,t}
