@@ -530,7 +530,7 @@ def test_local_instance_tells_its_workers_where_its_api_server_is(ray_local):
 
 # --- interrupted sweep --------------------------------------------------------------------------
 
-RESUME_T = 40  # enough epochs for the slow trial to outlast four stops, each a few epochs late
+RESUME_T = 120  # enough epochs for the slow trial to outlast four stops, each up to ~10 epochs late
 
 
 def _wait_for(cond, timeout: float, proc: subprocess.Popen, what: str) -> None:
