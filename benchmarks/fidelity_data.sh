@@ -9,13 +9,14 @@ set -euo pipefail
 FLAVOURS=${1:-q,g,t}
 declare -A TRAIN=([q]="401 411 421" [g]="402 412 422" [t]="403 413 423") HELDOUT=([q]=901 [g]=902 [t]=903)
 mkdir -p data/fid
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
 for f in ${FLAVOURS//,/ }; do
   k=0
   for seed in ${TRAIN[$f]}; do
     k=$((k + 1)) out=data/fid/${f}_train30k_seed$k.parquet
     [ -f "$out" ] && continue
-    tmp=$(mktemp -d)
-    hvae-ray data generate --flavor "$f" --n-jets 30000 --seed "$seed" --out "$tmp/jets.parquet"
+    hvae-ray data generate --flavor "$f" --n-jets 30000 --seed "$seed" --out "$tmp/jets.parquet" --force
     python3 - "$tmp/jets.parquet" "$out" <<'PY'
 import sys
 import pyarrow.parquet as pq
@@ -24,7 +25,6 @@ table = pq.read_table(sys.argv[1])
 atomic_write(sys.argv[2], lambda f: pq.write_table(table, f, compression="zstd", compression_level=19,
                                                            use_byte_stream_split=True, use_dictionary=False))
 PY
-    rm -rf "$tmp"
   done
   out=data/fid/${f}_heldout100k.parquet
   [ -f "$out" ] || hvae-ray data generate --flavor "$f" --n-jets 100000 --seed "${HELDOUT[$f]}" --out "$out"

@@ -143,7 +143,7 @@ def test_figures_stay_within_their_share_of_the_run_time(jets, tmp_path, monkeyp
 
     monkeypatch.setattr(trainer, "FIGURE_SHARE", share)
     reports = []
-    engine.fit(config(epochs=4, learning_rate=3e-3), jets, log_dir=tmp_path / "tb", callbacks=[reports.append],
+    engine.fit(config(epochs=4), jets, log_dir=tmp_path / "tb", callbacks=[reports.append],
                progress=False)
     acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     acc.Reload()

@@ -80,6 +80,7 @@ START_SUFFIX = "hparams_start"
 END_SUFFIX = "hparams_end"
 START_TAG = hparams_metadata.SESSION_START_INFO_TAG
 END_TAG = hparams_metadata.SESSION_END_INFO_TAG
+_SESSION_TAG_BYTES = (START_TAG.encode(), END_TAG.encode())  # looked for in each raw event before parsing it
 
 
 def _event_file_name(stamp: int, suffix: str) -> str:
@@ -117,7 +118,7 @@ def session_tags(tb_dir: str | Path) -> set[str]:
     found: set[str] = set()
     for path in event_files(tb_dir):
         for raw in RawEventFileLoader(str(path)).Load():
-            if START_TAG.encode() not in raw and END_TAG.encode() not in raw:  # a scalar, an image...: not parsed
+            if not any(tag in raw for tag in _SESSION_TAG_BYTES):  # a scalar, an image...: not parsed
                 continue
             for value in Event.FromString(raw).summary.value:
                 if value.tag in (START_TAG, END_TAG) and \
