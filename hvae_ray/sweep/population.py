@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 
 from hvae_ray.errors import HvaeError
 from hvae_ray.sweep.layout import (
@@ -633,7 +634,7 @@ class MemberLeaves(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if self._said_all_started or self.expected is None or len(trials) < self.expected:
             return
-        if any(t.status == "PENDING" for t in trials):
+        if any(t.status == Trial.PENDING for t in trials):
             return
         self._said_all_started = True
         for ex in _executors(self.names):
